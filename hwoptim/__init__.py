@@ -1,0 +1,15 @@
+"""hwoptim: gradient-descent update rules as fused kernels on the hardware at hand.
+
+Each rule's math is written once (``hwoptim/rules``); NumPy, Numba and CuPy kernels are
+generated from it. ``hwoptim.Adam(w, lr=1e-3).step(g)`` updates ``w`` in place.
+"""
+from . import backends
+from .optim import Optimizer, make_optimizer_class
+from .rules import RULES
+
+__version__ = "0.1.0"
+
+for _name, _rule in RULES.items():
+    globals()[_name] = make_optimizer_class(_rule)
+
+__all__ = ["Optimizer", "RULES", "backends", *RULES]

@@ -1,0 +1,43 @@
+"""The reference backend: the rule's ``update`` evaluated directly on NumPy arrays.
+
+Simple and obviously correct, not fast: every intermediate is a temporary array.
+"""
+from types import SimpleNamespace
+
+import numpy as np
+
+FAMILY = "host"
+
+
+def unavailable():
+    return None
+
+
+def kernel(plan, dtype):
+    rule, flags, names, outputs = plan.rule, plan.flags, plan.arrays, plan.outputs
+
+    def run(arrays, scalars):
+        buf = dict(zip(names, arrays))
+        new = rule.update(SimpleNamespace(**buf),
+                          SimpleNamespace(**dict(zip(plan.scalars, scalars))), flags)
+        for name in outputs:          # every value is computed before any buffer is written
+            np.copyto(buf[name], new[name], casting="same_kind")
+    return run
+
+
+def full(like, value):
+    return np.full(like.shape, value, dtype=like.dtype)
+
+
+def to_host(a):
+    return np.array(a, copy=True)
+
+
+def copy_from_host(dst, src):
+    np.copyto(dst, src)
+
+
+def address(a):
+    """(device, first byte, one past the last byte) of a contiguous array."""
+    start = a.__array_interface__["data"][0]
+    return ("host", start, start + a.nbytes)

@@ -1,0 +1,17 @@
+"""AdamW (Loshchilov & Hutter 2019): Adam with decoupled weight decay, on by default.
+torch.optim.AdamW's math; the spec is Adam's."""
+import dataclasses
+
+from ..spec import Hyper
+from .adam import RULE as ADAM
+
+RULE = dataclasses.replace(
+    ADAM,
+    name="AdamW",
+    doc=__doc__,
+    hypers={**ADAM.hypers, "weight_decay": Hyper(1e-2, doc="decoupled weight decay λ")},
+    options={k: v for k, v in ADAM.options.items() if k != "decoupled_weight_decay"},
+    flags=lambda h, opt: dict(decoupled_weight_decay=True),
+    torch="AdamW",
+    test_options=({}, {"amsgrad": True}, {"maximize": True, "weight_decay": 0.1}),
+)

@@ -1,0 +1,272 @@
+"""The small language update rules are written in.
+
+A rule is data plus two pure functions (see ``hwoptim/rules/``):
+
+* ``scalars(h, t)`` turns hyperparameters ``h`` and the step count ``t`` into the per-step
+  scalars the element kernel needs (bias corrections, step size, ...).
+* ``update(x, k, opt)`` is the per-element math: ``x`` holds the element's ``param``,
+  ``grad`` and state values, ``k`` the per-step scalars, ``opt`` the static options (plain
+  Python bools, so ``if opt.maximize:`` picks code when a kernel is built). It returns the
+  new values of ``param`` and of every state buffer it changes.
+
+The same functions run three ways: on NumPy arrays (the reference backend), on Python floats
+(per-step scalars on the host), and on :class:`Expr` placeholders, which records an
+expression graph that ``hwoptim.codegen`` prints as Numba, C++ or CUDA source.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from types import SimpleNamespace
+from typing import Callable
+
+import numpy as np
+
+# ----------------------------------------------------------------------------- expressions
+
+_BINARY = {"add": "+", "sub": "-", "mul": "*", "div": "/",
+           "lt": "<", "le": "<=", "gt": ">", "ge": ">="}
+
+
+class Expr:
+    """One node of a traced expression graph.
+
+    ``op`` is ``"array"``/``"scalar"`` for inputs (``value`` holds the name), ``"const"``
+    for numbers (``value`` holds the float), otherwise an operation over ``args``.
+    """
+
+    __slots__ = ("op", "args", "value")
+
+    def __init__(self, op: str, args: tuple = (), value=None):
+        self.op, self.args, self.value = op, args, value
+
+    def __repr__(self):
+        if self.op in ("array", "scalar", "const"):
+            return f"{self.op}({self.value!r})"
+        return f"{self.op}{self.args!r}"
+
+    def __bool__(self):
+        raise TypeError("a traced value has no truth value inside a rule spec: use "
+                        "ops.where(...) for data-dependent choices, and the static options "
+                        "(opt.*) to choose code")
+
+    # arithmetic and comparisons build nodes; constants are folded
+    def __add__(self, o): return _binary("add", self, o)
+    def __radd__(self, o): return _binary("add", o, self)
+    def __sub__(self, o): return _binary("sub", self, o)
+    def __rsub__(self, o): return _binary("sub", o, self)
+    def __mul__(self, o): return _binary("mul", self, o)
+    def __rmul__(self, o): return _binary("mul", o, self)
+    def __truediv__(self, o): return _binary("div", self, o)
+    def __rtruediv__(self, o): return _binary("div", o, self)
+    def __pow__(self, o): return _node("pow", self, o)
+    def __rpow__(self, o): return _node("pow", o, self)
+    def __neg__(self): return _node("neg", self)
+    def __lt__(self, o): return _binary("lt", self, o)
+    def __le__(self, o): return _binary("le", self, o)
+    def __gt__(self, o): return _binary("gt", self, o)
+    def __ge__(self, o): return _binary("ge", self, o)
+    __hash__ = object.__hash__
+
+
+def _wrap(x) -> Expr:
+    if isinstance(x, Expr):
+        return x
+    if isinstance(x, (bool, np.bool_)):
+        return Expr("const", value=float(x))
+    if isinstance(x, (int, float, np.integer, np.floating)):
+        return Expr("const", value=float(x))
+    raise TypeError(f"cannot use {type(x).__name__} {x!r} in a traced rule")
+
+
+def _node(op, *args):
+    args = tuple(_wrap(a) for a in args)
+    if all(a.op == "const" for a in args):        # fold in float64, as the host would
+        return Expr("const", value=float(_eval(op, [a.value for a in args], math_ops)))
+    return Expr(op, args)
+
+
+def _binary(op, a, b):
+    a, b = _wrap(a), _wrap(b)
+    # x*1, x+0, x-0, x/1 are exact identities; drop them so generated code stays short
+    if op in ("mul", "div") and b.op == "const" and b.value == 1.0:
+        return a
+    if op == "mul" and a.op == "const" and a.value == 1.0:
+        return b
+    return _node(op, a, b)
+
+
+# ----------------------------------------------------------------------------- ops
+
+class _MathOps:
+    """Element operations on host floats and NumPy arrays (NumPy semantics)."""
+    sqrt = staticmethod(np.sqrt)
+    abs = staticmethod(np.abs)
+    maximum = staticmethod(np.maximum)
+    minimum = staticmethod(np.minimum)
+    sign = staticmethod(np.sign)
+
+    @staticmethod
+    def where(c, a, b):
+        if isinstance(c, (bool, np.bool_)):
+            return a if c else b
+        return np.where(c, a, b)
+
+
+math_ops = _MathOps()
+
+
+def _eval(op, a, m):
+    """Apply ``op`` to evaluated operands ``a`` with the operation set ``m``."""
+    if op == "add": return a[0] + a[1]
+    if op == "sub": return a[0] - a[1]
+    if op == "mul": return a[0] * a[1]
+    if op == "div": return a[0] / a[1]
+    if op == "neg": return -a[0]
+    if op == "pow": return a[0] ** a[1]
+    if op == "lt": return a[0] < a[1]
+    if op == "le": return a[0] <= a[1]
+    if op == "gt": return a[0] > a[1]
+    if op == "ge": return a[0] >= a[1]
+    if op == "sqrt": return m.sqrt(a[0])
+    if op == "abs": return m.abs(a[0])
+    if op == "max": return m.maximum(a[0], a[1])
+    if op == "min": return m.minimum(a[0], a[1])
+    if op == "sign": return m.sign(a[0])
+    if op == "where": return m.where(a[0], a[1], a[2])
+    raise ValueError(f"unknown operation {op!r}")
+
+
+def _dispatch(op, name):
+    def f(*args):
+        if any(isinstance(a, Expr) for a in args):
+            return _node(op, *args)
+        return getattr(math_ops, name)(*args)
+    f.__name__ = name
+    return f
+
+
+class ops:
+    """The operations a rule may use besides + - * / ** and comparisons."""
+    sqrt = staticmethod(_dispatch("sqrt", "sqrt"))
+    abs = staticmethod(_dispatch("abs", "abs"))
+    maximum = staticmethod(_dispatch("max", "maximum"))
+    minimum = staticmethod(_dispatch("min", "minimum"))
+    sign = staticmethod(_dispatch("sign", "sign"))
+    where = staticmethod(_dispatch("where", "where"))
+
+
+# ----------------------------------------------------------------------------- rule data
+
+def nonneg(v):
+    return None if (isinstance(v, (int, float)) and v >= 0) else "a number >= 0"
+
+
+def unit_interval(v):
+    return None if (isinstance(v, (int, float)) and 0 <= v < 1) else "a number in [0, 1)"
+
+
+def pair_in_unit_interval(v):
+    ok = (isinstance(v, (tuple, list)) and len(v) == 2
+          and all(isinstance(b, (int, float)) and 0 <= b < 1 for b in v))
+    return None if ok else "a pair (beta1, beta2) with each in [0, 1)"
+
+
+@dataclass(frozen=True)
+class Hyper:
+    """A numeric hyperparameter: default, check (returns what was expected, or None), doc."""
+    default: object
+    check: Callable = nonneg
+    doc: str = ""
+
+
+@dataclass(frozen=True)
+class State:
+    """A state buffer: torch.optim's name, its initial value (a number or a hyperparameter
+    name), whether the options need it, and its dtype (``None``: the params' dtype)."""
+    name: str
+    init: float | str = 0.0
+    when: Callable | None = None
+    dtype: str | None = None
+    doc: str = ""
+
+
+@dataclass(frozen=True)
+class Rule:
+    """Everything hwoptim knows about one update rule."""
+    name: str                      # public class name, e.g. "Adam"
+    doc: str                       # one paragraph, with the source
+    formula: str                   # Markdown, for the docs table
+    hypers: dict                   # name -> Hyper (numbers; lr first)
+    options: dict                  # name -> default bool (choose code at build time)
+    states: tuple                  # State, ...
+    scalars: Callable              # (h, t) -> dict of per-step scalars
+    update: Callable               # (x, k, opt) -> dict of new values
+    flags: Callable | None = None  # (h, opt) -> extra static flags derived from numbers
+    check: Callable | None = None  # (h, opt) -> list of (argument, value, expected)
+    torch: str | None = None       # torch.optim class with the same math, if any
+    torch_skip: tuple = ()         # options torch does not have
+    test_options: tuple = ({},)    # option sets tests and benchmarks cover
+    differs: str = ""              # where hwoptim differs from torch, for the docs
+
+    # -- derived facts, all from the functions above
+    def static_flags(self, h: dict, opt: dict) -> SimpleNamespace:
+        flags = dict(opt)
+        if self.flags is not None:
+            flags.update(self.flags(SimpleNamespace(**h), SimpleNamespace(**opt)))
+        return SimpleNamespace(**flags)
+
+    def active_states(self, flags) -> tuple:
+        return tuple(s for s in self.states if s.when is None or s.when(flags))
+
+    def scalar_names(self, flags) -> tuple:
+        return tuple(trace_scalars(self, flags)[0])
+
+    def hyper_names(self) -> tuple:
+        """Flat names of numeric hyperparameters (pairs become name0, name1)."""
+        out = []
+        for n, hy in self.hypers.items():
+            if isinstance(hy.default, tuple):
+                out += [f"{n}{i}" for i in range(len(hy.default))]
+            else:
+                out.append(n)
+        return tuple(out)
+
+
+def host_scalars(rule: Rule, h: dict, t: int) -> dict:
+    """Per-step scalars in float64 on the host."""
+    return {k: float(v) for k, v in rule.scalars(SimpleNamespace(**h), t).items()}
+
+
+def trace_scalars(rule: Rule, flags) -> tuple[dict, tuple]:
+    """Trace ``rule.scalars`` on placeholders: (name -> Expr, input names)."""
+    h, names = {}, []
+    for n, hy in rule.hypers.items():
+        if isinstance(hy.default, tuple):
+            h[n] = tuple(Expr("scalar", value=f"{n}{i}") for i in range(len(hy.default)))
+            names += [f"{n}{i}" for i in range(len(hy.default))]
+        else:
+            h[n] = Expr("scalar", value=n)
+            names.append(n)
+    out = rule.scalars(SimpleNamespace(**h), Expr("scalar", value="step"))
+    return {k: _wrap(v) for k, v in out.items()}, tuple(names)
+
+
+def trace_update(rule: Rule, flags) -> tuple[dict, tuple, tuple]:
+    """Trace ``rule.update``: (buffer name -> new value Expr, array names, scalar names).
+
+    Array names are ``param``, ``grad``, then the active states in spec order. Outputs are
+    ordered like the arrays; a buffer the update leaves alone is not an output.
+    """
+    states = rule.active_states(flags)
+    arrays = ("param", "grad") + tuple(s.name for s in states)
+    x = SimpleNamespace(**{n: Expr("array", value=n) for n in arrays})
+    scalar_names = rule.scalar_names(flags)
+    k = SimpleNamespace(**{n: Expr("scalar", value=n) for n in scalar_names})
+    new = rule.update(x, k, flags)
+    unknown = set(new) - set(arrays) or ({"grad"} & set(new))
+    if unknown:
+        raise ValueError(f"rule {rule.name} writes {sorted(unknown)}, which are not its "
+                         f"param or state buffers")
+    out = {n: _wrap(new[n]) for n in arrays if n in new}
+    return out, arrays, scalar_names
