@@ -4,6 +4,7 @@ Each rule's math is written once (``hwoptim/rules``); NumPy, Numba and CuPy kern
 generated from it. ``hwoptim.Adam(w, lr=1e-3).step(g)`` updates ``w`` in place.
 """
 from . import backends
+from .flat import FlatParams
 from .optim import Optimizer, make_optimizer_class
 from .rules import RULES
 
@@ -12,4 +13,4 @@ __version__ = "0.1.0"
 for _name, _rule in RULES.items():
     globals()[_name] = make_optimizer_class(_rule)
 
-__all__ = ["Optimizer", "RULES", "backends", *RULES]
+__all__ = ["FlatParams", "Optimizer", "RULES", "backends", *RULES]
