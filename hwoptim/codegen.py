@@ -10,7 +10,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from .spec import Expr, Rule, trace_scalars, trace_update
+from .spec import Expr, Rule, evaluate, substitute, trace_scalars, trace_update
 
 C_TYPES = {"float32": "float", "float64": "double"}
 _C_FUNCS = {"sqrt": "sqrt", "abs": "fabs", "max": "fmax", "min": "fmin", "pow": "pow"}
@@ -106,9 +106,16 @@ class KernelPlan:
     flags: object               # SimpleNamespace of static bools
     arrays: tuple               # "param", "grad", states...
     outputs: tuple              # arrays the update writes (param first)
-    scalars: tuple              # per-step scalar names, in kernel-argument order
+    scalars: tuple              # kernel scalar arguments, in order
     order: tuple                # scheduled operation nodes
     roots: dict                 # output name -> node
+    derived: dict               # hoisted kernel scalar -> Expr over rule.scalars' outputs
+
+    def kernel_scalars(self, base: dict) -> list:
+        """The kernel's scalar arguments, as float64 host numbers, from the per-step
+        scalars ``base`` that ``rule.scalars`` returned."""
+        return [float(evaluate(self.derived[n], base)) if n in self.derived else base[n]
+                for n in self.scalars]
 
     @property
     def key(self) -> str:
@@ -137,12 +144,45 @@ def _describe(e: Expr, memo=None) -> str:
     return s
 
 
+def _hoist(outputs: dict) -> tuple[dict, dict]:
+    """Move every subexpression that depends on no array out of the element loop.
+
+    ``1 - beta2`` written in a spec becomes a kernel argument computed on the host in
+    float64: in float32 it would cost ~200 ulp through cancellation (0.999f), and it
+    would be recomputed per element.
+    """
+    derived, names, memo = {}, {}, {}
+
+    def uniform(e):
+        if id(e) not in memo:
+            memo[id(e)] = e.op != "array" and all(uniform(a) for a in e.args)
+        return memo[id(e)]
+
+    def visit(e):
+        if e.op in ("array", "scalar", "const"):
+            return e
+        if uniform(e):
+            key = _describe(e)
+            if key not in names:
+                names[key] = f"u{len(names)}"
+                derived[names[key]] = e
+            return Expr("scalar", value=names[key])
+        return Expr(e.op, tuple(visit(a) for a in e.args))
+
+    return {n: visit(e) for n, e in outputs.items()}, derived
+
+
 def plan(rule: Rule, flags) -> KernelPlan:
-    outputs, arrays, scalars = trace_update(rule, flags)
+    outputs, arrays, base = trace_update(rule, flags)
     if "param" not in outputs:
         raise ValueError(f"rule {rule.name} does not update param")
+    outputs, derived = _hoist(outputs)
     order, roots = schedule(outputs)
-    return KernelPlan(rule, flags, arrays, tuple(outputs), scalars, tuple(order), roots)
+    used = {a.value for e in order for a in e.args if a.op == "scalar"}
+    used |= {e.value for e in roots.values() if e.op == "scalar"}
+    scalars = tuple(n for n in base if n in used) + tuple(derived)
+    return KernelPlan(rule, flags, arrays, tuple(outputs), scalars, tuple(order), roots,
+                      derived)
 
 
 # ----------------------------------------------------------------------------- Numba
@@ -221,9 +261,12 @@ def c_update_function(p: KernelPlan) -> str:
 
 
 def c_scalar_function(p: KernelPlan) -> str:
-    """``rule.scalars`` as C: double hyperparameters and step in, per-step scalars out."""
+    """``rule.scalars`` (and the hoisted scalars) as C: double hyperparameters and step
+    in, the kernel's scalar arguments out."""
     exprs, hyper_names = trace_scalars(p.rule, p.flags)
-    order, roots = schedule({k: exprs[k] for k in p.scalars})
+    wanted = {k: substitute(p.derived[k], exprs) if k in p.derived else exprs[k]
+              for k in p.scalars}
+    order, roots = schedule(wanted)
     nm = _Namer(lambda v: f"{v!r}")
     lines = [f"const double k_{h} = hyper[{i}];" for i, h in enumerate(hyper_names)]
     lines.append("const double k_step = step;")

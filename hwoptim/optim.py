@@ -342,15 +342,12 @@ class Optimizer:
             self._step = t
             return self._step_device(flat)
         lrs = self._lr_values(t)
+        kernels = [_kernel(self.backend, _plan(self.rule, f), self.dtype) for f in self._flags]
         scal = []
-        typ = np.dtype(self.dtype).type
         for gi, g in enumerate(self.param_groups):
             h = {n: g[n] for n in self.rule.hypers}
             h["lr"] = lrs[gi]
-            sc = host_scalars(self.rule, h, t)
-            plan = _plan(self.rule, self._flags[gi])
-            scal.append(tuple(typ(sc[n]) for n in plan.scalars))
-        kernels = [_kernel(self.backend, _plan(self.rule, f), self.dtype) for f in self._flags]
+            scal.append(kernels[gi].prepare(host_scalars(self.rule, h, t)))
         self._step = t                       # everything is checked: from here on, update
         for i, views in enumerate(self._views):
             gi = self._group_of[i]

@@ -233,6 +233,34 @@ class Rule:
         return tuple(out)
 
 
+def evaluate(e: Expr, env: dict, memo: dict | None = None):
+    """Value of ``e`` with leaves named in ``env`` (host floats or NumPy arrays)."""
+    memo = {} if memo is None else memo
+    if id(e) in memo:
+        return memo[id(e)]
+    if e.op in ("array", "scalar"):
+        v = env[e.value]
+    elif e.op == "const":
+        v = e.value
+    else:
+        v = _eval(e.op, [evaluate(a, env, memo) for a in e.args], math_ops)
+    memo[id(e)] = v
+    return v
+
+
+def substitute(e: Expr, mapping: dict, memo: dict | None = None) -> Expr:
+    """``e`` with scalar leaves replaced by the expressions in ``mapping``."""
+    memo = {} if memo is None else memo
+    if id(e) not in memo:
+        if e.op == "scalar" and e.value in mapping:
+            memo[id(e)] = mapping[e.value]
+        elif e.op in ("array", "scalar", "const"):
+            memo[id(e)] = e
+        else:
+            memo[id(e)] = Expr(e.op, tuple(substitute(a, mapping, memo) for a in e.args))
+    return memo[id(e)]
+
+
 def host_scalars(rule: Rule, h: dict, t: int) -> dict:
     """Per-step scalars in float64 on the host."""
     return {k: float(v) for k, v in rule.scalars(SimpleNamespace(**h), t).items()}

@@ -1,6 +1,8 @@
 """The GPU backend as a CuPy ``ElementwiseKernel``: the spec's update function as the
 kernel's preamble, one call to it as the operation. Kept beside the ``RawModule`` backend
 (``cupy``) as its yardstick: CuPy builds the indexing, the spec builds the math."""
+import numpy as np
+
 from .. import codegen
 from .cupy import address, copy_from_host, full, to_host, unavailable  # noqa: F401
 
@@ -22,6 +24,9 @@ def kernel(plan, dtype):
     i_in = [plan.arrays.index(a) for a in ins]
     i_out = [plan.arrays.index(a) for a in outs]
 
+    typ = np.dtype(dtype).type
+
     def run(arrays, scalars):
         ek(*[arrays[i] for i in i_in], *scalars, *[arrays[i] for i in i_out])
+    run.prepare = lambda base: tuple(typ(v) for v in plan.kernel_scalars(base))
     return run
