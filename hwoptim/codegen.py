@@ -397,3 +397,14 @@ def cpp_test_source(p: KernelPlan, dtype: str) -> str:
         "    _mm_setcsr(csr);",
         "}",
     ]) + "\n"
+
+
+def floor_plan(p: KernelPlan) -> KernelPlan:
+    """The benchmark yardstick for ``p``: the same arrays read and written, no math beyond
+    adding the values read (so no load can be dropped). Any backend runs it like a rule."""
+    reads = [Expr("array", value=a) for a in p.reads]
+    total = reads[0]
+    for r in reads[1:]:
+        total = Expr("add", (total, r))
+    order, roots = schedule({o: total for o in p.outputs})
+    return KernelPlan(p.rule, p.flags, p.arrays, p.outputs, (), tuple(order), roots, {})
