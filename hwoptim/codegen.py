@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import hashlib
 from dataclasses import dataclass
+from functools import cached_property
 
 import numpy as np
 
@@ -113,18 +114,19 @@ class KernelPlan:
 
     def kernel_scalars(self, base: dict) -> list:
         """The kernel's scalar arguments, as float64 host numbers, from the per-step
-        scalars ``base`` that ``rule.scalars`` returned."""
+        scalars ``base`` that ``rule.scalars`` returned (the slow, obvious way; kernels use
+        ``host_scalar_function``, which tests check against this)."""
         return [float(evaluate(self.derived[n], base)) if n in self.derived else base[n]
                 for n in self.scalars]
 
-    @property
+    @cached_property
     def key(self) -> str:
         """A short name that differs whenever the generated math differs."""
         text = repr((self.rule.name, sorted(vars(self.flags).items()), self.arrays,
                      self.scalars, [(n, _describe(e)) for n, e in self.roots.items()]))
         return f"{self.rule.name.lower()}_{hashlib.sha1(text.encode()).hexdigest()[:10]}"
 
-    @property
+    @cached_property
     def reads(self) -> tuple:
         """Arrays whose values the math uses (the others are only written)."""
         used = {a.value for e in self.order for a in e.args if a.op == "array"}
@@ -218,6 +220,38 @@ def numba_source(p: KernelPlan, dtype: str) -> str:
         out += [f"        {line}" for line in body]
         out.append("")
     return "\n".join(out) + "\n"
+
+
+def host_scalar_function(p: KernelPlan, dtype: str):
+    """``f(h, t)``: the kernel's scalar arguments for step ``t`` as a tuple of ``dtype``
+    numbers, computed in float64 from the hyperparameter dict ``h``.
+
+    Printed from the traced ``rule.scalars`` and the hoisted scalars, so a step spends
+    about a microsecond here instead of re-running the spec through the tracer's evaluator.
+    """
+    exprs, hyper_names = trace_scalars(p.rule, p.flags)
+    wanted = {k: substitute(p.derived[k], exprs) if k in p.derived else exprs[k]
+              for k in p.scalars}
+    order, roots = schedule(wanted)
+    nm = _Namer(lambda v: repr(v))
+    lines = []
+    for n, hy in p.rule.hypers.items():
+        if isinstance(hy.default, tuple):
+            names = ", ".join(f"k_{n}{i}" for i in range(len(hy.default)))
+            lines.append(f"{names}, = h[{n!r}]")
+        else:
+            lines.append(f"k_{n} = h[{n!r}]")
+    lines.append("k_step = t")
+    for e in order:
+        lines.append(f"{nm.new(e)} = {_nb_expr(e, nm).replace('np.sqrt', '_sqrt')}")
+    outs = ", ".join(f"_T({nm(roots[s])})" for s in p.scalars)
+    src = "def scalars(h, t):\n" + "".join(f"    {ln}\n" for ln in lines)
+    src += f"    return ({outs}{',' if len(p.scalars) == 1 else ''})\n"
+    import math
+    env = {"_T": np.dtype(dtype).type, "_sqrt": math.sqrt, "np": np}
+    exec(compile(src, f"<hwoptim scalars {p.key}>", "exec"), env)
+    env["scalars"].source = src
+    return env["scalars"]
 
 
 # ----------------------------------------------------------------------------- C / CUDA

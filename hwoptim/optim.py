@@ -15,7 +15,7 @@ import numpy as np
 
 from . import backends as _backends
 from . import codegen
-from .spec import Rule, host_scalars
+from .spec import Rule
 
 _DTYPES = (np.dtype(np.float32), np.dtype(np.float64))
 _KIND = {"host": "NumPy", "cuda": "CuPy"}
@@ -155,6 +155,10 @@ class Optimizer:
                 self._views.append([p.reshape(-1)] + [st[n].reshape(-1) for n in plan.arrays[2:]])
                 self._group_of.append(gi)
         self._owned = owned
+        self._params = [p for g in self.param_groups for p in g["params"]]
+        self._array_type = type(self._params[0])
+        self._checked_spans = None
+        self._kern = None
         self._step = 0
         if self.capturable:
             self._init_device_scalars()
@@ -278,80 +282,93 @@ class Optimizer:
         return fam
 
     def _check_grads(self, grads) -> list:
-        n = len(self._views)
-        if _backends.family(grads) is not None:
-            if n != 1:
-                raise ValueError(f"step() got one array but the optimizer has {n} params; "
-                                 f"expected a list of {n} grads")
-            grads = [grads]
-        elif not isinstance(grads, (list, tuple)):
-            raise TypeError(f"grads is {_describe(grads)}; expected an array or a list of "
-                            f"{n} arrays matching params")
+        """Flat views of ``grads`` after checking them all; raises before anything changes.
+
+        The common case (right type, dtype, shape, contiguity, same memory as last step)
+        costs about a microsecond per array; anything else takes the slow path that
+        names the problem."""
+        params = self._params
+        n = len(params)
+        if type(grads) is not list and type(grads) is not tuple:
+            if _backends.family(grads) is not None:
+                if n != 1:
+                    raise ValueError(f"step() got one array but the optimizer has {n} params; "
+                                     f"expected a list of {n} grads")
+                grads = (grads,)
+            elif isinstance(grads, (list, tuple)):
+                grads = tuple(grads)
+            else:
+                raise TypeError(f"grads is {_describe(grads)}; expected an array or a list of "
+                                f"{n} arrays matching params")
         if len(grads) != n:
             raise ValueError(f"step() got {len(grads)} grads; expected {n}, one per param")
-        params = [v[0] for v in self._views]
-        users = [p for g in self.param_groups for p in g["params"]]
-        owned = list(self._owned)
-        for i, (g, p) in enumerate(zip(grads, users)):
-            fam = _backends.family(g)
-            if fam is None:
-                raise TypeError(f"grads[{i}] is {_describe(g)}; expected a "
-                                f"{_KIND[self._family]} array like params[{i}]")
-            if fam != self._family or _device(g, fam) != _device(p, fam):
-                raise TypeError(f"grads[{i}] is on {_device(g, fam)} but params[{i}] is on "
-                                f"{_device(p, self._family)}; expected both on one device "
-                                f"(move the grad, hwoptim never copies silently)")
-            if g.dtype != p.dtype:
-                raise TypeError(f"grads[{i}] has dtype {g.dtype}; expected {p.dtype} like "
-                                f"params[{i}]")
-            if g.shape != p.shape:
-                raise ValueError(f"grads[{i}] has shape {tuple(g.shape)}; expected "
-                                 f"{tuple(p.shape)} like params[{i}]")
-            if not g.flags.c_contiguous:
-                xp = "numpy" if fam == "host" else "cupy"
-                raise ValueError(f"grads[{i}] is not C-contiguous; expected a contiguous "
-                                 f"array: pass {xp}.ascontiguousarray(grad)")
-            owned.append((self.backend.address(g), f"grads[{i}]"))
-        hit = _overlaps(owned)
-        if hit:
-            a, b = sorted(hit, key=lambda s: not s.startswith("grads"))
-            raise ValueError(f"{a} overlaps {b} in memory; expected grads in their own "
-                             f"memory, apart from params, state and each other")
+        atype, cuda = self._array_type, self._family == "cuda"
+        for i, g in enumerate(grads):
+            p = params[i]
+            if (type(g) is not atype or g.dtype != p.dtype or g.shape != p.shape
+                    or not g.flags.c_contiguous or (cuda and g.device.id != p.device.id)):
+                self._explain_bad_grad(i, g, p)
+        spans = tuple(self.backend.address(g) for g in grads)
+        if spans != self._checked_spans:      # overlap depends only on the byte ranges
+            hit = _overlaps(self._owned + [(a, f"grads[{i}]") for i, a in enumerate(spans)])
+            if hit:
+                a, b = sorted(hit, key=lambda s: not s.startswith("grads"))
+                raise ValueError(f"{a} overlaps {b} in memory; expected grads in their own "
+                                 f"memory, apart from params, state and each other")
+            self._checked_spans = spans
         return [g.reshape(-1) for g in grads]
 
-    def _lr_values(self, t: int) -> list:
-        out = []
-        for gi, g in enumerate(self.param_groups):
-            lr = g["lr"]
-            if callable(lr):
-                value = lr(t)
-                if (isinstance(value, (bool, np.bool_)) or not isinstance(value, numbers.Real)
-                        or not value >= 0):
-                    raise ValueError(f"param_groups[{gi}]: lr({t}) returned {value!r}; "
-                                     f"expected a number >= 0")
-                lr = float(value)
-            out.append(lr)
-        return out
+    def _explain_bad_grad(self, i, g, p):
+        fam = _backends.family(g)
+        if fam is None:
+            raise TypeError(f"grads[{i}] is {_describe(g)}; expected a "
+                            f"{_KIND[self._family]} array like params[{i}]")
+        if fam != self._family or _device(g, fam) != _device(p, self._family):
+            raise TypeError(f"grads[{i}] is on {_device(g, fam)} but params[{i}] is on "
+                            f"{_device(p, self._family)}; expected both on one device "
+                            f"(move the grad: hwoptim never copies silently)")
+        if g.dtype != p.dtype:
+            raise TypeError(f"grads[{i}] has dtype {g.dtype}; expected {p.dtype} like "
+                            f"params[{i}]")
+        if g.shape != p.shape:
+            raise ValueError(f"grads[{i}] has shape {tuple(g.shape)}; expected "
+                             f"{tuple(p.shape)} like params[{i}]")
+        xp = "numpy" if fam == "host" else "cupy"
+        raise ValueError(f"grads[{i}] is not C-contiguous; expected a contiguous array: "
+                         f"pass {xp}.ascontiguousarray(grad)")
+
+    def _call_lr(self, gi: int, lr, t: int) -> float:
+        value = lr(t)
+        if (isinstance(value, (bool, np.bool_)) or not isinstance(value, numbers.Real)
+                or not value >= 0):
+            raise ValueError(f"param_groups[{gi}]: lr({t}) returned {value!r}; "
+                             f"expected a number >= 0")
+        return float(value)
+
+    def _kernels(self) -> list:
+        """Each group's kernel, built (or loaded from the disk cache) on first use."""
+        if self._kern is None:
+            self._kern = [_kernel(self.backend, _plan(self.rule, f), self.dtype)
+                          for f in self._flags]
+        return self._kern
 
     # ------------------------------------------------------------------ stepping
     def step(self, grads) -> None:
         """Apply one update to every param in place, with ``grads`` matching params."""
         flat = self._check_grads(grads)
+        kernels = self._kernels()
         t = self._step + 1
         if self.capturable:
             self._step = t
-            return self._step_device(flat)
-        lrs = self._lr_values(t)
-        kernels = [_kernel(self.backend, _plan(self.rule, f), self.dtype) for f in self._flags]
+            return self._step_device(kernels, flat)
         scal = []
         for gi, g in enumerate(self.param_groups):
-            h = {n: g[n] for n in self.rule.hypers}
-            h["lr"] = lrs[gi]
-            scal.append(kernels[gi].prepare(host_scalars(self.rule, h, t)))
+            lr = g["lr"]
+            h = {**g, "lr": self._call_lr(gi, lr, t)} if callable(lr) else g
+            scal.append(kernels[gi].prepare(h, t))
         self._step = t                       # everything is checked: from here on, update
-        for i, views in enumerate(self._views):
-            gi = self._group_of[i]
-            kernels[gi]([views[0], flat[i], *views[1:]], scal[gi])
+        for views, gi, gr in zip(self._views, self._group_of, flat):
+            kernels[gi]([views[0], gr, *views[1:]], scal[gi])
 
     # ------------------------------------------------------------------ capturable (CuPy)
     def _hyper_vector(self, group):
@@ -377,8 +394,7 @@ class Optimizer:
             raise ValueError("device_hypers exist only with capturable=True")
         return self._hyper_dev
 
-    def _step_device(self, flat):
-        kernels = [_kernel(self.backend, _plan(self.rule, f), self.dtype) for f in self._flags]
+    def _step_device(self, kernels, flat):
         for gi in range(len(self.param_groups)):
             kernels[gi].advance(self._hyper_dev[gi], self._step_dev[gi], self._k_dev[gi])
         for i, views in enumerate(self._views):

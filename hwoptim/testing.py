@@ -61,13 +61,12 @@ def reference_step(rule, flags, hypers: dict, t: int, before: dict, grad) -> dic
     """One float64 NumPy step from ``before`` (param and state, any dtype): new values."""
     from . import codegen
     from .backends import numpy as ref
-    from .spec import host_scalars
     plan = codegen.plan(rule, flags)
     arrays = [np.array(before["param"], dtype=np.float64).reshape(-1),
               np.array(grad, dtype=np.float64).reshape(-1)]
     arrays += [np.array(before[n], dtype=np.float64).reshape(-1) for n in plan.arrays[2:]]
     run = ref.kernel(plan, "float64")
-    run(arrays, run.prepare(host_scalars(rule, hypers, t)))
+    run(arrays, run.prepare(hypers, t))
     return dict(zip(plan.arrays[:1] + plan.arrays[2:], arrays[:1] + arrays[2:]))
 
 

@@ -77,8 +77,7 @@ def kernel(plan, dtype):
         """On the device: step += 1, then the per-step scalars from the hyperparameters."""
         fn(k.advance)((1,), (1,), (hyper_dev, step_dev, k_dev))
 
-    typ = np.dtype(dtype).type
-    run.prepare = lambda base: tuple(typ(v) for v in plan.kernel_scalars(base))
+    run.prepare = codegen.host_scalar_function(plan, dtype)   # (h, t) -> typed scalars
     run.device, run.advance, run.source = run_device, advance, k.source
     return run
 

@@ -24,9 +24,8 @@ def kernel(plan, dtype):
     i_in = [plan.arrays.index(a) for a in ins]
     i_out = [plan.arrays.index(a) for a in outs]
 
-    typ = np.dtype(dtype).type
 
     def run(arrays, scalars):
         ek(*[arrays[i] for i in i_in], *scalars, *[arrays[i] for i in i_out])
-    run.prepare = lambda base: tuple(typ(v) for v in plan.kernel_scalars(base))
+    run.prepare = codegen.host_scalar_function(plan, dtype)   # (h, t) -> typed scalars
     return run

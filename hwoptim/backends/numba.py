@@ -60,11 +60,10 @@ def load_module(source: str, stem: str):
 def kernel(plan, dtype):
     mod = load_module(codegen.numba_source(plan, dtype), f"{plan.key}_{dtype}")
     parallel, serial = mod.parallel, mod.serial
-    typ = np.dtype(dtype).type
 
     def run(arrays, scalars):
         f = serial if arrays[0].shape[0] < SERIAL_BELOW else parallel
         f(*arrays, *scalars)
-    run.prepare = lambda base: tuple(typ(v) for v in plan.kernel_scalars(base))
+    run.prepare = codegen.host_scalar_function(plan, dtype)   # (h, t) -> typed scalars
     run.parallel, run.serial = parallel, serial
     return run

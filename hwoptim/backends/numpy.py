@@ -6,6 +6,8 @@ from types import SimpleNamespace
 
 import numpy as np
 
+from ..spec import host_scalars
+
 FAMILY = "host"
 
 
@@ -25,7 +27,7 @@ def kernel(plan, dtype):
         new = rule.update(SimpleNamespace(**buf), k, flags)
         for name in outputs:          # every value is computed before any buffer is written
             np.copyto(buf[name], new[name], casting="same_kind")
-    run.prepare = lambda base: SimpleNamespace(**base)
+    run.prepare = lambda h, t: SimpleNamespace(**host_scalars(rule, h, t))
     return run
 
 
