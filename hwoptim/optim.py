@@ -100,7 +100,7 @@ class Optimizer:
             if name not in defaults:
                 raise TypeError(f"{rule.name}() got an unexpected argument {name!r}; expected "
                                 f"one of {', '.join(names)}, backend, capturable")
-            self._check_value(name, value, f"{rule.name}(): ")
+            kwargs[name] = self._check_value(name, value, f"{rule.name}(): ")
         defaults.update(kwargs)
 
         groups = self._normalize_params(params)
@@ -128,8 +128,7 @@ class Optimizer:
                 if k not in defaults:
                     raise TypeError(f"param_groups[{gi}] has an unknown key {k!r}; expected "
                                     f"'params' and any of {', '.join(names)}")
-                self._check_value(k, v, f"param_groups[{gi}]: ")
-                merged[k] = v
+                merged[k] = self._check_value(k, v, f"param_groups[{gi}]: ")
             flags = self._check_group(merged, f"param_groups[{gi}]: ")
             if self.capturable and callable(merged["lr"]):
                 raise ValueError(f"param_groups[{gi}]: lr is a callable, which a captured CUDA "
@@ -156,7 +155,7 @@ class Optimizer:
                 self._group_of.append(gi)
         self._owned = owned
         self._params = [p for g in self.param_groups for p in g["params"]]
-        self._array_type = type(self._params[0])
+        self._array_type = np.ndarray if fam == "host" else type(self._params[0])
         self._checked_spans = None
         self._kern = None
         self._step = 0
@@ -165,24 +164,27 @@ class Optimizer:
 
     # ------------------------------------------------------------------ validation helpers
     def _check_value(self, name, value, where):
+        """``value`` as stored (Python bools and floats, so per-step host arithmetic stays
+        float64 whatever NumPy scalars came in), or an error naming what was expected."""
         rule = self.rule
         if name in rule.options:
             if not isinstance(value, (bool, np.bool_)):
                 raise TypeError(f"{where}{name}={value!r}: expected True or False")
-            return
+            return bool(value)
         if name == "lr" and callable(value):
-            return
+            return value
         hy = rule.hypers[name]
         if isinstance(hy.default, tuple):
             bad = hy.check(tuple(value) if isinstance(value, (list, tuple)) else value)
             if bad:
                 raise ValueError(f"{where}{name}={value!r} is invalid: expected {bad}")
-            return
+            return tuple(float(b) for b in value)
         if isinstance(value, (bool, np.bool_)) or not isinstance(value, numbers.Real):
             raise TypeError(f"{where}{name}={value!r}: expected a real number")
         bad = hy.check(float(value))
         if bad or value != value:
             raise ValueError(f"{where}{name}={value!r} is invalid: expected {bad or 'a number'}")
+        return float(value)
 
     def _check_group(self, merged: dict, where: str):
         rule = self.rule
@@ -200,8 +202,9 @@ class Optimizer:
         if key == "params":
             raise ValueError(f"{where}'params' cannot be replaced; make a new optimizer")
         if key not in self.rule.hypers and key not in self.rule.options:
-            raise KeyError(f"{where}no hyperparameter {key!r}")
-        self._check_value(key, value, where)
+            raise ValueError(f"{where}{key!r} is not a hyperparameter of {self.rule.name}; "
+                             f"expected one of {', '.join([*self.rule.hypers, *self.rule.options])}")
+        value = self._check_value(key, value, where)
         if self.capturable and key == "lr" and callable(value):
             raise ValueError(f"{where}lr is a callable, which a captured CUDA graph cannot call")
         merged = {**group, key: value}
@@ -305,8 +308,9 @@ class Optimizer:
         atype, cuda = self._array_type, self._family == "cuda"
         for i, g in enumerate(grads):
             p = params[i]
-            if (type(g) is not atype or g.dtype != p.dtype or g.shape != p.shape
-                    or not g.flags.c_contiguous or (cuda and g.device.id != p.device.id)):
+            if ((type(g) is not atype and not isinstance(g, atype)) or g.dtype != p.dtype
+                    or g.shape != p.shape or not g.flags.c_contiguous
+                    or (cuda and g.device.id != p.device.id)):
                 self._explain_bad_grad(i, g, p)
         spans = tuple(self.backend.address(g) for g in grads)
         if spans != self._checked_spans:      # overlap depends only on the byte ranges
@@ -437,10 +441,17 @@ class Optimizer:
         Saved hyperparameters replace the current ones, except that a callable ``lr`` here
         is kept (the schedule resumes from the restored step)."""
         sd = state_dict
-        if not isinstance(sd, dict) or not {"rule", "step", "param_groups", "state",
-                                            "shapes"} <= set(sd):
-            raise TypeError("state_dict: expected a dict from Optimizer.state_dict() with "
-                            "keys rule, step, shapes, param_groups, state")
+        keys = ("rule", "step", "dtype", "shapes", "param_groups", "state")
+        if not isinstance(sd, dict):
+            raise TypeError(f"state_dict is {_describe(sd)}; expected a dict, as "
+                            f"Optimizer.state_dict() returns")
+        missing = [k for k in keys if k not in sd]
+        if missing:
+            raise TypeError(f"state_dict is missing {', '.join(map(repr, missing))}; it has "
+                            f"keys {sorted(map(str, sd))}, expected {list(keys)}")
+        if sd["dtype"] != self.dtype:
+            raise TypeError(f"state_dict['dtype'] is {sd['dtype']!r}; expected {self.dtype!r} "
+                            f"(the params' dtype)")
         if sd["rule"] != self.rule.name:
             raise ValueError(f"state_dict['rule'] is {sd['rule']!r}; expected "
                              f"{self.rule.name!r} (a state_dict loads into the same rule)")
@@ -465,7 +476,7 @@ class Optimizer:
                     continue
                 if k not in self.rule.hypers and k not in self.rule.options:
                     raise ValueError(f"state_dict['param_groups'][{gi}] has unknown key {k!r}")
-                self._check_value(k, v, f"state_dict['param_groups'][{gi}]: ")
+                v = self._check_value(k, v, f"state_dict['param_groups'][{gi}]: ")
                 if not (k == "lr" and callable(mine["lr"])):
                     merged[k] = v
             flags = self._check_group(merged, f"state_dict['param_groups'][{gi}]: ")

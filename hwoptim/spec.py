@@ -16,6 +16,7 @@ expression graph that ``hwoptim.codegen`` prints as Numba, C++ or CUDA source.
 from __future__ import annotations
 
 import math
+import numbers
 from dataclasses import dataclass
 from types import SimpleNamespace
 from typing import Callable
@@ -159,16 +160,17 @@ class ops:
 # ----------------------------------------------------------------------------- rule data
 
 def nonneg(v):
-    return None if (isinstance(v, (int, float)) and v >= 0) else "a number >= 0"
+    return None if (isinstance(v, numbers.Real) and v >= 0) else "a number >= 0"
 
 
 def unit_interval(v):
-    return None if (isinstance(v, (int, float)) and 0 <= v < 1) else "a number in [0, 1)"
+    return None if (isinstance(v, numbers.Real) and 0 <= v < 1) else "a number in [0, 1)"
 
 
 def pair_in_unit_interval(v):
     ok = (isinstance(v, (tuple, list)) and len(v) == 2
-          and all(isinstance(b, (int, float)) and 0 <= b < 1 for b in v))
+          and all(isinstance(b, numbers.Real) and not isinstance(b, bool) and 0 <= b < 1
+                  for b in v))
     return None if ok else "a pair (beta1, beta2) with each in [0, 1)"
 
 

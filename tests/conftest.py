@@ -1,0 +1,94 @@
+"""Shared test helpers, kept small and generic.
+
+* ``torch`` (fixture) / ``import_torch()``: torch.optim for conformance tests. Without torch the
+  test skips with the reason, unless ``HWOPTIM_REQUIRE_TORCH=1`` (CI), where it fails.
+* ``rng`` (fixture): a NumPy generator seeded from the test's id and ``HWOPTIM_TEST_SEED``
+  (default 0), so every test draws its own random inputs and a failure reproduces.
+* ``observed`` (fixture): records the largest error ratios a test saw; they are written as
+  JSON to ``HWOPTIM_TEST_OBSERVED`` (default ``/tmp/hwoptim-test-observed.json``) and
+  summarised at the end of the run.
+"""
+from __future__ import annotations
+
+import json
+import os
+import zlib
+
+import numpy as np
+import pytest
+
+SEED = int(os.environ.get("HWOPTIM_TEST_SEED", "0"))
+OBSERVED_PATH = os.environ.get("HWOPTIM_TEST_OBSERVED", "/tmp/hwoptim-test-observed.json")
+
+
+def import_torch():
+    """``torch``; skip without it, or fail when ``HWOPTIM_REQUIRE_TORCH=1``."""
+    try:
+        import torch
+    except Exception as e:  # ImportError, or a broken install (OSError from its libraries)
+        why = f"torch cannot be imported ({type(e).__name__}: {e})"
+        if os.environ.get("HWOPTIM_REQUIRE_TORCH") == "1":
+            pytest.fail(f"{why}, and HWOPTIM_REQUIRE_TORCH=1 requires it", pytrace=False)
+        pytest.skip(f"{why}; pip install '.[compare]' to compare with torch.optim")
+    return torch
+
+
+@pytest.fixture(scope="session")
+def torch():
+    return import_torch()
+
+
+@pytest.fixture
+def rng(request):
+    seed = zlib.crc32(request.node.nodeid.encode()) ^ SEED
+    return np.random.default_rng(seed)
+
+
+class _Observed:
+    """Largest value seen per (table, key)."""
+
+    def __init__(self):
+        self.tables: dict[str, dict[str, float]] = {}
+
+    def max(self, table: str, key: str, value) -> None:
+        t = self.tables.setdefault(table, {})
+        value = float(value)
+        if key not in t or not value <= t[key]:
+            t[key] = value
+
+
+_OBSERVED = _Observed()
+
+
+@pytest.fixture(scope="session")
+def observed():
+    return _OBSERVED
+
+
+def pytest_report_header(config):
+    return f"hwoptim tests: HWOPTIM_TEST_SEED={SEED}"
+
+
+def pytest_sessionfinish(session, exitstatus):
+    if not _OBSERVED.tables:
+        return
+    worker = os.environ.get("PYTEST_XDIST_WORKER")
+    path = OBSERVED_PATH + (f".{worker}" if worker else "")
+    try:
+        with open(path, "w") as f:
+            json.dump(_OBSERVED.tables, f, indent=1, sort_keys=True)
+    except OSError:
+        pass
+
+
+def pytest_terminal_summary(terminalreporter, exitstatus, config):
+    if not _OBSERVED.tables:
+        return
+    tr = terminalreporter
+    tr.section("largest observed values: error ratios, timings (full table: %s)"
+               % OBSERVED_PATH)
+    for table, rows in sorted(_OBSERVED.tables.items()):
+        if not rows:
+            continue
+        key, worst = max(rows.items(), key=lambda kv: (np.nan_to_num(kv[1], nan=np.inf)))
+        tr.write_line(f"{table}: max {worst:.3g} ({key}) over {len(rows)} entries")

@@ -1,0 +1,215 @@
+"""The Numba backend's promises: float32 kernels compute in float32 (no ``fpext`` in the LLVM
+IR of the loop that runs, parallel and serial), and a new process reuses the kernels
+compiled by an earlier one (Numba's disk cache under ``HWOPTIM_CACHE_DIR``).
+
+Where the IR is: Numba's disk cache keeps machine code only (``inspect_llvm`` on a kernel
+loaded from the cache returns a placeholder), so the check compiles each kernel's own Python
+function (``dispatcher.py_func``, the generated source) again with the same options and no
+cache, for the exact signature the optimizer ran. For ``parallel=True`` the prange loop is
+outlined into a separate "parfor gufunc" library, linked into the kernel's library
+(``overloads[sig].library._linking_libraries``) and, after linking, into its final module:
+the check reads the final module and every linked library, and requires the gufunc to be
+there.
+"""
+from __future__ import annotations
+
+import json
+import os
+import re
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+numba = pytest.importorskip("numba")
+
+import hwoptim  # noqa: E402
+from hwoptim import backends, codegen  # noqa: E402
+from hwoptim.rules import RULES  # noqa: E402
+from hwoptim.testing import option_sets, random_values  # noqa: E402
+
+if "numba" not in backends.available():
+    pytest.skip(f"numba backend unavailable: {backends.unavailable('numba')}",
+                allow_module_level=True)
+
+NB = backends.load("numba")
+FPEXT = re.compile(r"\bfpext\b\s*\(?\s*(<\d+ x )?(half|float)\b")
+FLOAT_MATH = re.compile(r"\bf(add|sub|mul|div)\b[^\n]*\b(<\d+ x )?float\b"
+                        r"|@llvm\.sqrt\.(v\d+)?f32|@sqrtf\b")
+
+
+def library_ir(dispatcher, sig) -> str:
+    """LLVM IR of one compiled overload: its final module and every library linked into it
+    (the parfor gufunc for prange loops), recursively."""
+    seen, out = set(), []
+
+    def walk(lib):
+        if id(lib) in seen:
+            return
+        seen.add(id(lib))
+        out.append(lib.get_llvm_str())
+        for sub in getattr(lib, "_linking_libraries", ()):
+            walk(sub)
+
+    walk(dispatcher.overloads[sig].library)
+    return "\n".join(out)
+
+
+def fresh_ir(dispatcher, sig) -> str:
+    """Compile ``dispatcher``'s function again, same options, no disk cache; its IR."""
+    opts = {k: v for k, v in dispatcher.targetoptions.items() if k not in ("cache", "nopython")}
+    again = numba.njit(**opts)(dispatcher.py_func)
+    again.compile(sig)
+    return library_ir(again, sig)
+
+
+def _cases():
+    return [pytest.param(rule, opts, id=oid)
+            for rule in RULES.values() for oid, opts in option_sets(rule)]
+
+
+SMALL, LARGE = 64, 65536     # elements: the serial kernel, the parallel kernel (2+ threads)
+
+
+@pytest.mark.parametrize("rule, opts", _cases())
+def test_float32_kernels_have_no_fpext(rule, opts, rng):
+    sizes = (SMALL, LARGE)
+    ps = [random_values(rng, (n,), np.float32) for n in sizes]
+    opt = getattr(hwoptim, rule.name)(ps, backend="numba", **opts)
+    opt.step([random_values(rng, (n,), np.float32) for n in sizes])
+    g0 = opt.param_groups[0]
+    flags = rule.static_flags({n: g0[n] for n in rule.hypers}, {n: g0[n] for n in rule.options})
+    k = NB.kernel(codegen.plan(rule, flags), "float32")
+    ran = {name: getattr(k, name).signatures for name in ("parallel", "serial")}
+    assert ran["serial"], "the small array did not run the serial kernel"
+    sig = ran["serial"][0]
+    assert all(str(t).startswith(("float32", "array(float32")) for t in sig), sig
+    for name in ("parallel", "serial"):
+        d = getattr(k, name)
+        # the signature the optimizer ran (the parallel kernel's too, unless one thread)
+        assert ran[name] in ([sig], []), (name, ran[name])
+        ir = fresh_ir(d, sig)
+        if name == "parallel":
+            assert "__numba_parfor_gufunc" in ir, "the prange loop body is not in the IR"
+        assert FLOAT_MATH.search(ir), f"{name}: no float32 arithmetic found in the IR"
+        bad = [ln.strip() for ln in ir.splitlines() if FPEXT.search(ln)]
+        assert not bad, f"{name}: float32 promoted to float64:\n" + "\n".join(bad[:5])
+
+
+# -- the check can fail: a float64 literal in float32 code shows up as fpext, serial and in
+#    the parfor gufunc (source written to a file: Numba's parfors need real source lines)
+
+_PROBE = '''
+import numpy as np
+from numba import njit, prange
+
+HALF = np.float32(0.1)
+
+
+@njit(parallel=PAR)
+def mixed(x):
+    for i in RANGE(x.shape[0]):
+        x[i] = x[i] * 0.1 + np.float32(1)
+
+
+@njit(parallel=PAR)
+def pure(x):
+    for i in RANGE(x.shape[0]):
+        x[i] = x[i] * HALF + np.float32(1)
+'''
+
+
+@pytest.mark.parametrize("parallel", [False, True], ids=["serial", "parallel"])
+def test_fpext_check_detects_float64_literals(parallel, tmp_path):
+    src = _PROBE.replace("PAR", str(parallel)).replace("RANGE", "prange" if parallel else "range")
+    path = tmp_path / f"hwoptim_promotion_probe_{int(parallel)}.py"
+    path.write_text(src)
+    import importlib.util
+    spec = importlib.util.spec_from_file_location(path.stem, path)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    x = np.ones(100, np.float32)
+    for f in (mod.mixed, mod.pure):
+        f(x)
+    ir_mixed = library_ir(mod.mixed, mod.mixed.signatures[0])
+    ir_pure = library_ir(mod.pure, mod.pure.signatures[0])
+    assert FLOAT_MATH.search(ir_pure)
+    assert FPEXT.search(ir_mixed)
+    assert not FPEXT.search(ir_pure)
+    if parallel:
+        assert "__numba_parfor_gufunc" in ir_mixed
+        # the promotion is inside the outlined loop body
+        gufuncs = [lib.get_llvm_str() for lib in
+                   mod.mixed.overloads[mod.mixed.signatures[0]].library._linking_libraries
+                   if "parfor_gufunc" in lib.name]
+        assert gufuncs and any(FPEXT.search(g) for g in gufuncs)
+
+
+# -- a new process reuses the disk cache
+
+_CHILD = textwrap.dedent('''
+    import json, time
+    t0 = time.perf_counter()
+    import numpy as np
+    import hwoptim
+    from hwoptim import backends, codegen
+    nb = backends.load("numba")
+    t_import = time.perf_counter() - t0
+    import numba
+    t = time.perf_counter()
+    numba.njit(lambda x: x + 1)(1.0)       # Numba's one-time set-up, apart from our kernels
+    t_init = time.perf_counter() - t
+    rule = hwoptim.RULES["Adam"]
+    out = {"import_s": t_import, "numba_init_s": t_init, "cache_dir": str(nb.cache_dir())}
+    ws = []
+    for path, n in (("serial", 1000), ("parallel", 65536)):
+        w = np.linspace(-1, 1, n, dtype=np.float32)
+        opt = hwoptim.Adam(w, amsgrad=True)
+        t = time.perf_counter()
+        opt.step(np.cos(w))
+        out[path + "_first_step_s"] = time.perf_counter() - t
+        ws.append(w)
+    g = opt.param_groups[0]
+    flags = rule.static_flags({n: g[n] for n in rule.hypers}, {n: g[n] for n in rule.options})
+    k = nb.kernel(codegen.plan(rule, flags), "float32")
+    for path in ("serial", "parallel"):
+        d = getattr(k, path)
+        out[path + "_hits"] = sum(d.stats.cache_hits.values())
+        out[path + "_misses"] = sum(d.stats.cache_misses.values())
+    out["w"] = [w[:4].tolist() for w in ws]
+    print(json.dumps(out))
+''')
+
+
+def _child(cache: Path) -> dict:
+    env = dict(os.environ, HWOPTIM_CACHE_DIR=str(cache))
+    root = str(Path(hwoptim.__file__).resolve().parent.parent)
+    env["PYTHONPATH"] = os.pathsep.join([root, env.get("PYTHONPATH", "")]).rstrip(os.pathsep)
+    r = subprocess.run([sys.executable, "-c", _CHILD], env=env, capture_output=True, text=True,
+                       timeout=300)
+    assert r.returncode == 0, r.stderr
+    return json.loads(r.stdout.strip().splitlines()[-1])
+
+
+def test_a_new_process_reuses_the_disk_cache(tmp_path, observed):
+    cache = tmp_path / "cache"
+    cold = _child(cache)
+    warm = _child(cache)
+    assert cold["cache_dir"] == warm["cache_dir"] == str(cache / "numba")
+    assert list((cache / "numba").glob("hwoptim_kernel_adam_*_float32_*.py"))
+    for path in ("serial", "parallel"):
+        assert cold[path + "_misses"] >= 1 and cold[path + "_hits"] == 0, cold
+        assert warm[path + "_hits"] >= 1 and warm[path + "_misses"] == 0, warm
+    assert warm["w"] == cold["w"]          # and the cached kernels compute the same
+    for k in ("serial_first_step_s", "parallel_first_step_s", "import_s", "numba_init_s"):
+        observed.max("numba cache, cold process (s)", k, cold[k])
+        observed.max("numba cache, warm process (s)", k, warm[k])
+    print(f"\ncold process: first step serial {cold['serial_first_step_s']:.3f} s, parallel "
+          f"{cold['parallel_first_step_s']:.3f} s (compile); warm process: serial "
+          f"{warm['serial_first_step_s']:.3f} s, parallel {warm['parallel_first_step_s']:.3f} s "
+          f"(cache hits); before them, import {cold['import_s']:.2f} / {warm['import_s']:.2f} s "
+          f"and Numba's one-time set-up {cold['numba_init_s']:.2f} / "
+          f"{warm['numba_init_s']:.2f} s")
