@@ -363,7 +363,8 @@ class Optimizer:
         kernels = self._kernels()
         t = self._step + 1
         if self.capturable:
-            self._step = t
+            self._check_aligned(flat)        # the device kernels need it: check before any
+            self._step = t                   # launch, so a rejected step changes nothing
             return self._step_device(kernels, flat)
         scal = []
         for gi, g in enumerate(self.param_groups):
@@ -397,6 +398,15 @@ class Optimizer:
         if not self.capturable:
             raise ValueError("device_hypers exist only with capturable=True")
         return self._hyper_dev
+
+    def _check_aligned(self, flat):
+        for i, (views, g) in enumerate(zip(self._views, flat)):
+            for what, a in (("params", views[0]), ("grads", g)):
+                if a.data.ptr % 16:
+                    raise ValueError(f"{what}[{i}] does not start on a 16-byte boundary; "
+                                     f"capturable steps need 16-byte aligned arrays (CuPy "
+                                     f"allocations and hwoptim.FlatParams views are): pass "
+                                     f"an aligned copy")
 
     def _step_device(self, kernels, flat):
         for gi in range(len(self.param_groups)):

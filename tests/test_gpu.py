@@ -1,0 +1,621 @@
+"""GPU tests: the CuPy backends on a real CUDA device (``pytest -m gpu``, run by
+``ci/gpu-check``). Without a device they skip, unless ``HWOPTIM_REQUIRE_GPU=1``, when they
+fail.
+
+* every rule x option set x float32/float64, >= 50 steps, for ``cupy`` (RawModule),
+  ``cupy-elementwise`` and ``cupy`` with ``capturable=True`` (device-side scalars): every
+  step against the NumPy float64 reference under the stated per-step tolerances
+  (``hwoptim.testing``; CuPy compiles with -ftz=true and FMA contraction), inputs with zeros
+  and tiny values;
+* a size large enough that the grid-stride loops go round more than once;
+* state_dict GPU -> CPU (loaded into a host optimizer) -> GPU resumes bit-identically;
+* mixed devices rejected with a TypeError and nothing changed;
+* state on the params' device; work enqueued on CuPy's current stream;
+* CUDA graphs: one captured step replayed N times == N eager capturable steps, bitwise,
+  with ``step_count`` read from the device;
+* unaligned views run the element-wise kernel and are still correct; launches per step.
+"""
+from __future__ import annotations
+
+import math
+import os
+import zlib
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+
+import hwoptim
+from hwoptim import backends, codegen, testing
+from hwoptim.backends import numpy as reference_backend
+from hwoptim.spec import host_scalars, substitute, trace_scalars
+
+_WHY = backends.unavailable("cupy")
+_REQUIRE = os.environ.get("HWOPTIM_REQUIRE_GPU") == "1"
+if _WHY is None:
+    import cupy
+else:
+    cupy = None
+
+pytestmark = [
+    pytest.mark.gpu,
+    pytest.mark.skipif(_WHY is not None and not _REQUIRE,
+                       reason=f"needs a CUDA device and CuPy: {_WHY}"),
+]
+
+DTYPES = ("float32", "float64")
+STEPS = 50
+N = 10007                # odd and prime: the vectorised kernels' scalar tails run too
+MODES = ("cupy", "cupy-elementwise", "cupy-capturable")
+
+
+# ----------------------------------------------------------------------------- cases
+
+def _split(rule, kwargs):
+    h = {n: hy.default for n, hy in rule.hypers.items()}
+    opt = dict(rule.options)
+    for k, v in kwargs.items():
+        (opt if k in rule.options else h)[k] = v
+    return h, rule.static_flags(h, opt)
+
+
+class Case:
+    def __init__(self, rule, cid, kwargs):
+        self.rule, self.id, self.kwargs = rule, cid, kwargs
+        self.h, self.flags = _split(rule, kwargs)
+        self.plan = codegen.plan(rule, self.flags)
+
+    def make(self, params, mode="cupy", **extra):
+        backend = "cupy" if mode == "cupy-capturable" else mode
+        return getattr(hwoptim, self.rule.name)(params, backend=backend,
+                                                capturable=mode == "cupy-capturable",
+                                                **self.kwargs, **extra)
+
+
+CASES = [Case(rule, cid, kw) for rule in hwoptim.RULES.values()
+         for cid, kw in testing.option_sets(rule)]
+CASE_PARAMS = [pytest.param(c, id=c.id) for c in CASES]
+DEFAULTS = [pytest.param(c, id=c.id) for c in CASES if not c.kwargs]
+
+
+def _seed(*parts) -> int:
+    return zlib.crc32(repr(parts).encode())
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _device():
+    """Fail (HWOPTIM_REQUIRE_GPU=1 without a device), then compile every module the tests
+    launch on a thread pool instead of one test at a time."""
+    if _WHY is not None:
+        pytest.fail(f"HWOPTIM_REQUIRE_GPU=1 but the cupy backend is unavailable: {_WHY}")
+    from hwoptim.gpubench import prewarm
+    jobs = [(c.plan, dt) for c in CASES for dt in DTYPES]
+    info = prewarm(jobs, jobs)
+    print(f"\nprewarm: {info['modules']} modules in {info['seconds']:.1f} s "
+          f"({info['failed']} failed, left to the tests to report)")
+    yield
+
+
+def _snapshot(opt) -> dict:
+    """Host copies of every param and state buffer, and the step count."""
+    out = {"step": opt.step_count}
+    for i, p in enumerate(p for g in opt.param_groups for p in g["params"]):
+        out[f"params[{i}]"] = p.get() if hasattr(p, "get") else np.array(p)
+    for i, st in enumerate(opt.state):
+        for k, v in st.items():
+            out[f"state[{i}][{k!r}]"] = v.get() if hasattr(v, "get") else np.array(v)
+    return out
+
+
+def _assert_same(a: dict, b: dict, what: str):
+    assert a.keys() == b.keys(), f"{what}: buffers {sorted(a)} vs {sorted(b)}"
+    for k in a:
+        if k == "step":
+            assert a[k] == b[k], f"{what}: step count {a[k]}, expected {b[k]}"
+            continue
+        x, y = np.asarray(a[k]), np.asarray(b[k])
+        same = x.dtype == y.dtype and x.shape == y.shape and np.array_equal(
+            x.view(np.uint8), y.view(np.uint8))
+        if not same:
+            diff = np.flatnonzero(x.reshape(-1) != y.reshape(-1))
+            j = int(diff[0]) if diff.size else 0
+            pytest.fail(f"{what}: {k} differs in {diff.size} of {x.size} elements; expected "
+                        f"bitwise equality (first at {j}: {x.reshape(-1)[j]!r} vs "
+                        f"{y.reshape(-1)[j]!r})")
+
+
+def _device_scalars(opt, plan) -> dict:
+    """Capturable mode: the kernel scalars the last step used, read from the device."""
+    values = opt._k_dev[0].get().astype(np.float64).tolist()
+    assert len(values) == len(plan.scalars)
+    return dict(zip(plan.scalars, values))
+
+
+def _scalar_error_bounds(plan, h, t) -> dict:
+    """Kernel scalar -> (float64 value, running error bound in units of float64's u) as
+    ``codegen.c_scalar_function`` computes it in double on the device: every rounded
+    operation adds ``|result|``, ``pow`` adds ``4 |result|`` (CUDA's double pow is within
+    2 ulp), and errors of operands propagate to first order (the model of
+    ``hwoptim.testing.condition``). FMA contraction only removes roundings."""
+    exprs, names = trace_scalars(plan.rule, plan.flags)
+    wanted = {k: substitute(plan.derived[k], exprs) if k in plan.derived else exprs[k]
+              for k in plan.scalars}
+    env = {"step": (float(t), 0.0)}
+    for n, hy in plan.rule.hypers.items():
+        vals = h[n] if isinstance(hy.default, tuple) else (h[n],)
+        keys = [f"{n}{i}" for i in range(len(vals))] if isinstance(hy.default, tuple) else [n]
+        env.update({k: (float(v), 0.0) for k, v in zip(keys, vals)})
+    memo = {}
+
+    def ev(e):
+        if id(e) in memo:
+            return memo[id(e)]
+        if e.op == "scalar":
+            r = env[e.value]
+        elif e.op == "const":
+            r = (e.value, 0.0)
+        else:
+            a = [ev(x) for x in e.args]
+            v = [x[0] for x in a]
+            er = [x[1] for x in a]
+            if e.op in ("add", "sub"):
+                out = v[0] + v[1] if e.op == "add" else v[0] - v[1]
+                r = (out, er[0] + er[1] + abs(out))
+            elif e.op == "mul":
+                out = v[0] * v[1]
+                r = (out, abs(v[1]) * er[0] + abs(v[0]) * er[1] + abs(out))
+            elif e.op == "div":
+                out = v[0] / v[1]
+                r = (out, er[0] / abs(v[1]) + abs(v[0]) * er[1] / v[1] ** 2 + abs(out))
+            elif e.op == "pow":
+                out = v[0] ** v[1]
+                prop = (abs(v[1] * out / v[0]) * er[0] if v[0] else 0.0)
+                prop += abs(out * math.log(v[0])) * er[1] if v[0] > 0 else 0.0
+                r = (out, 4 * abs(out) + prop)
+            elif e.op == "sqrt":
+                out = math.sqrt(v[0])
+                u = testing.unit_roundoff(np.float64)
+                r = (out, (min(er[0] / (2 * out), math.sqrt(er[0] / u)) if out > 0
+                           else math.sqrt(er[0] / u)) + out)
+            elif e.op in ("neg", "abs"):
+                r = (-v[0] if e.op == "neg" else abs(v[0]), er[0])
+            elif e.op in ("max", "min"):
+                r = ((max if e.op == "max" else min)(v[0], v[1]), max(er[0], er[1]))
+            elif e.op == "where":
+                r = (v[1], er[1]) if v[0] else (v[2], er[2])
+            elif e.op in ("lt", "le", "gt", "ge", "sign"):
+                from hwoptim.spec import _eval, math_ops
+                r = (_eval(e.op, v, math_ops), 0.0)
+            else:
+                raise AssertionError(f"no error model for {e.op!r} in rule.scalars")
+        memo[id(e)] = r
+        return r
+
+    return {k: ev(e) for k, e in wanted.items()}
+
+
+def _check_device_scalars(case, dtype, t, dev: dict, what):
+    """Capturable mode: the scalars ``advance`` computed on the device agree with the host's:
+    float32 within 1 ulp (two roundings of nearly equal doubles); float64 within
+    ``2 u C``, ``C`` the running error bound of the device's computation (the host's
+    evaluation is at least as accurate), so a 1-ulp pow difference amplified by
+    ``1 - beta^t`` is allowed and nothing more."""
+    plan = case.plan
+    host = dict(zip(plan.scalars, plan.kernel_scalars(host_scalars(case.rule, case.h, t))))
+    if dtype == "float32":
+        for k in plan.scalars:
+            a, b = np.float32(dev[k]), np.float32(host[k])
+            ulps = abs(int(a.view(np.int32)) - int(b.view(np.int32)))
+            assert ulps <= 1 or a == b, (
+                f"{what}, step {t}: device scalar {k} = {a!r}; expected the host's {b!r} "
+                f"within 1 ulp (off by {ulps})")
+        return
+    bounds = _scalar_error_bounds(plan, case.h, t)
+    u = testing.unit_roundoff(np.float64)
+    for k in plan.scalars:
+        tol = 2 * u * bounds[k][1]
+        assert abs(dev[k] - host[k]) <= tol, (
+            f"{what}, step {t}: device scalar {k} = {dev[k]!r}; expected the host's "
+            f"{host[k]!r} within {tol!r} (2 u C, C = {bounds[k][1]:.3g})")
+
+
+def _check_step(case, dtype, t, before, got, grad, what, device_scalars=None):
+    """One step against the float64 reference under the per-step tolerances; returns the
+    largest (elementwise, norm-wise) error ratios.
+
+    ``device_scalars`` (capturable mode): the kernel scalars the device computed, checked
+    against the host's on their own. In float64 the reference then steps with them
+    (rule.scalars' outputs replaced by the device's values), so a pow a few ulp off, which
+    ``1 - beta^t`` amplifies far beyond float64's u, is not charged to the update; in float32
+    the device's scalars are the host's to 1 ulp, which the scalars' own rounding budget
+    covers (and substituting float32-rounded scalars would make the reference recompute
+    hoisted ``1 - beta2`` from a rounded ``beta2``)."""
+    plan, rule = case.plan, case.rule
+    base = host_scalars(rule, case.h, t)
+    if device_scalars is not None:
+        _check_device_scalars(case, dtype, t, device_scalars, what)
+    if device_scalars is None or dtype != "float64":
+        ref = testing.reference_step(rule, case.flags, case.h, t, before, grad)
+        ks = plan.kernel_scalars(base)
+    else:
+        base.update({k: v for k, v in device_scalars.items() if k in base})
+        arrays = [np.array(before["param"], dtype=np.float64).reshape(-1),
+                  np.array(grad, dtype=np.float64).reshape(-1)]
+        arrays += [np.array(before[n], dtype=np.float64).reshape(-1) for n in plan.arrays[2:]]
+        reference_backend.kernel(plan, "float64")(arrays, SimpleNamespace(**base))
+        ref = dict(zip(plan.arrays[:1] + plan.arrays[2:], arrays[:1] + arrays[2:]))
+        ks = [device_scalars[k] for k in plan.scalars]
+    cond = testing.condition(plan, before, grad, ks, dtype)
+    for a in plan.arrays[2:]:
+        if a not in plan.outputs:
+            assert np.array_equal(got[a], before[a]), f"{what}: {a} changed but is no output"
+    errs = testing.step_errors(before, got, {o: ref[o] for o in plan.outputs}, dtype, cond)
+    assert set(errs) == set(plan.outputs), f"{what}: checked {sorted(errs)}"
+    worst = [0.0, 0.0]
+    for name, (elem, norm) in errs.items():
+        worst = [max(worst[0], elem), max(worst[1], norm)]
+        if elem <= 1 and norm <= 1:
+            continue
+        x = np.asarray(got[name], np.float64).reshape(-1)
+        bound = testing.K_STEP * testing.unit_roundoff(dtype) * cond[name]
+        with np.errstate(divide="ignore", invalid="ignore"):
+            ratio = np.abs(x - ref[name]) / bound
+        j = int(np.argmax(np.where(np.isnan(ratio), np.inf, ratio)))
+        pytest.fail(
+            f"{what}, step {t}, buffer {name!r}: error ratio elementwise {elem:.3g}, "
+            f"norm-wise {norm:.3g}; expected both <= 1 (|x - ref| <= {testing.K_STEP} u C(x), "
+            f"||x - ref|| <= {testing.K_NORM} u ||scale||). Worst element {j}: got {x[j]!r}, "
+            f"reference {ref[name][j]!r}, bound {bound[j]!r}; inputs "
+            + ", ".join(f"{k}={np.asarray(v).reshape(-1)[j]!r}" for k, v in before.items())
+            + f", grad={np.asarray(grad).reshape(-1)[j]!r}; kernel scalars "
+              f"{dict(zip(plan.scalars, ks))}")
+    return worst
+
+
+def _run_against_reference(case, dtype, mode, n, steps, param_view=None, grad_view=None):
+    """``steps`` steps of a fresh optimizer, each checked against the reference."""
+    rng = np.random.default_rng(_seed(case.id, dtype, mode, n))
+    p0 = testing.random_values(rng, (n,), dtype)
+    w = param_view(p0) if param_view else cupy.asarray(p0)
+    opt = case.make(w, mode)
+    assert opt.backend_name == ("cupy" if mode == "cupy-capturable" else mode)
+    names = case.plan.arrays[2:]
+    worst = [0.0, 0.0]
+    for t in range(1, steps + 1):
+        g = testing.random_values(rng, (n,), dtype)
+        gd = grad_view(g) if grad_view else cupy.asarray(g)
+        before = {"param": w.get(), **{k: opt.state[0][k].get() for k in names}}
+        opt.step(gd)
+        got = {"param": w.get(), **{k: opt.state[0][k].get() for k in names}}
+        assert opt.step_count == t, f"step_count is {opt.step_count} after {t} steps"
+        dev = _device_scalars(opt, case.plan) if mode == "cupy-capturable" else None
+        e = _check_step(case, dtype, t, before, got, g, f"{case.id} {dtype} {mode} n={n}",
+                        dev)
+        worst = [max(worst[0], e[0]), max(worst[1], e[1])]
+    assert not np.array_equal(w.get(), p0), f"{case.id} {dtype} {mode}: the params never moved"
+    return worst
+
+
+# ----------------------------------------------------------------------------- accuracy
+
+@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("case", CASE_PARAMS)
+def test_matches_reference(case, dtype, mode, observed):
+    elem, norm = _run_against_reference(case, dtype, mode, N, STEPS)
+    observed.max(f"GPU step elementwise ratio {dtype} ({mode})", case.id, elem)
+    observed.max(f"GPU step norm ratio {dtype} ({mode})", case.id, norm)
+    print(f"{case.id} {dtype} {mode}: worst error ratios elementwise {elem:.3g}, "
+          f"norm-wise {norm:.3g}")
+
+
+@pytest.mark.parametrize("mode", ["cupy", "cupy-capturable"])
+@pytest.mark.parametrize("case,dtype", [
+    pytest.param(c, dt, id=f"{c.id}-{dt}") for c, dt in
+    [(next(c for c in CASES if c.id == "Adam[amsgrad=True]"), "float32"),
+     (next(c for c in CASES if c.id == "SGD[momentum=0.9,nesterov=True]"), "float64")]])
+def test_grid_stride_loops_wrap(case, dtype, mode):
+    """More elements than one grid covers (the backend caps blocks at 32 per SM): the first
+    threads' loops go round twice, and one element is left for the scalar tail."""
+    sm = cupy.cuda.runtime.getDeviceProperties(cupy.cuda.runtime.getDevice())[
+        "multiProcessorCount"]
+    vec = 16 // np.dtype(dtype).itemsize
+    n = sm * 32 * 256 * vec + 2 * vec + 1
+    _run_against_reference(case, dtype, mode, n, 2)
+
+
+@pytest.mark.parametrize("which", ["param", "grad"])
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("case", DEFAULTS)
+def test_unaligned_views(case, dtype, which):
+    """A view starting one element into an allocation runs the element-wise kernel and is
+    still correct; aligned arrays run the vectorised kernel."""
+    from hwoptim.gpubench import count_launches
+
+    def offset_view(values):
+        base = cupy.empty(values.size + 1, dtype=values.dtype)
+        v = base[1:]
+        v.set(values)
+        assert v.data.ptr % 16 != 0 and v.flags.c_contiguous
+        return v
+
+    k = codegen.cuda_source(case.plan, dtype)
+    with count_launches() as counts:
+        _run_against_reference(case, dtype, "cupy", N, STEPS,
+                               param_view=offset_view if which == "param" else None,
+                               grad_view=offset_view if which == "grad" else None)
+    assert dict(counts) == {k.unaligned: STEPS}, (
+        f"launches {dict(counts)}; expected {STEPS} of the element-wise kernel {k.unaligned} "
+        f"(one per step) for a misaligned {which}")
+    with count_launches() as counts:
+        _run_against_reference(case, dtype, "cupy", N, 2)
+    assert dict(counts) == {k.main: 2}, (
+        f"launches {dict(counts)}; expected 2 of the vectorised kernel {k.main} for aligned "
+        f"arrays")
+
+
+# ----------------------------------------------------------------------------- checkpoints
+
+@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("case", CASE_PARAMS)
+def test_state_dict_gpu_cpu_gpu_resumes_exactly(case, mode):
+    dtype, n, k_steps, total = "float32", 1001, 7, 15
+    rng = np.random.default_rng(_seed(case.id, mode, "sd"))
+    p0 = testing.random_values(rng, (n,), dtype)
+    grads = [testing.random_values(rng, (n,), dtype) for _ in range(total)]
+
+    wa = cupy.asarray(p0)
+    a = case.make(wa, mode)
+    for g in grads:
+        a.step(cupy.asarray(g))
+
+    wb = cupy.asarray(p0)
+    b = case.make(wb, mode)
+    for g in grads[:k_steps]:
+        b.step(cupy.asarray(g))
+    sd = b.state_dict()
+    assert sd["step"] == k_steps
+    for st in sd["state"]:
+        for key, v in st.items():
+            assert isinstance(v, np.ndarray), f"state_dict state {key!r} is {type(v)}; " \
+                                              f"expected a NumPy array (host copy)"
+    host = "numba" if backends.unavailable("numba") is None else "numpy"
+    wc = wb.get()
+    c = getattr(hwoptim, case.rule.name)(wc, backend=host, **case.kwargs)
+    c.load_state_dict(sd)
+    sd2 = c.state_dict()
+    assert sd2["step"] == k_steps
+    wd = cupy.asarray(wc)
+    d = case.make(wd, mode)
+    d.load_state_dict(sd2)
+    assert d.step_count == k_steps
+    for g in grads[k_steps:]:
+        d.step(cupy.asarray(g))
+    _assert_same(_snapshot(d), _snapshot(a),
+                 f"{case.id} {mode}: resumed after GPU -> CPU ({host}) -> GPU at step {k_steps}")
+
+
+# ----------------------------------------------------------------------------- devices
+
+@pytest.mark.parametrize("capturable", [False, True])
+def test_numpy_grads_for_cupy_params_rejected(capturable):
+    rng = np.random.default_rng(3)
+    w = cupy.asarray(testing.random_values(rng, (257,), np.float32))
+    opt = hwoptim.Adam(w, capturable=capturable)
+    opt.step(cupy.asarray(testing.random_values(rng, (257,), np.float32)))
+    before = _snapshot(opt)
+    with pytest.raises(TypeError, match=r"grads\[0\] is on cpu but params\[0\] is on cuda:\d"):
+        opt.step(testing.random_values(rng, (257,), np.float32))
+    _assert_same(_snapshot(opt), before, "after a rejected step with a NumPy grad")
+
+
+def test_mixed_grads_list_rejected_before_any_update():
+    rng = np.random.default_rng(4)
+    ws = [cupy.asarray(testing.random_values(rng, (s,), np.float64)) for s in (100, 33)]
+    opt = hwoptim.SGD(ws, lr=0.1, momentum=0.9)
+    before = _snapshot(opt)
+    grads = [cupy.asarray(testing.random_values(rng, (100,), np.float64)),
+             testing.random_values(rng, (33,), np.float64)]
+    with pytest.raises(TypeError, match=r"grads\[1\] is on cpu but params\[1\] is on cuda"):
+        opt.step(grads)
+    _assert_same(_snapshot(opt), before, "after a rejected step (grads[1] on the host)")
+
+
+def test_mixed_params_rejected():
+    rng = np.random.default_rng(5)
+    host = testing.random_values(rng, (10,), np.float32)
+    dev = cupy.asarray(testing.random_values(rng, (12,), np.float32))
+    host0, dev0 = host.copy(), dev.get()
+    with pytest.raises(TypeError, match=r"params are on several devices \(cpu, cuda:\d\)"):
+        hwoptim.Adam([dev, host])
+    with pytest.raises(TypeError, match=r"params are on several devices"):
+        hwoptim.Adam([host, dev])
+    assert np.array_equal(host, host0) and np.array_equal(dev.get(), dev0)
+
+
+def test_host_backend_rejects_cupy_params():
+    w = cupy.zeros(8, np.float32)
+    with pytest.raises(TypeError, match="runs on NumPy arrays, but the params are CuPy arrays"):
+        hwoptim.Adam(w, backend="numpy")
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_state_on_the_params_device(mode):
+    """Every state buffer (and capturable mode's device scalars) lives on the params' device,
+    whichever device is current; each device steps correctly when current."""
+    case = next(c for c in CASES if c.id == "Adam[amsgrad=True]")
+    for dev in range(cupy.cuda.runtime.getDeviceCount()):
+        with cupy.cuda.Device(dev):
+            rng = np.random.default_rng(dev)
+            p0 = testing.random_values(rng, (N,), np.float32)
+            w = cupy.asarray(p0)
+        assert w.device.id == dev
+        with cupy.cuda.Device(0):             # another device current while allocating
+            opt = case.make(w, mode)
+        for k, v in opt.state[0].items():
+            assert v.device.id == dev, f"state {k!r} on device {v.device.id}; expected {dev}"
+        if mode == "cupy-capturable":
+            for arr in (*opt._hyper_dev, *opt._step_dev, *opt._k_dev):
+                assert arr.device.id == dev, (f"device scalars on device {arr.device.id}; "
+                                              f"expected the params' device {dev}")
+        with cupy.cuda.Device(dev):
+            g = testing.random_values(rng, (N,), np.float32)
+            before = {"param": w.get(), **{k: v.get() for k, v in opt.state[0].items()}}
+            opt.step(cupy.asarray(g))
+            got = {"param": w.get(), **{k: v.get() for k, v in opt.state[0].items()}}
+            _check_step(case, "float32", 1, before, got, g, f"device {dev} {mode}",
+                        _device_scalars(opt, case.plan) if mode == "cupy-capturable"
+                        else None)
+
+
+_SPIN = r"""
+extern "C" __global__ void hw_test_spin(const unsigned long long ns)
+{
+    unsigned long long t0, t;
+    asm volatile("mov.u64 %0, %%globaltimer;" : "=l"(t0));
+    do {
+        __nanosleep(1000);
+        asm volatile("mov.u64 %0, %%globaltimer;" : "=l"(t));
+    } while (t - t0 < ns);
+}
+"""
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_current_stream_honoured(mode):
+    """The step is enqueued on CuPy's current stream: queued behind a 0.3 s kernel on a
+    non-blocking stream, it has not happened when another stream looks, and after
+    ``synchronize`` the result is bitwise that of the same step on the default stream."""
+    case = next(c for c in CASES if c.id == "Adam[default]")
+    spin = cupy.RawKernel(_SPIN, "hw_test_spin")
+    rng = np.random.default_rng(11)
+    p0 = testing.random_values(rng, (N,), np.float32)
+    g = cupy.asarray(testing.random_values(rng, (N,), np.float32))
+    ref_w = cupy.asarray(p0)
+    ref = case.make(ref_w, mode)
+    ref.step(g)                                     # compiles and loads the kernels
+    spin((1,), (1,), (np.uint64(1000),))
+    cupy.cuda.Device().synchronize()
+
+    w = cupy.asarray(p0)
+    opt = case.make(w, mode)
+    cupy.cuda.Device().synchronize()
+    s = cupy.cuda.Stream(non_blocking=True)
+    other = cupy.cuda.Stream(non_blocking=True)
+    with s:
+        spin((1,), (1,), (np.uint64(300_000_000),))
+        opt.step(g)
+    import cupyx
+    early = cupyx.empty_pinned(w.shape, dtype=w.dtype)   # pinned: a truly async copy
+    w.get(stream=other, out=early)                  # on another stream: does not wait for s
+    s.synchronize()
+    assert np.array_equal(early, p0), (
+        f"{mode}: the params changed before the work queued ahead of the step on the current "
+        f"stream finished; expected the step to be enqueued on cupy's current stream")
+    assert opt.step_count == 1
+    _assert_same(_snapshot(opt), _snapshot(ref), f"{mode}: step on a side stream")
+
+
+# ----------------------------------------------------------------------------- CUDA graphs
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("case", CASE_PARAMS)
+def test_cuda_graph_replays_equal_eager_steps(case, dtype):
+    """One step captured in a CUDA graph and replayed R times == R eager capturable steps,
+    bitwise (a learning-rate change halfway included); step_count reads the device step."""
+    replays, n = 9, 4099
+    rng = np.random.default_rng(_seed(case.id, dtype, "graph"))
+    p0 = testing.random_values(rng, (n,), dtype)
+    grads = [testing.random_values(rng, (n,), dtype) for _ in range(replays)]
+    warm = case.make(cupy.asarray(p0), "cupy-capturable")
+    warm.step(cupy.asarray(grads[0]))               # kernels compiled and loaded
+    cupy.cuda.Device().synchronize()
+
+    wa = cupy.asarray(p0)
+    eager = case.make(wa, "cupy-capturable")
+    s = cupy.cuda.Stream(non_blocking=True)
+    with s:
+        wb = cupy.asarray(p0)
+        captured = case.make(wb, "cupy-capturable")
+        g_static = cupy.zeros(n, dtype=dtype)
+        s.synchronize()
+        s.begin_capture()
+        try:
+            captured.step(g_static)
+        finally:
+            graph = s.end_capture()
+        s.synchronize()
+        assert captured.step_count == 0, "capturing must record the step, not run it"
+        _assert_same({"p": wb.get()}, {"p": p0}, "params after capture (nothing may run)")
+        new_lr = captured.param_groups[0]["lr"] * 0.5
+        for i, g in enumerate(grads):
+            if i == replays // 2:
+                captured.param_groups[0]["lr"] = new_lr    # device copy on s, in order
+                with cupy.cuda.Stream.null:
+                    eager.param_groups[0]["lr"] = new_lr
+            g_static.set(g)
+            graph.launch(s)
+            with cupy.cuda.Stream.null:
+                eager.step(cupy.asarray(g))
+        s.synchronize()
+    cupy.cuda.Device().synchronize()
+    assert captured.step_count == replays, (f"step_count {captured.step_count} after "
+                                            f"{replays} replays; expected {replays}")
+    assert captured.state_dict()["step"] == replays
+    _assert_same(_snapshot(captured), _snapshot(eager),
+                 f"{case.id} {dtype}: {replays} graph replays vs eager capturable steps")
+
+
+def test_capturable_rejects_unaligned_grad_unchanged():
+    """A rejected capturable step (misaligned grad) must leave params, state and the step
+    count as they were, like every rejected step."""
+    rng = np.random.default_rng(21)
+    w = cupy.asarray(testing.random_values(rng, (N,), np.float32))
+    opt = hwoptim.Adam(w, capturable=True)
+    opt.step(cupy.asarray(testing.random_values(rng, (N,), np.float32)))
+    before = _snapshot(opt)
+    k_before = opt._k_dev[0].get()
+    base = cupy.asarray(testing.random_values(rng, (N + 1,), np.float32))
+    with pytest.raises(ValueError, match="aligned"):
+        opt.step(base[1:])
+    _assert_same(_snapshot(opt), before, "after a rejected capturable step (misaligned grad)")
+    assert np.array_equal(opt._k_dev[0].get(), k_before), "device scalars changed"
+
+
+# ----------------------------------------------------------------------------- launches
+
+@pytest.mark.parametrize("mode", MODES)
+def test_launches_per_step(mode):
+    """One launch per param array per step (plus one ``advance`` per group when
+    capturable); a FlatParams buffer is one array, so one launch, with results bitwise equal
+    to stepping the arrays one by one."""
+    from hwoptim.gpubench import count_launches
+    case = next(c for c in CASES if c.id == "Adam[default]")
+    shapes = [(33, 7), (64,), (5, 5, 5), (1,)]
+    rng = np.random.default_rng(31)
+    values = [testing.random_values(rng, s, np.float32) for s in shapes]
+    grads = [[testing.random_values(rng, s, np.float32) for s in shapes] for _ in range(4)]
+    flat = hwoptim.FlatParams(shapes, np.float32, xp=cupy)
+    for v, x in zip(flat.views, values):
+        v[...] = cupy.asarray(x)
+    per = [cupy.asarray(x) for x in values]
+    o_flat, o_per = case.make(flat.params, mode), case.make(per, mode)
+    k = codegen.cuda_source(case.plan, "float32")
+    extra = 1 if mode == "cupy-capturable" else 0
+    for gs in grads:
+        for gv, gx in zip(flat.grad_views, gs):
+            gv[...] = cupy.asarray(gx)
+        g_per = [cupy.asarray(x) for x in gs]
+        with count_launches(o_flat) as c_flat:
+            o_flat.step(flat.grads)
+        with count_launches(o_per) as c_per:
+            o_per.step(g_per)
+        assert sum(c_flat.values()) == 1 + extra, (
+            f"{mode}: FlatParams step made launches {dict(c_flat)}; expected {1 + extra}")
+        assert sum(c_per.values()) == len(shapes) + extra, (
+            f"{mode}: per-array step made launches {dict(c_per)}; expected "
+            f"{len(shapes) + extra}")
+        if mode == "cupy-capturable":
+            assert c_flat[k.advance] == 1 and c_flat[k.device] == 1, dict(c_flat)
+    for i, (v, p) in enumerate(zip(flat.views, per)):
+        _assert_same({"p": v.get()}, {"p": p.get()}, f"{mode}: FlatParams view {i} vs array")
