@@ -379,13 +379,15 @@ def prewarm(raw_jobs, elementwise_jobs=(), workers=None) -> dict:
 
     Best effort: a failure here is counted and left for the real launch to report."""
     import cupy
+    from .backends import cupy as cupy_backend
     from .backends import cupy_elementwise
     dev = cupy.cuda.runtime.getDevice()
     t0 = time.perf_counter()
 
     def raw(plan, dtype):
         with cupy.cuda.Device(dev):
-            cupy.RawModule(code=codegen.cuda_source(plan, dtype).source).compile()
+            cupy.RawModule(code=codegen.cuda_source(plan, dtype).source,
+                           options=cupy_backend.NVRTC_OPTIONS).compile()
 
     def ew(plan, dtype):
         with cupy.cuda.Device(dev):

@@ -41,6 +41,7 @@ import pytest
 
 import hwoptim
 from hwoptim import codegen, testing
+from hwoptim.backends.cupy import NVRTC_OPTIONS
 from hwoptim.spec import host_scalars
 
 DTYPES = ("float32", "float64")
@@ -49,7 +50,8 @@ STEPS = 50                  # steps per C++ run (the brief: >= 50)
 N = 2048                    # elements per C++ run
 # CuPy 14 (cupy/cuda/compiler.py): RawModule passes -ftz=true, then -arch=sm_XX (cubin when
 # NVRTC knows the architecture) and --device-as-default-execution-space (jitify off).
-CUPY_OPTIONS = ("-ftz=true", "--device-as-default-execution-space")
+# hwoptim adds its own (backends/cupy.py NVRTC_OPTIONS: --fmad=false).
+CUPY_OPTIONS = ("-ftz=true", "--device-as-default-execution-space") + NVRTC_OPTIONS
 
 
 # ----------------------------------------------------------------------------- cases

@@ -4,7 +4,7 @@ kernel's preamble, one call to it as the operation. Kept beside the ``RawModule`
 import numpy as np
 
 from .. import codegen
-from .cupy import address, copy_from_host, full, to_host, unavailable  # noqa: F401
+from .cupy import NVRTC_OPTIONS, address, copy_from_host, full, to_host, unavailable  # noqa: F401
 
 FAMILY = "cuda"
 
@@ -20,7 +20,7 @@ def kernel(plan, dtype):
         f"{plan.key}_update({', '.join(list(used) + [f'k_{s}' for s in plan.scalars])})",
         name=f"hw_{plan.key}_{dtype}_ew",
         preamble=codegen._typedefs(codegen.dtypes_for(dtype)) + codegen.c_update_function(plan),
-        no_return=True)
+        no_return=True, options=NVRTC_OPTIONS)
     i_in = [plan.arrays.index(a) for a in ins]
     i_out = [plan.arrays.index(a) for a in outs]
 
