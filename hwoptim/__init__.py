@@ -5,6 +5,7 @@ generated from it. ``hwoptim.Adam(w, lr=1e-3).step(g)`` updates ``w`` in place.
 """
 from . import backends
 from .flat import FlatParams
+from .threads import get_num_threads, set_num_threads, threading_layer
 from .optim import Optimizer, make_optimizer_class
 from .rules import RULES
 
@@ -13,4 +14,4 @@ __version__ = "0.1.0"
 for _name, _rule in RULES.items():
     globals()[_name] = make_optimizer_class(_rule)
 
-__all__ = ["FlatParams", "Optimizer", "RULES", "backends", *RULES]
+__all__ = ["FlatParams", "Optimizer", "get_num_threads", "set_num_threads", "threading_layer", "RULES", "backends", *RULES]
