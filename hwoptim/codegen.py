@@ -222,9 +222,10 @@ def numba_source(p: KernelPlan, dtype: str) -> str:
     return "\n".join(out) + "\n"
 
 
-def host_scalar_function(p: KernelPlan, dtype: str):
+def host_scalar_function(p: KernelPlan, dtype: str, boxed: bool = True):
     """``f(h, t)``: the kernel's scalar arguments for step ``t`` as a tuple of ``dtype``
-    numbers, computed in float64 from the hyperparameter dict ``h``.
+    numbers (``boxed=False``: Python floats, for a callee that rounds them itself),
+    computed in float64 from the hyperparameter dict ``h``.
 
     Printed from the traced ``rule.scalars`` and the hoisted scalars, so a step spends
     about a microsecond here instead of re-running the spec through the tracer's evaluator.
@@ -248,7 +249,7 @@ def host_scalar_function(p: KernelPlan, dtype: str):
     src = "def scalars(h, t):\n" + "".join(f"    {ln}\n" for ln in lines)
     src += f"    return ({outs}{',' if len(p.scalars) == 1 else ''})\n"
     import math
-    env = {"_T": np.dtype(dtype).type, "_sqrt": math.sqrt, "np": np}
+    env = {"_T": np.dtype(dtype).type if boxed else float, "_sqrt": math.sqrt, "np": np}
     exec(compile(src, f"<hwoptim scalars {p.key}>", "exec"), env)
     env["scalars"].source = src
     return env["scalars"]

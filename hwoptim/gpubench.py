@@ -368,8 +368,8 @@ def count_launches(*optimizers):
         cupy.RawModule, cupy.ElementwiseKernel = real_module, real_ek
         optim._kernels.clear()
         optim._kernels.update(saved)
-        for o, k in own:
-            o._kern = k
+        for o, _ in own:
+            o._kern = None          # rebuilt from the restored cache at the next step
 
 
 def prewarm(raw_jobs, elementwise_jobs=(), workers=None) -> dict:

@@ -157,6 +157,7 @@ class Optimizer:
         self._params = [p for g in self.param_groups for p in g["params"]]
         self._array_type = np.ndarray if fam == "host" else type(self._params[0])
         self._checked_spans = None
+        self._checked_grads = ()
         self._kern = None
         self._step = 0
         if self.capturable:
@@ -305,6 +306,15 @@ class Optimizer:
                                 f"{n} arrays matching params")
         if len(grads) != n:
             raise ValueError(f"step() got {len(grads)} grads; expected {n}, one per param")
+        last = self._checked_grads
+        if len(last) == n and all(g is h for g, h in zip(grads, last)):
+            # the same arrays as last step (held, so their memory is too): only what an
+            # array object can change in place, its shape and flags, needs a look again
+            for g, p in zip(grads, params):
+                if g.shape != p.shape or not g.flags.c_contiguous:
+                    break
+            else:
+                return [g.reshape(-1) for g in grads]
         atype, cuda = self._array_type, self._family == "cuda"
         for i, g in enumerate(grads):
             p = params[i]
@@ -320,6 +330,7 @@ class Optimizer:
                 raise ValueError(f"{a} overlaps {b} in memory; expected grads in their own "
                                  f"memory, apart from params, state and each other")
             self._checked_spans = spans
+        self._checked_grads = tuple(grads)
         return [g.reshape(-1) for g in grads]
 
     def _explain_bad_grad(self, i, g, p):
@@ -354,6 +365,9 @@ class Optimizer:
         if self._kern is None:
             self._kern = [_kernel(self.backend, _plan(self.rule, f), self.dtype)
                           for f in self._flags]
+            # backends may offer a launch that skips re-checking what step() has checked
+            self._launch = [getattr(k, "unchecked", k) for k in self._kern]
+            self._prepare = [getattr(k, "prepare_unchecked", k.prepare) for k in self._kern]
         return self._kern
 
     # ------------------------------------------------------------------ stepping
@@ -370,10 +384,11 @@ class Optimizer:
         for gi, g in enumerate(self.param_groups):
             lr = g["lr"]
             h = {**g, "lr": self._call_lr(gi, lr, t)} if callable(lr) else g
-            scal.append(kernels[gi].prepare(h, t))
+            scal.append(self._prepare[gi](h, t))
         self._step = t                       # everything is checked: from here on, update
+        launch = self._launch
         for views, gi, gr in zip(self._views, self._group_of, flat):
-            kernels[gi]([views[0], gr, *views[1:]], scal[gi])
+            launch[gi]([views[0], gr, *views[1:]], scal[gi])
 
     # ------------------------------------------------------------------ capturable (CuPy)
     def _hyper_vector(self, group):

@@ -156,6 +156,7 @@ def kernel(plan, dtype):
         e(*arrays, *scalars)
 
     run.prepare = codegen.host_scalar_function(plan, dtype)   # (h, t) -> typed scalars
+    run.prepare_unchecked = codegen.host_scalar_function(plan, dtype, boxed=False)
     run.parallel, run.serial, run.unchecked = parallel, serial, unchecked
     run.serial_below = threshold
     return run
