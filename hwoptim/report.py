@@ -259,14 +259,14 @@ def paired_ratio(num: list, den: list) -> float:
 
 
 def count_launches(fn) -> int:
-    """How many backend kernel launches (``run`` calls in hwoptim/backends) one call of
-    ``fn`` makes."""
+    """How many backend kernel launches (``run`` or ``unchecked`` calls in hwoptim/backends)
+    one call of ``fn`` makes."""
     here = os.path.join(os.path.dirname(os.path.abspath(__file__)), "backends")
     count = 0
 
     def prof(frame, event, arg):
         nonlocal count
-        if event == "call" and frame.f_code.co_name == "run" and \
+        if event == "call" and frame.f_code.co_name in ("run", "unchecked") and \
                 os.path.dirname(os.path.abspath(frame.f_code.co_filename)) == here:
             count += 1
 
