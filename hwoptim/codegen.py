@@ -349,7 +349,7 @@ def cuda_source(p: KernelPlan, dtype: str) -> CudaKernels:
                         else f"const {t}* __restrict__ {a}")
 
     def kernel(name, vectorised, device_scalars):
-        scal = ([f"const TC* __restrict__ k_dev"] if device_scalars
+        scal = (["const TC* __restrict__ k_dev"] if device_scalars
                 else [f"const TC k_{s}" for s in p.scalars])
         args = ",\n    ".join(ptr_args + scal + ["const long long n"])
         pre = ""

@@ -33,7 +33,6 @@ import contextlib
 import datetime
 import gc
 import json
-import math
 import os
 import re
 import sys
@@ -102,38 +101,10 @@ def bench_option_sets(rule) -> list:
 MODELS = {"small": 1_000_000, "large": 50_000_000}   # as hwoptim.report names them
 
 
-def model_shapes(total: int) -> tuple[list, str]:
-    """The CPU report's model (``hwoptim.report.model_shapes``: 200 tensors, weight and
-    bias per layer) so the GPU and CPU numbers are over the same tensors; if that module
-    cannot be imported, :func:`transformer_shapes`. Returns (shapes, where they came from)."""
-    try:
-        from .report import model_shapes as cpu_shapes
-        return [tuple(int(d) for d in s) for s in cpu_shapes(total)], \
-            "hwoptim.report.model_shapes"
-    except Exception:     # noqa: BLE001 - the report module is optional here
-        return transformer_shapes(total), "hwoptim.gpubench.transformer_shapes"
-
-
-def transformer_shapes(total: int, seed: int = 0, layers: int = 16) -> list:
-    """~200 transformer-like shapes with about ``total`` elements, deterministic in ``seed``:
-    token and position embeddings, ``layers`` blocks of (2 layer norms, qkv and output
-    projections, a 4x MLP, with biases), a final layer norm: 12 * layers + 4 tensors."""
-    rng = np.random.default_rng(seed)
-    d = max(32, int(round(math.sqrt(0.75 * total / (12 * layers)) / 32)) * 32)
-    positions = int(rng.choice([128, 256, 512]))
-    block = 12 * d * d + 13 * d
-    vocab = max(16, int((total - layers * block - 2 * d) // d) - positions)
-    vocab += int(rng.integers(-7, 8))
-    shapes = [(vocab, d), (positions, d)]
-    for _ in range(layers):
-        shapes += [(d,), (d,),                   # ln1 weight, bias
-                   (3 * d, d), (3 * d,),         # qkv
-                   (d, d), (d,),                 # attention output
-                   (d,), (d,),                   # ln2
-                   (4 * d, d), (4 * d,),         # mlp up
-                   (d, 4 * d), (d,)]             # mlp down
-    shapes += [(d,), (d,)]                       # final layer norm
-    return shapes
+def model_shapes(total: int) -> list:
+    """The CPU report's model (200 tensors), so GPU and CPU numbers are over the same tensors."""
+    from .report import model_shapes as cpu_shapes
+    return [tuple(int(d) for d in s) for s in cpu_shapes(total)]
 
 
 def card_name(name: str) -> str:
@@ -227,6 +198,18 @@ def _us(s):
     return "-" if s is None else f"{s * 1e6:.1f}"
 
 
+def _md_table(head: list, records: list, cells) -> list:
+    """Markdown lines: a header, then ``cells(record)`` per record (an error, if the record
+    has one, follows the last cell)."""
+    out = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for r in records:
+        row = [str(c) for c in cells(r)]
+        if r.get("error"):
+            row[-1] += f" ({r['error']})"
+        out.append("| " + " | ".join(row) + " |")
+    return out
+
+
 def format_markdown(result: dict) -> str:
     d = result.get("device", {})
     lines = [f"# hwoptim GPU benchmark: {d.get('name', '?')}", "",
@@ -241,46 +224,39 @@ def format_markdown(result: dict) -> str:
     s = result.get("summary") or {}
     if s:
         lines += ["## Summary", "", "```", json.dumps(s, indent=1, default=str), "```", ""]
+    ms = lambda r: _fmt(r["time_s"] * 1e3 if r.get("time_s") else None, ".4g")  # noqa: E731
     lines += ["## Update rules", "",
-              "vs torch: torch's time / this one's (> 1: faster than torch).", "",
-              "| rule | options | dtype | n | impl | time (ms) | GB/s | of copy | of floor "
-              "| vs torch |", "|---|---|---|---|---|---|---|---|---|---|"]
-    for r in result.get("records", []):
-        t = r.get("time_s")
-        lines.append(f"| {r.get('rule') or '-'} | {r.get('options') or '-'} | {r['dtype']} | "
-                     f"{r['n']} | {r['impl']} | {_fmt(t * 1e3 if t else None, '.4g')} | "
-                     f"{_fmt(r.get('gbps'), '.0f')} | {_fmt(r.get('frac_copy'), '.2f')} | "
-                     f"{_fmt(r.get('frac_floor'), '.2f')} | {_fmt(r.get('vs_torch'), '.2f')}"
-                     + (f" ({r['error']})" if r.get("error") else "") + " |")
+              "vs torch: torch's time / this one's (> 1: faster than torch).", ""]
+    lines += _md_table(
+        ["rule", "options", "dtype", "n", "impl", "time (ms)", "GB/s", "of copy", "of floor",
+         "vs torch"], result.get("records", []),
+        lambda r: [r.get("rule") or "-", r.get("options") or "-", r["dtype"], r["n"],
+                   r["impl"], ms(r), _fmt(r.get("gbps"), ".0f"),
+                   _fmt(r.get("frac_copy"), ".2f"), _fmt(r.get("frac_floor"), ".2f"),
+                   _fmt(r.get("vs_torch"), ".2f")])
     lines += ["", "## Models (one step over every tensor)", "",
-              f"Shapes: {result.get('model_shapes', '?')}.", "",
-              "| model | rule | impl | tensors | elements | time (ms) | GB/s | of floor "
-              "| vs torch | launches/step |", "|---|---|---|---|---|---|---|---|---|---|"]
-    for r in result.get("models", []):
-        t = r.get("time_s")
-        lines.append(f"| {r['model']} | {r['rule']}[{r['options']}] | {r['impl']} | "
-                     f"{r['tensors']} | {r['n']} | {_fmt(t * 1e3 if t else None, '.4g')} | "
-                     f"{_fmt(r.get('gbps'), '.0f')} | {_fmt(r.get('frac_floor'), '.2f')} | "
-                     f"{_fmt(r.get('vs_torch'), '.2f')} | {_fmt(r.get('launches'))}"
-                     + (f" ({r['error']})" if r.get("error") else "") + " |")
+              f"Shapes: {result.get('model_shapes', '?')}.", ""]
+    lines += _md_table(
+        ["model", "rule", "impl", "tensors", "elements", "time (ms)", "GB/s", "of floor",
+         "vs torch", "launches/step"], result.get("models", []),
+        lambda r: [r["model"], f"{r['rule']}[{r['options']}]", r["impl"], r["tensors"],
+                   r["n"], ms(r), _fmt(r.get("gbps"), ".0f"),
+                   _fmt(r.get("frac_floor"), ".2f"), _fmt(r.get("vs_torch"), ".2f"),
+                   _fmt(r.get("launches"))])
     lines += ["", "## Per-step overhead (small N)", "",
-              "host: until step() returns; wall: step() + synchronize; gpu: CUDA events.", "",
-              "| rule | n | impl | host (us) | wall (us) | gpu (us) | launches/step |",
-              "|---|---|---|---|---|---|---|"]
-    for r in result.get("overhead", []):
-        lines.append(f"| {r['rule']} | {r['n']} | {r['impl']} | {_us(r.get('host_s'))} | "
-                     f"{_us(r.get('wall_s'))} | {_us(r.get('gpu_s'))} | "
-                     f"{_fmt(r.get('launches'))}"
-                     + (f" ({r['error']})" if r.get("error") else "") + " |")
+              "host: until step() returns; wall: step() + synchronize; gpu: CUDA events.", ""]
+    lines += _md_table(
+        ["rule", "n", "impl", "host (us)", "wall (us)", "gpu (us)", "launches/step"],
+        result.get("overhead", []),
+        lambda r: [r["rule"], r["n"], r["impl"], _us(r.get("host_s")), _us(r.get("wall_s")),
+                   _us(r.get("gpu_s")), _fmt(r.get("launches"))])
     lines += ["", "## CUDA graphs (capturable=True)", "",
-              "Wall time per step over back-to-back steps, synchronised once at the end.", "",
-              "| case | eager (us) | eager capturable (us) | graph replay (us) | saved (us) "
-              "| launches captured |", "|---|---|---|---|---|---|"]
-    for r in result.get("capturable", []):
-        lines.append(f"| {r['case']} | {_us(r.get('eager_s'))} | "
-                     f"{_us(r.get('eager_capturable_s'))} | {_us(r.get('graph_s'))} | "
-                     f"{_us(r.get('saved_s'))} | {_fmt(r.get('launches'))}"
-                     + (f" ({r['error']})" if r.get("error") else "") + " |")
+              "Wall time per step over back-to-back steps, synchronised once at the end.", ""]
+    lines += _md_table(
+        ["case", "eager (us)", "eager capturable (us)", "graph replay (us)", "saved (us)",
+         "launches captured"], result.get("capturable", []),
+        lambda r: [r["case"], _us(r.get("eager_s")), _us(r.get("eager_capturable_s")),
+                   _us(r.get("graph_s")), _us(r.get("saved_s")), _fmt(r.get("launches"))])
     if result.get("skipped"):
         lines += ["", "Skipped (time budget): " + ", ".join(result["skipped"])]
     return "\n".join(lines) + "\n"
@@ -926,8 +902,8 @@ def run(quick: bool = False, out_dir: str | None = None, progress=None,
                 + (f" {r['error']}" if r.get("error") else ""))
 
     # CUDA graphs: one step captured and replayed
-    small_model, shapes_from = model_shapes(MODELS["small"])
-    result["model_shapes"] = shapes_from
+    small_model = model_shapes(MODELS["small"])
+    result["model_shapes"] = "hwoptim.report.model_shapes"
     graph_cases = [(f"Adam float32 n={n}", n) for n in
                    ((10_000,) if quick else (10_000, 1_000_000))]
     for label, n in graph_cases:
@@ -955,7 +931,7 @@ def run(quick: bool = False, out_dir: str | None = None, progress=None,
     # models
     models = [("small", small_model)]
     if not quick:
-        models.insert(0, ("large", model_shapes(MODELS["large"])[0]))
+        models.insert(0, ("large", model_shapes(MODELS["large"])))
     model_rules = [(adam, {})] + ([] if quick else [(RULES["SGD"], {"momentum": 0.9})])
     for label, shapes in models:
         for rule, kw in model_rules:

@@ -15,7 +15,6 @@ expression graph that ``hwoptim.codegen`` prints as Numba, C++ or CUDA source.
 """
 from __future__ import annotations
 
-import math
 import numbers
 from dataclasses import dataclass
 from types import SimpleNamespace
@@ -224,15 +223,6 @@ class Rule:
     def scalar_names(self, flags) -> tuple:
         return tuple(trace_scalars(self, flags)[0])
 
-    def hyper_names(self) -> tuple:
-        """Flat names of numeric hyperparameters (pairs become name0, name1)."""
-        out = []
-        for n, hy in self.hypers.items():
-            if isinstance(hy.default, tuple):
-                out += [f"{n}{i}" for i in range(len(hy.default))]
-            else:
-                out.append(n)
-        return tuple(out)
 
 
 def evaluate(e: Expr, env: dict, memo: dict | None = None):

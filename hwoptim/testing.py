@@ -59,6 +59,20 @@ def option_sets(rule):
     return out
 
 
+def worst_element(got, ref, cond, dtype) -> tuple:
+    """(index, error / bound) of the element of one buffer furthest over its elementwise
+    bound, for failure messages."""
+    x = np.asarray(got, np.float64).reshape(-1)
+    bound = K_STEP * unit_roundoff(dtype) * np.asarray(cond)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        ratio = np.abs(x - ref) / bound
+    j = int(np.argmax(np.where(np.isnan(ratio), np.inf, ratio)))
+    return j, float(ratio[j])
+
+
+BOUNDS_TEXT = (f"|x - ref| <= {K_STEP:g} u C(x), ||x - ref|| <= {K_NORM:g} u ||C(x)||")
+
+
 def reference_step(rule, flags, hypers: dict, t: int, before: dict, grad) -> dict:
     """One float64 NumPy step from ``before`` (param and state, any dtype): new values."""
     from . import codegen
@@ -128,7 +142,7 @@ def condition(plan, before: dict, grad, kernel_scalars, dtype) -> dict:
             for n in plan.outputs}
 
 
-def step_errors(before: dict, got: dict, ref: dict, dtype, cond: dict) -> dict:
+def step_errors(got: dict, ref: dict, dtype, cond: dict) -> dict:
     """Per buffer: (worst elementwise ratio to its bound, norm-wise ratio to its bound).
 
     A ratio above 1 fails; see the module docstring for the bounds."""

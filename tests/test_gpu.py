@@ -249,7 +249,7 @@ def _check_step(case, dtype, t, before, got, grad, what, device_scalars=None):
     for a in plan.arrays[2:]:
         if a not in plan.outputs:
             assert np.array_equal(got[a], before[a]), f"{what}: {a} changed but is no output"
-    errs = testing.step_errors(before, got, {o: ref[o] for o in plan.outputs}, dtype, cond)
+    errs = testing.step_errors(got, {o: ref[o] for o in plan.outputs}, dtype, cond)
     assert set(errs) == set(plan.outputs), f"{what}: checked {sorted(errs)}"
     worst = [0.0, 0.0]
     for name, (elem, norm) in errs.items():
@@ -257,15 +257,12 @@ def _check_step(case, dtype, t, before, got, grad, what, device_scalars=None):
         if elem <= 1 and norm <= 1:
             continue
         x = np.asarray(got[name], np.float64).reshape(-1)
-        bound = testing.K_STEP * testing.unit_roundoff(dtype) * cond[name]
-        with np.errstate(divide="ignore", invalid="ignore"):
-            ratio = np.abs(x - ref[name]) / bound
-        j = int(np.argmax(np.where(np.isnan(ratio), np.inf, ratio)))
+        j, over = testing.worst_element(x, ref[name], cond[name], dtype)
         pytest.fail(
             f"{what}, step {t}, buffer {name!r}: error ratio elementwise {elem:.3g}, "
-            f"norm-wise {norm:.3g}; expected both <= 1 (|x - ref| <= {testing.K_STEP} u C(x), "
-            f"||x - ref|| <= {testing.K_NORM} u ||scale||). Worst element {j}: got {x[j]!r}, "
-            f"reference {ref[name][j]!r}, bound {bound[j]!r}; inputs "
+            f"norm-wise {norm:.3g}; expected both <= 1 ({testing.BOUNDS_TEXT}). Worst "
+            f"element {j}: got {x[j]!r}, reference {ref[name][j]!r}, {over:.3g} of its "
+            f"bound; inputs "
             + ", ".join(f"{k}={np.asarray(v).reshape(-1)[j]!r}" for k, v in before.items())
             + f", grad={np.asarray(grad).reshape(-1)[j]!r}; kernel scalars "
               f"{dict(zip(plan.scalars, ks))}")

@@ -1,8 +1,6 @@
 """The GPU backend as a CuPy ``ElementwiseKernel``: the spec's update function as the
 kernel's preamble, one call to it as the operation. Kept beside the ``RawModule`` backend
 (``cupy``) as its yardstick: CuPy builds the indexing, the spec builds the math."""
-import numpy as np
-
 from .. import codegen
 from .cupy import NVRTC_OPTIONS, address, copy_from_host, full, to_host, unavailable  # noqa: F401
 
