@@ -6,16 +6,66 @@ and step with the flat vector, so no gather is needed per step.
 """
 from __future__ import annotations
 
+import numbers
+import sys
+
 import numpy as np
 
+from . import backends as _backends
+
 ALIGN = 16  # bytes: every view starts on a 16-byte boundary, so GPU kernels can use 16-byte loads
+_DTYPES = (np.dtype(np.float32), np.dtype(np.float64))
+_KIND = {"host": "a NumPy array", "cuda": "a CuPy array"}
+
+
+def _module_family(xp) -> str | None:
+    """``"host"`` for the numpy module, ``"cuda"`` for cupy (never imported here), else None."""
+    if xp is np:
+        return "host"
+    if xp is not None and xp is sys.modules.get("cupy"):
+        return "cuda"
+    return None
+
+
+def _check_xp(xp):
+    fam = _module_family(xp)
+    if fam is None:
+        raise TypeError(f"xp={xp!r}: expected the numpy or the cupy module (import cupy; "
+                        f"xp=cupy)")
+    return fam
+
+
+def _check_dtype(dtype) -> np.dtype:
+    try:                 # np.dtype(None) is float64, and None == np.dtype(float64) is True
+        dt = np.dtype(dtype) if dtype is not None else None
+    except TypeError:
+        dt = None
+    if dt is None or dt not in _DTYPES:
+        raise TypeError(f"dtype={dt if dt is not None else repr(dtype)}: expected float32 or "
+                        f"float64")
+    return dt
+
+
+def _dim(d) -> bool:
+    return isinstance(d, (numbers.Integral, np.integer)) and not isinstance(d, (bool, np.bool_))
+
+
+def _check_shape(i, s) -> tuple:
+    """``s`` (an int, or a tuple or list of ints) as a tuple of Python ints."""
+    dims = s if isinstance(s, (tuple, list)) else (s,)
+    if not all(_dim(d) for d in dims):
+        raise TypeError(f"shapes[{i}]={s!r}: expected a shape, a tuple of ints (or one int)")
+    dims = tuple(int(d) for d in dims)
+    if any(d < 0 for d in dims):
+        raise ValueError(f"shapes[{i}]={s!r}: expected non-negative sizes")
+    return dims
 
 
 class FlatParams:
     """Contiguous storage for arrays of the given ``shapes``.
 
     Args:
-        shapes: one shape (tuple of ints) per array.
+        shapes: one shape (a tuple of ints, or an int) per array.
         dtype: float32 or float64.
         xp: the array module to allocate with, ``numpy`` (default) or ``cupy``.
 
@@ -26,16 +76,13 @@ class FlatParams:
     """
 
     def __init__(self, shapes, dtype=np.float32, xp=np):
-        dtype = np.dtype(dtype)
-        if dtype not in (np.dtype(np.float32), np.dtype(np.float64)):
-            raise TypeError(f"dtype={dtype}: expected float32 or float64")
-        shapes = [tuple(int(d) for d in (s if isinstance(s, (tuple, list)) else (s,)))
-                  for s in shapes]
+        dtype = _check_dtype(dtype)
+        _check_xp(xp)
+        if isinstance(shapes, (str, bytes)) or not hasattr(shapes, "__iter__"):
+            raise TypeError(f"shapes={shapes!r}: expected a list of shapes (tuples of ints)")
+        shapes = [_check_shape(i, s) for i, s in enumerate(shapes)]
         if not shapes:
             raise ValueError("shapes is empty; expected at least one shape")
-        for i, s in enumerate(shapes):
-            if any(d < 0 for d in s):
-                raise ValueError(f"shapes[{i}]={s}: expected non-negative sizes")
         step = ALIGN // dtype.itemsize
         self.shapes, self.dtype, self.offsets = shapes, dtype, []
         end = 0
@@ -58,11 +105,52 @@ class FlatParams:
 
     @classmethod
     def from_arrays(cls, arrays, xp=None):
-        """A buffer holding copies of ``arrays`` (one dtype); use its views from now on."""
+        """A buffer holding copies of ``arrays`` (float32 or float64, one dtype, all NumPy
+        or all CuPy on one device); use its views from now on.
+
+        ``xp``: ``None`` (the arrays' own module), or that module; a buffer is never made
+        on another device than the arrays'."""
+        fam = _backends.family(arrays)
+        if fam is not None:
+            raise TypeError(f"arrays is {_KIND[fam]} of shape {tuple(arrays.shape)}; "
+                            f"expected a list of arrays (pass [array] for one)")
+        if isinstance(arrays, (str, bytes, dict)) or not hasattr(arrays, "__iter__"):
+            raise TypeError(f"arrays is a {type(arrays).__module__}.{type(arrays).__name__}; "
+                            f"expected a list of arrays")
         arrays = list(arrays)
+        if not arrays:
+            raise ValueError("arrays is empty; expected at least one array")
+        for i, a in enumerate(arrays):
+            f = _backends.family(a)
+            if f is None:
+                raise TypeError(f"arrays[{i}] is a {type(a).__module__}.{type(a).__name__}; "
+                                f"expected a NumPy or CuPy array (numpy.asarray it first)")
+            if a.dtype not in _DTYPES:
+                raise TypeError(f"arrays[{i}] has dtype {a.dtype}; expected float32 or "
+                                f"float64 (convert it with .astype first)")
+            if f != _backends.family(arrays[0]):
+                raise TypeError(f"arrays[{i}] is {_KIND[f]} but arrays[0] is "
+                                f"{_KIND[_backends.family(arrays[0])]}; expected one kind")
+            if f == "cuda" and a.device.id != arrays[0].device.id:
+                raise TypeError(f"arrays[{i}] is on cuda:{a.device.id} but arrays[0] is on "
+                                f"cuda:{arrays[0].device.id}; expected one device")
+            if a.dtype != arrays[0].dtype:
+                raise TypeError(f"arrays[{i}] has dtype {a.dtype} but arrays[0] has "
+                                f"{arrays[0].dtype}; expected one dtype for all arrays (make "
+                                f"one FlatParams per dtype)")
+        fam = _backends.family(arrays[0])
         if xp is None:
-            xp = np if isinstance(arrays[0], np.ndarray) else __import__("cupy")
-        flat = cls([a.shape for a in arrays], arrays[0].dtype, xp)
+            xp = np if fam == "host" else sys.modules["cupy"]
+        elif _check_xp(xp) != fam:
+            raise TypeError(f"xp={xp.__name__} but the arrays are {_KIND[fam]}s; expected "
+                            f"xp=None or their own module (move them first: hwoptim never "
+                            f"copies across devices silently)")
+        shapes = [a.shape for a in arrays]
+        if fam == "cuda":
+            with arrays[0].device:                   # on the arrays' device, not the current one
+                flat = cls(shapes, arrays[0].dtype, xp)
+        else:
+            flat = cls(shapes, arrays[0].dtype, xp)
         for v, a in zip(flat.views, arrays):
             v[...] = a
         return flat
@@ -71,4 +159,6 @@ class FlatParams:
         return len(self.shapes)
 
     def __repr__(self):
-        return f"FlatParams({len(self.shapes)} arrays, {self.size} elements, {self.dtype})"
+        n = len(self.shapes)
+        return (f"FlatParams({n} array{'' if n == 1 else 's'}, {self.size} elements, "
+                f"{self.dtype})")
