@@ -189,9 +189,10 @@ def plan(rule: Rule, flags) -> KernelPlan:
 
 # ----------------------------------------------------------------------------- Numba
 
-def numba_source(p: KernelPlan, dtype: str) -> str:
+def numba_source(p: KernelPlan, dtype: str, cache: bool = True) -> str:
     """A Python module with two Numba kernels over 1-D arrays: ``parallel`` (prange) and
-    ``serial``. Arguments: the arrays in ``p.arrays`` order, then ``p.scalars``."""
+    ``serial``. Arguments: the arrays in ``p.arrays`` order, then ``p.scalars``.
+    ``cache``: whether Numba keeps their machine code on disk, beside the module's file."""
     consts = {}
 
     def const(v):
@@ -214,7 +215,7 @@ def numba_source(p: KernelPlan, dtype: str) -> str:
     head += [f"{name} = np.{dtype}({v!r})" for v, name in consts.items()]
     out = head + [""]
     for fname, par, rng in (("parallel", True, "prange"), ("serial", False, "range")):
-        out += [f"@njit(parallel={par}, cache=True, error_model='numpy', nogil=True)",
+        out += [f"@njit(parallel={par}, cache={bool(cache)}, error_model='numpy', nogil=True)",
                 f"def {fname}({args}):",
                 f"    for i in {rng}(param.shape[0]):"]
         out += [f"        {line}" for line in body]
