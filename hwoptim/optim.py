@@ -7,8 +7,12 @@ rejected call leaves parameters and state exactly as they were.
 """
 from __future__ import annotations
 
+import difflib
 import inspect
+import math
 import numbers
+import warnings
+import weakref
 from types import SimpleNamespace
 
 import numpy as np
@@ -19,6 +23,7 @@ from .spec import Rule
 
 _DTYPES = (np.dtype(np.float32), np.dtype(np.float64))
 _KIND = {"host": "NumPy", "cuda": "CuPy"}
+_MAX_STEP = 2 ** 53                  # the step count travels as a float64 (bias corrections)
 _plans: dict = {}
 _kernels: dict = {}
 
@@ -60,18 +65,144 @@ def _overlaps(items) -> tuple | None:
     return None
 
 
-class ParamGroup(dict):
-    """One parameter group: its arrays under ``"params"`` and its hyperparameters.
+def _fits_float(v) -> bool:
+    try:
+        return math.isfinite(float(v))
+    except OverflowError:
+        return False
 
-    Setting a hyperparameter validates it at once; a rejected value changes nothing.
-    """
+
+def _finite(v, what: str, expected: str) -> float:
+    """``float(v)``, or a ValueError naming ``what`` where it is not a finite float."""
+    if not _fits_float(v):
+        raise ValueError(f"{what} is invalid: expected {expected}")
+    return float(v)
+
+
+def _short(v) -> str:
+    r = repr(v)
+    return r if len(r) <= 40 else f"{r[:18]}...{r[-8:]} ({len(r)} characters)"
+
+
+def _ref(a):
+    """A weak reference to ``a`` (a strong one where the type allows none)."""
+    try:
+        return weakref.ref(a)
+    except TypeError:
+        return lambda: a
+
+
+def _plain_host(a) -> bool:
+    """A NumPy array whose operators and reshape are NumPy's own: ``numpy.ndarray`` or
+    ``numpy.memmap`` (a file-backed ndarray); subclasses such as ``numpy.matrix`` or masked
+    arrays redefine them, and a kernel would update a reshaped copy or the wrong part."""
+    return type(a) is np.ndarray or isinstance(a, np.memmap)
+
+
+def _refuse_subclass(what: str, a):
+    raise TypeError(f"{what} is a {type(a).__module__}.{type(a).__name__}, an ndarray "
+                    f"subclass with its own operators and indexing; expected a numpy.ndarray "
+                    f"(or numpy.memmap): pass numpy.asarray(x), a plain view of the same "
+                    f"memory, so the update still lands in x (a masked array: its .data; "
+                    f"the mask is not used)")
+
+
+class _Frozen(list):
+    """A list that refuses changes with a message saying what to do instead."""
+
+    def __init__(self, items, why):
+        super().__init__(items)
+        self._why = why
+
+    def _refuse(self, *args, **kwargs):
+        raise TypeError(self._why)
+
+    __setitem__ = __delitem__ = __iadd__ = __imul__ = _refuse
+    append = extend = insert = pop = remove = clear = sort = reverse = _refuse
+
+    def __reduce__(self):
+        return (list, (list(self),))
+
+    def __copy__(self):
+        return list(self)
+
+    def __deepcopy__(self, memo):
+        import copy
+        return [copy.deepcopy(x, memo) for x in self]
+
+
+class ParamGroup(dict):
+    """One parameter group: its arrays under ``"params"``, its hyperparameters and options,
+    and any other keys a user or a scheduler keeps there (``name``, ``initial_lr``, ...).
+
+    Every way of changing a hyperparameter or option (``g[k] = v``, ``update``, ``|=``,
+    ``setdefault``) validates the new values first; a rejected change changes nothing. An
+    option change that picks another kernel with the same state buffers takes effect at
+    the next step. Hyperparameters cannot be deleted, and ``params`` cannot be replaced."""
 
     def __init__(self, opt, data):
         super().__init__(data)
         self._opt = opt
 
     def __setitem__(self, key, value):
-        self._opt._set_hyper(self, key, value)
+        self._opt._set_hypers(self, {key: value})
+
+    def update(self, *args, **kwargs):
+        self._opt._set_hypers(self, dict(*args, **kwargs))
+
+    def __ior__(self, other):
+        self.update(other)
+        return self
+
+    def setdefault(self, key, default=None):
+        if key not in self:
+            self[key] = default
+        return self[key]
+
+    def _remove(self, key):
+        if key == "params" or key in self._opt._known:
+            raise TypeError(f"{key!r} cannot be removed from a parameter group of "
+                            f"{self._opt.rule.name}; set another value instead")
+
+    def __delitem__(self, key):
+        self._remove(key)
+        super().__delitem__(key)
+
+    def pop(self, key, *default):
+        if key in self:
+            self._remove(key)
+        return super().pop(key, *default)
+
+    def popitem(self):
+        raise TypeError("popitem() would remove a hyperparameter or 'params' from a "
+                        "parameter group; remove other keys by name")
+
+    def clear(self):
+        raise TypeError("clear() would remove the hyperparameters and 'params' of a "
+                        "parameter group")
+
+    def __reduce__(self):
+        return (dict, (dict(self),))
+
+
+class _StateDict(dict):
+    """One param's state buffers. Assigning a buffer (``state[i]["exp_avg"] = a``) checks
+    it like a param (type, dtype, shape, contiguity, device, no overlap) and makes the
+    kernels use it; a bad one is refused and changes nothing."""
+
+    def __init__(self, opt, index, data):
+        super().__init__(data)
+        self._opt, self._index = opt, index
+
+    def __setitem__(self, key, value):
+        self._opt._set_state(self._index, key, value)
+
+    def _refuse(self, *args, **kwargs):
+        raise TypeError(f"state[{self._index}] holds the buffers {sorted(self)}, which the "
+                        f"kernels need; assign a buffer (state[{self._index}][name] = array) "
+                        f"or reset it in place (state[{self._index}][name][...] = 0)")
+
+    __delitem__ = pop = popitem = clear = update = setdefault = __ior__ = _refuse
 
     def __reduce__(self):
         return (dict, (dict(self),))
@@ -84,6 +215,10 @@ class Optimizer:
 
     def __init__(self, params, *args, backend: str | None = None, capturable: bool = False,
                  **kwargs):
+        self._setup(params, self._parse_args(args, kwargs), backend, capturable)
+
+    def _parse_args(self, args, kwargs) -> dict:
+        """The constructor's hyperparameters and options, checked, over the defaults."""
         rule = self.rule
         names = list(rule.hypers) + list(rule.options)
         if len(args) > len(names):
@@ -102,7 +237,12 @@ class Optimizer:
                                 f"one of {', '.join(names)}, backend, capturable")
             kwargs[name] = self._check_value(name, value, f"{rule.name}(): ")
         defaults.update(kwargs)
+        return defaults
 
+    def _setup(self, params, defaults, backend, capturable, states=None):
+        rule = self.rule
+        self._known = frozenset(rule.hypers) | frozenset(rule.options)
+        self._defaults = defaults
         groups = self._normalize_params(params)
         arrays = [a for g in groups for a in g["params"]]
         fam = self._check_params(arrays)
@@ -117,51 +257,121 @@ class Optimizer:
             raise ValueError(f"capturable=True needs backend='cupy' (device-side scalars for "
                              f"CUDA graphs); this optimizer uses {self.backend_name!r}")
         self.capturable = bool(capturable)
+        self.param_groups = _Frozen([], "param_groups cannot be changed directly; add a "
+                                        "group with opt.add_param_group({'params': [...], "
+                                        "...}), or change a group's values in place")
+        self.state = _Frozen([], "opt.state cannot be changed directly; assign a buffer "
+                                 "(opt.state[i]['exp_avg'] = array) or reset one in place "
+                                 "(opt.state[i]['exp_avg'][...] = 0)")
+        self._flags, self._views, self._group_of, self._owned = [], [], [], []
+        self._params = []
+        self._array_type = np.ndarray if fam == "host" else type(arrays[0])
+        self._checked_spans = None
+        self._checked = ()
+        self._kern = None
+        self._launch_key, self._entries = None, None
+        self._step = 0
+        self._add_groups(groups, 0, states)
+        if self.capturable:
+            self._init_device_scalars()
 
-        # hyperparameters per group, checked before anything is allocated
-        self.param_groups, self._flags = [], []
-        for gi, g in enumerate(groups):
-            merged = dict(defaults)
+    def _add_groups(self, groups, first: int, states=None):
+        """Check every group's values, then make its state; ``first``: its index."""
+        rule, merged_all = self.rule, []
+        for gi, g in enumerate(groups, first):
+            where = f"param_groups[{gi}]: "
+            merged = dict(self._defaults)
             for k, v in g.items():
                 if k == "params":
                     continue
-                if k not in defaults:
-                    raise TypeError(f"param_groups[{gi}] has an unknown key {k!r}; expected "
-                                    f"'params' and any of {', '.join(names)}")
-                merged[k] = self._check_value(k, v, f"param_groups[{gi}]: ")
-            flags = self._check_group(merged, f"param_groups[{gi}]: ")
+                merged[k] = (self._check_value(k, v, where) if k in self._known
+                             else self._extra_key(k, v, where))
+            flags = self._check_group(merged, where)
             if self.capturable and callable(merged["lr"]):
-                raise ValueError(f"param_groups[{gi}]: lr is a callable, which a captured CUDA "
+                raise ValueError(f"{where}lr is a callable, which a captured CUDA "
                                  f"graph cannot call; with capturable=True set a number, and "
                                  f"change it on the device (device_hypers)")
+            merged_all.append((merged, flags))
+        # everything is checked: now allocate and record
+        for g, (merged, flags) in zip(groups, merged_all):
+            gi = len(self.param_groups)
+            ps = _Frozen(g["params"], f"param_groups[{gi}]['params'] cannot be changed; "
+                                      f"add params with opt.add_param_group(...), or make a "
+                                      f"new optimizer")
             self._flags.append(flags)
-            self.param_groups.append(ParamGroup(self, {"params": list(g["params"]), **merged}))
-
-        # state, flat views, and the byte ranges that grads must not overlap
-        self.state, self._views, self._group_of = [], [], []
-        owned = []
-        for gi, g in enumerate(self.param_groups):
-            plan = _plan(rule, self._flags[gi])
-            for p in g["params"]:
+            list.append(self.param_groups, ParamGroup(self, {"params": ps, **merged}))
+            for p in ps:
                 i = len(self.state)
                 st = {}
-                for s in rule.active_states(self._flags[gi]):
-                    init = g[s.init] if isinstance(s.init, str) else s.init
+                for s in rule.active_states(flags):
+                    if states is not None:
+                        st[s.name] = states[i][s.name]
+                        continue
+                    init = merged[s.init] if isinstance(s.init, str) else s.init
                     st[s.name] = self.backend.full(p, init)
-                    owned.append((self.backend.address(st[s.name]), f"state[{i}][{s.name!r}]"))
-                owned.append((self.backend.address(p), f"params[{i}]"))
-                self.state.append(st)
-                self._views.append([p.reshape(-1)] + [st[n].reshape(-1) for n in plan.arrays[2:]])
+                list.append(self.state, _StateDict(self, i, st))
+                self._params.append(p)
                 self._group_of.append(gi)
-        self._owned = owned
-        self._params = [p for g in self.param_groups for p in g["params"]]
-        self._array_type = np.ndarray if fam == "host" else type(self._params[0])
+                self._views.append(None)
+            self._refresh_views(gi)
+        if states is not None:                  # a copy's buffers: check them as assigned
+            for i, st in enumerate(self.state):
+                for k, v in st.items():
+                    self._check_buffer(i, k, v)
+        self._refresh_owned()
+
+    def _refresh_views(self, gi: int):
+        """Flat views of each param of group ``gi`` and its state, in its kernel's order."""
+        plan = _plan(self.rule, self._flags[gi])
+        for i, g in enumerate(self._group_of):
+            if g == gi:
+                st = self.state[i]
+                self._views[i] = ([self._params[i].reshape(-1)]
+                                  + [st[n].reshape(-1) for n in plan.arrays[2:]])
+
+    def _refresh_owned(self):
+        """The byte ranges that grads must not overlap: every param and state buffer."""
+        addr = self.backend.address
+        self._owned = [(addr(a), f"state[{i}][{k!r}]")
+                       for i, st in enumerate(self.state) for k, a in st.items()]
+        self._owned += [(addr(p), f"params[{i}]") for i, p in enumerate(self._params)]
         self._checked_spans = None
-        self._checked_grads = ()
-        self._kern = None
-        self._step = 0
+
+    def add_param_group(self, param_group: dict) -> None:
+        """Add a group of params (a dict with ``"params"``, and any hyperparameters, options
+        and other keys), as torch does; everything is checked before anything changes."""
+        if not isinstance(param_group, dict):
+            raise TypeError(f"param_group is {_describe(param_group)}; expected a dict with "
+                            f"'params'")
+        gi = len(self.param_groups)
+        groups = self._normalize_params([param_group], first=gi)
+        new = groups[0]["params"]
+        fam = self._check_params(self._params + list(new))
+        if fam != self._family:
+            raise TypeError(f"param_groups[{gi}] holds {_KIND[fam]} arrays; this optimizer "
+                            f"updates {_KIND[self._family]} arrays")
+        if new[0].dtype != self.dtype:
+            raise TypeError(f"param_groups[{gi}] has dtype {new[0].dtype}; expected "
+                            f"{self.dtype} like the other params (one dtype per optimizer)")
+        addr = self.backend.address
+        hit = _overlaps([a for a in self._owned if a[1].startswith("state")]
+                        + [(addr(p), f"new params[{j}]") for j, p in enumerate(new)])
+        if hit:
+            raise ValueError(f"{hit[1]} overlaps {hit[0]} in memory; expected new params "
+                             f"apart from the optimizer's state")
         if self.capturable:
-            self._init_device_scalars()
+            import cupy
+            with self._params[0].device:
+                extra = (cupy.full(1, float(self.step_count), dtype=np.float64),)
+        self._add_groups(groups, gi)
+        self._kern, self._launch_key, self._checked = None, None, ()
+        if self.capturable:
+            g, f = self.param_groups[gi], self._flags[gi]
+            with self._params[0].device:
+                self._hyper_dev.append(cupy.asarray(self._hyper_vector(g)))
+                self._step_dev.append(extra[0])
+                self._k_dev.append(cupy.zeros(len(_plan(self.rule, f).scalars),
+                                              dtype=self.dtype))
 
     # ------------------------------------------------------------------ validation helpers
     def _check_value(self, name, value, where):
@@ -179,13 +389,26 @@ class Optimizer:
             bad = hy.check(tuple(value) if isinstance(value, (list, tuple)) else value)
             if bad:
                 raise ValueError(f"{where}{name}={value!r} is invalid: expected {bad}")
-            return tuple(float(b) for b in value)
+            return tuple(_finite(b, f"{where}{name}={_short(value)}", "finite numbers")
+                         for b in value)
         if isinstance(value, (bool, np.bool_)) or not isinstance(value, numbers.Real):
             raise TypeError(f"{where}{name}={value!r}: expected a real number")
-        bad = hy.check(float(value))
-        if bad or value != value:
-            raise ValueError(f"{where}{name}={value!r} is invalid: expected {bad or 'a number'}")
-        return float(value)
+        x = _finite(value, f"{where}{name}={_short(value)}", "a finite number")
+        bad = hy.check(x)
+        if bad:
+            raise ValueError(f"{where}{name}={value!r} is invalid: expected {bad}")
+        return x
+
+    def _extra_key(self, key, value, where):
+        """A key that is no hyperparameter (``name``, ``initial_lr``, a scheduler's): kept
+        untouched. One that looks like a misspelt hyperparameter gets a warning."""
+        if isinstance(key, str):
+            near = difflib.get_close_matches(key, sorted(self._known), n=1, cutoff=0.8)
+            if near:
+                warnings.warn(f"{where}{key!r} is not a hyperparameter of {self.rule.name} "
+                              f"(did you mean {near[0]!r}?); it is kept in the group, and "
+                              f"the kernels do not use it", stacklevel=4)
+        return value
 
     def _check_group(self, merged: dict, where: str):
         rule = self.rule
@@ -197,29 +420,84 @@ class Optimizer:
                 raise ValueError(f"{where}{arg}={value!r} is invalid: expected {expected}")
         return rule.static_flags(h, opt)
 
-    def _set_hyper(self, group: ParamGroup, key, value):
-        gi = self.param_groups.index(group)
+    def _group_index(self, group) -> int:
+        return next(i for i, g in enumerate(self.param_groups) if g is group)
+
+    def _set_hypers(self, group: ParamGroup, changes: dict):
+        """Change some of a group's values, all checked first; see :class:`ParamGroup`."""
+        gi = self._group_index(group)
         where = f"param_groups[{gi}]: "
-        if key == "params":
-            raise ValueError(f"{where}'params' cannot be replaced; make a new optimizer")
-        if key not in self.rule.hypers and key not in self.rule.options:
-            raise ValueError(f"{where}{key!r} is not a hyperparameter of {self.rule.name}; "
-                             f"expected one of {', '.join([*self.rule.hypers, *self.rule.options])}")
-        value = self._check_value(key, value, where)
-        if self.capturable and key == "lr" and callable(value):
+        if "params" in changes:
+            raise ValueError(f"{where}'params' cannot be replaced; add params with "
+                             f"opt.add_param_group(...), or make a new optimizer")
+        checked = {k: (self._check_value(k, v, where) if k in self._known
+                       else self._extra_key(k, v, where)) for k, v in changes.items()}
+        if self.capturable and callable(checked.get("lr")):
             raise ValueError(f"{where}lr is a callable, which a captured CUDA graph cannot call")
-        merged = {**group, key: value}
+        merged = {**group, **checked}
         flags = self._check_group(merged, where)
-        if vars(flags) != vars(self._flags[gi]):
-            raise ValueError(f"{where}{key}={value!r} would change which kernel and state "
-                             f"buffers this group needs ({key} was {group[key]!r}); make a "
-                             f"new optimizer with it instead")
-        dict.__setitem__(group, key, value)
+        old = self._flags[gi]
+        k_dev = None
+        if vars(flags) != vars(old):
+            states = lambda f: [s.name for s in self.rule.active_states(f)]  # noqa: E731
+            if states(flags) != states(old):
+                keys = ", ".join(f"{k}={v!r}" for k, v in changes.items())
+                raise ValueError(f"{where}{keys} would change the state buffers this group "
+                                 f"needs ({states(old)} -> {states(flags)}); make a new "
+                                 f"optimizer with it instead")
+            if self.capturable:
+                import cupy
+                with self._params[0].device:
+                    k_dev = cupy.zeros(len(_plan(self.rule, flags).scalars), dtype=self.dtype)
+        # checked: from here on, change things
+        for k, v in checked.items():
+            dict.__setitem__(group, k, v)
+        if vars(flags) != vars(old):
+            self._flags[gi] = flags
+            self._refresh_views(gi)
+            self._kern, self._launch_key = None, None     # the next step builds the kernel
+            if k_dev is not None:
+                self._k_dev[gi] = k_dev
         if self.capturable:
             self._hyper_dev[gi].set(self._hyper_vector(group))
 
+    def _check_buffer(self, i: int, key, value):
+        """``value`` checked as a replacement for ``state[i][key]``."""
+        st, p = self.state[i], self._params[i]
+        where = f"state[{i}][{key!r}]"
+        if key not in st:
+            raise KeyError(f"{where}: params[{i}] has the state buffers {sorted(st)}; a "
+                           f"new one would not be used by the kernels")
+        fam = _backends.family(value)
+        if fam != self._family or (fam == "host" and not _plain_host(value)):
+            if fam == "host" and fam == self._family:
+                _refuse_subclass(where, value)
+            raise TypeError(f"{where} is {_describe(value)}; expected a {_KIND[self._family]} "
+                            f"array like params[{i}]")
+        if _device(value, fam) != _device(p, fam):
+            raise TypeError(f"{where} is on {_device(value, fam)}; expected "
+                            f"{_device(p, fam)} like params[{i}]")
+        if value.dtype != st[key].dtype or tuple(value.shape) != tuple(p.shape):
+            raise ValueError(f"{where} is {value.dtype} {tuple(value.shape)}; expected "
+                             f"{st[key].dtype} {tuple(p.shape)}")
+        if not value.flags.c_contiguous or (fam == "host" and not value.flags.writeable):
+            raise ValueError(f"{where} is not a writeable C-contiguous array; expected one "
+                             f"(the kernels update it in place)")
+        addr = self.backend.address
+        others = [a for a in self._owned if a[1] != where]
+        hit = _overlaps(others + [(addr(value), where)])
+        if hit:
+            raise ValueError(f"{where} overlaps {[h for h in hit if h != where][0]} in "
+                             f"memory; expected a buffer of its own")
+
+    def _set_state(self, i: int, key, value):
+        self._check_buffer(i, key, value)
+        dict.__setitem__(self.state[i], key, value)
+        self._refresh_views(self._group_of[i])
+        self._refresh_owned()
+
     @staticmethod
-    def _normalize_params(params) -> list:
+    def _normalize_params(params, first: int = 0) -> list:
         if _backends.family(params) is not None:
             return [{"params": [params]}]
         if isinstance(params, dict):
@@ -235,11 +513,18 @@ class Optimizer:
             raise ValueError("params is empty; expected at least one array")
         if all(isinstance(g, dict) for g in params):
             groups = []
-            for gi, g in enumerate(params):
+            for gi, g in enumerate(params, first):
                 if "params" not in g:
                     raise ValueError(f"param_groups[{gi}] has no 'params' key")
                 ps = g["params"]
-                ps = [ps] if _backends.family(ps) is not None else list(ps)
+                if _backends.family(ps) is not None:
+                    ps = [ps]
+                else:
+                    try:
+                        ps = list(ps)
+                    except TypeError:
+                        raise TypeError(f"param_groups[{gi}]['params'] is {_describe(ps)}; "
+                                        f"expected an array or a list of arrays") from None
                 if not ps:
                     raise ValueError(f"param_groups[{gi}]['params'] is empty")
                 groups.append({**g, "params": ps})
@@ -256,6 +541,8 @@ class Optimizer:
             if fam is None:
                 raise TypeError(f"params[{i}] is {_describe(a)}; expected a numpy.ndarray or "
                                 f"cupy.ndarray of float32 or float64")
+            if fam == "host" and not _plain_host(a):
+                _refuse_subclass(f"params[{i}]", a)
             if a.dtype not in _DTYPES:
                 raise TypeError(f"params[{i}] has dtype {a.dtype}; expected float32 or float64 "
                                 f"(gradient steps need floating-point parameters)")
@@ -288,9 +575,9 @@ class Optimizer:
     def _check_grads(self, grads) -> list:
         """Flat views of ``grads`` after checking them all; raises before anything changes.
 
-        The common case (right type, dtype, shape, contiguity, same memory as last step)
-        costs about a microsecond per array; anything else takes the slow path that
-        names the problem."""
+        The common case (the same grad arrays as last step, still of the right dtype,
+        shape and contiguity) costs a fraction of a microsecond per array; anything else
+        takes the slow path that names the problem."""
         params = self._params
         n = len(params)
         if type(grads) is not list and type(grads) is not tuple:
@@ -306,20 +593,22 @@ class Optimizer:
                                 f"{n} arrays matching params")
         if len(grads) != n:
             raise ValueError(f"step() got {len(grads)} grads; expected {n}, one per param")
-        last = self._checked_grads
-        if len(last) == n and all(g is h for g, h in zip(grads, last)):
-            # the same arrays as last step (held, so their memory is too): only what an
-            # array object can change in place, its shape and flags, needs a look again
-            for g, p in zip(grads, params):
-                if g.shape != p.shape or not g.flags.c_contiguous:
+        last = self._checked
+        if len(last) == n:
+            # The same array objects as last step: their memory has not moved (a weak
+            # reference makes NumPy refuse resize(), and a dead array's id cannot come
+            # back as a live one), so only what an array can change in place needs a look.
+            for r, g, p in zip(last, grads, params):
+                if (r() is not g or g.dtype != p.dtype or g.shape != p.shape
+                        or not g.flags.c_contiguous):
                     break
             else:
                 return [g.reshape(-1) for g in grads]
-        atype, cuda = self._array_type, self._family == "cuda"
+        cuda = self._family == "cuda"
         for i, g in enumerate(grads):
             p = params[i]
-            if ((type(g) is not atype and not isinstance(g, atype)) or g.dtype != p.dtype
-                    or g.shape != p.shape or not g.flags.c_contiguous
+            if ((not _plain_host(g) if not cuda else not isinstance(g, self._array_type))
+                    or g.dtype != p.dtype or g.shape != p.shape or not g.flags.c_contiguous
                     or (cuda and g.device.id != p.device.id)):
                 self._explain_bad_grad(i, g, p)
         spans = tuple(self.backend.address(g) for g in grads)
@@ -330,7 +619,7 @@ class Optimizer:
                 raise ValueError(f"{a} overlaps {b} in memory; expected grads in their own "
                                  f"memory, apart from params, state and each other")
             self._checked_spans = spans
-        self._checked_grads = tuple(grads)
+        self._checked = tuple(_ref(g) for g in grads)
         return [g.reshape(-1) for g in grads]
 
     def _explain_bad_grad(self, i, g, p):
@@ -342,6 +631,8 @@ class Optimizer:
             raise TypeError(f"grads[{i}] is on {_device(g, fam)} but params[{i}] is on "
                             f"{_device(p, self._family)}; expected both on one device "
                             f"(move the grad: hwoptim never copies silently)")
+        if fam == "host" and not _plain_host(g):
+            _refuse_subclass(f"grads[{i}]", g)
         if g.dtype != p.dtype:
             raise TypeError(f"grads[{i}] has dtype {g.dtype}; expected {p.dtype} like "
                             f"params[{i}]")
@@ -355,37 +646,64 @@ class Optimizer:
     def _call_lr(self, gi: int, lr, t: int) -> float:
         value = lr(t)
         if (isinstance(value, (bool, np.bool_)) or not isinstance(value, numbers.Real)
-                or not value >= 0):
+                or not value >= 0 or not _fits_float(value)):
             raise ValueError(f"param_groups[{gi}]: lr({t}) returned {value!r}; "
-                             f"expected a number >= 0")
+                             f"expected a finite number >= 0")
         return float(value)
 
     def _kernels(self) -> list:
         """Each group's kernel, built (or loaded from the disk cache) on first use."""
         if self._kern is None:
-            self._kern = [_kernel(self.backend, _plan(self.rule, f), self.dtype)
-                          for f in self._flags]
+            kern = [_kernel(self.backend, _plan(self.rule, f), self.dtype)
+                    for f in self._flags]
             # backends may offer a launch that skips re-checking what step() has checked
-            self._launch = [getattr(k, "unchecked", k) for k in self._kern]
-            self._prepare = [getattr(k, "prepare_unchecked", k.prepare) for k in self._kern]
+            self._launch = [getattr(k, "unchecked", k) for k in kern]
+            self._prepare = [getattr(k, "prepare_unchecked", k.prepare) for k in kern]
+            self._kern, self._launch_key = kern, None
         return self._kern
+
+    def _launchers(self):
+        """Per param, the compiled launch this step will make (backends with ``launcher``:
+        the entry point for its size at this thread's thread count), every one built before
+        the step changes anything; ``None`` for backends that launch through ``kernel``."""
+        kern = self._kernels()
+        key = getattr(self.backend, "launch_key", None)
+        if key is None:
+            return None
+        key = key()
+        if key != self._launch_key:
+            self._entries = [kern[gi].launcher(v[0].shape[0], key)
+                             for v, gi in zip(self._views, self._group_of)]
+            self._launch_key = key
+        return self._entries
 
     # ------------------------------------------------------------------ stepping
     def step(self, grads) -> None:
-        """Apply one update to every param in place, with ``grads`` matching params."""
+        """Apply one update to every param in place, with ``grads`` matching params.
+
+        Everything is checked and every kernel is built before anything changes: a step
+        either updates every param and advances the step count, or raises and changes
+        nothing."""
         flat = self._check_grads(grads)
-        kernels = self._kernels()
+        entries = self._launchers()
         t = self._step + 1
+        if t > _MAX_STEP:
+            raise ValueError(f"step count {self._step} is at its limit (2**53: the step "
+                             f"travels to the kernels as a float64)")
         if self.capturable:
             self._check_aligned(flat)        # the device kernels need it: check before any
             self._step = t                   # launch, so a rejected step changes nothing
-            return self._step_device(kernels, flat)
+            return self._step_device(self._kern, flat)
         scal = []
         for gi, g in enumerate(self.param_groups):
             lr = g["lr"]
             h = {**g, "lr": self._call_lr(gi, lr, t)} if callable(lr) else g
             scal.append(self._prepare[gi](h, t))
         self._step = t                       # everything is checked: from here on, update
+        if entries is not None:
+            for views, gi, gr, e in zip(self._views, self._group_of, flat, entries):
+                e(views[0], gr, *views[1:], *scal[gi])
+            return
         launch = self._launch
         for views, gi, gr in zip(self._views, self._group_of, flat):
             launch[gi]([views[0], gr, *views[1:]], scal[gi])
@@ -491,16 +809,19 @@ class Optimizer:
             raise ValueError(f"state_dict has param groups of sizes {got_layout}; expected "
                              f"{layout}")
         step = sd["step"]
-        if isinstance(step, bool) or not isinstance(step, numbers.Integral) or step < 0:
-            raise ValueError(f"state_dict['step'] is {step!r}; expected an integer >= 0")
+        if (isinstance(step, (bool, np.bool_)) or not isinstance(step, numbers.Integral)
+                or not 0 <= step <= _MAX_STEP):
+            raise ValueError(f"state_dict['step'] is {step!r}; expected an integer from 0 "
+                             f"to 2**53 (the step count travels as a float64)")
         new_groups = []
         for gi, (mine, theirs) in enumerate(zip(self.param_groups, sd["param_groups"])):
             merged = dict(mine)
             for k, v in theirs.items():
                 if k == "params":
                     continue
-                if k not in self.rule.hypers and k not in self.rule.options:
-                    raise ValueError(f"state_dict['param_groups'][{gi}] has unknown key {k!r}")
+                if k not in self._known:          # a user's or scheduler's key: as saved
+                    merged[k] = v
+                    continue
                 v = self._check_value(k, v, f"state_dict['param_groups'][{gi}]: ")
                 if not (k == "lr" and callable(mine["lr"])):
                     merged[k] = v
@@ -538,9 +859,29 @@ class Optimizer:
                 self._step_dev[gi].fill(float(step))
 
     def __repr__(self):
-        n = sum(len(g["params"]) for g in self.param_groups)
-        return (f"{self.rule.name}({n} arrays, {self.dtype}, backend={self.backend_name!r}, "
-                f"step={self._step})")
+        n = len(self._params)
+        return (f"{self.rule.name}({n} array{'s' if n != 1 else ''}, {self.dtype}, "
+                f"backend={self.backend_name!r}, step={self._step})")
+
+    # ------------------------------------------------------------------ copies
+    def __reduce_ex__(self, protocol):
+        """``copy.deepcopy`` and ``pickle`` give an optimizer that owns copies of the
+        params and state (and the same hyperparameters, step count and backend)."""
+        groups = [{**{k: v for k, v in g.items() if k != "params"}, "params": list(g["params"])}
+                  for g in self.param_groups]
+        state = [dict(st) for st in self.state]
+        return (_rebuild, (type(self), groups, state, self.step_count, self.backend_name,
+                           self.capturable))
+
+
+def _rebuild(cls, groups, state, step, backend, capturable):
+    opt = cls.__new__(cls)
+    opt._setup(groups, opt._parse_args((), {}), backend, capturable, states=state)
+    opt._step = int(step)
+    if opt.capturable:
+        for s in opt._step_dev:
+            s.fill(float(step))
+    return opt
 
 
 def make_optimizer_class(rule: Rule) -> type:

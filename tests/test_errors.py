@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import copy
 import re
+import warnings
 
 import numpy as np
 import pytest
@@ -345,8 +346,21 @@ def test_invalid_hyperparameters(name, kwargs, exc, fragments, rng):
     _no_change_on_construct(lambda: cls(p, **kwargs), [p], exc, *fragments)
     # the same in a param group: named with the group's index
     q = random_values(rng, (3,))
-    msg = _no_change_on_construct(lambda: cls([{"params": [q]}, {"params": [p], **kwargs}]),
-                                  [p, q], exc, *fragments)
+    make = lambda: cls([{"params": [q]}, {"params": [p], **kwargs}])  # noqa: E731
+    if "mommentum" in kwargs:
+        # a group keeps keys that are no hyperparameter untouched, as torch does (names,
+        # schedulers' keys); one that looks misspelt gets a warning naming the likely one
+        with warnings.catch_warnings(record=True) as w:
+            warnings.simplefilter("always")
+            opt = make()
+        assert opt.param_groups[1]["mommentum"] == 0.9
+        near = [m for m in ("momentum",) if m in {*RULES[name].hypers}]
+        assert [str(x.message) for x in w if "did you mean" in str(x.message)] == (
+            [f"param_groups[1]: 'mommentum' is not a hyperparameter of {name} (did you mean "
+             f"'momentum'?); it is kept in the group, and the kernels do not use it"]
+            if near else [])
+        return
+    msg = _no_change_on_construct(make, [p, q], exc, *fragments)
     assert "param_groups[1]" in msg
 
 
@@ -364,10 +378,24 @@ def test_too_many_positional_hyperparameters(rng):
     raises(TypeError, lambda: hwoptim.SGD(p, 0.1, lr=0.2), "'lr'", "both")
 
 
-def test_unknown_param_group_key(rng):
+def test_groups_keep_keys_that_are_no_hyperparameter(rng):
+    """torch users keep names and schedulers' keys in groups: kept untouched, saved and
+    restored, and never mistaken for hyperparameters."""
     p, q = random_values(rng, (4, 5)), random_values(rng, (3,))
-    _no_change_on_construct(lambda: hwoptim.SGD([{"params": [p]}, {"params": [q], "foo": 1}]),
-                            [p, q], TypeError, "param_groups[1]", "'foo'", "expected 'params'")
+    opt = hwoptim.SGD([{"params": [p], "name": "weights"},
+                       {"params": [q], "initial_lr": 0.1, "max_lr": 0.3}], lr=0.1)
+    opt.param_groups[0]["initial_lr"] = 0.1
+    opt.param_groups[0].setdefault("base_momentum", 0.85)
+    assert opt.param_groups[0]["name"] == "weights"
+    assert opt.param_groups[1]["max_lr"] == 0.3
+    del opt.param_groups[0]["base_momentum"]
+    assert "base_momentum" not in opt.param_groups[0]
+    sd = opt.state_dict()
+    assert sd["param_groups"][0]["name"] == "weights"
+    sd["param_groups"][1]["max_lr"] = 0.5
+    opt.load_state_dict(sd)
+    assert opt.param_groups[1]["max_lr"] == 0.5
+    raises(TypeError, lambda: opt.param_groups[0].pop("lr"), "'lr'", "cannot be removed")
 
 
 @pytest.mark.parametrize("rule", RULE_LIST, ids=RULE_IDS)
@@ -386,7 +414,7 @@ def test_callable_lr_returning_a_bad_value(rule, rng):
         before = snapshot(opt)
         raises(ValueError, lambda: opt.step(_grads(rng, opt)),
                "param_groups[0]", f"lr({rejected_step}) returned {shown}",
-               "expected a number >= 0")
+               "expected a finite number >= 0")
         bad["value"] = None
         assert_unchanged(opt, before, rng)
 
@@ -411,7 +439,7 @@ def test_setting_a_hyperparameter_that_changes_the_kernel(rng):
     assert opt.state[0] == {}
     rejected(opt, rng, ValueError,
              lambda: opt.param_groups[0].__setitem__("momentum", 0.9),
-             "momentum=0.9", "was 0.0", "new optimizer")
+             "momentum=0.9", "state buffers", "[] -> ['momentum_buffer']", "new optimizer")
     opt = make(RULES["SGD"], rng, momentum=0.9, nesterov=True)
     rejected(opt, rng, ValueError,
              lambda: opt.param_groups[0].__setitem__("dampening", 0.5),
@@ -552,15 +580,19 @@ def test_load_state_dict_with_missing_or_bad_entries(rng):
     bad = copy.deepcopy(sd)
     bad["step"] = -1
     rejected(opt, rng, ValueError, lambda: opt.load_state_dict(bad),
-             "state_dict['step']", "-1", "integer >= 0")
+             "state_dict['step']", "-1", "integer from 0 to 2**53")
     bad = copy.deepcopy(sd)
     bad["step"] = 2.5
     rejected(opt, rng, ValueError, lambda: opt.load_state_dict(bad),
-             "state_dict['step']", "2.5", "integer >= 0")
+             "state_dict['step']", "2.5", "integer from 0 to 2**53")
     bad = copy.deepcopy(sd)
-    bad["param_groups"][0]["foo"] = 1
+    bad["step"] = 2 ** 2000
     rejected(opt, rng, ValueError, lambda: opt.load_state_dict(bad),
-             "state_dict['param_groups'][0]", "'foo'")
+             "state_dict['step']", "integer from 0 to 2**53")
+    bad = copy.deepcopy(sd)
+    bad["param_groups"][0]["lr"] = 10 ** 400
+    rejected(opt, rng, ValueError, lambda: opt.load_state_dict(bad),
+             "state_dict['param_groups'][0]", "lr=", "expected a finite number")
     rejected(opt, rng, TypeError, lambda: opt.load_state_dict([sd]), "state_dict",
              "expected a dict")
 

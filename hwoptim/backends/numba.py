@@ -11,28 +11,29 @@ costs microseconds (about 2 to 3 with 2 threads, about 9 with 16), so below some
 thread is faster; that size depends on how much work an element is: on a 2-core AMD EPYC
 Adam's two divides and square root make it cross over near 4·10^3 elements, a floor kernel
 (only loads, adds and stores) near 1.5·10^4, plain SGD near 3·10^4 (bench/NOTES.md). The
-threshold is ``SERIAL_WORK / element_work(plan)`` elements, scaled for the thread count
+threshold is ``serial_work() / element_work(plan)`` elements (the work a launch costs depends
+on the threading layer), scaled for the thread count
 (:func:`thread_scale`) and at most ``MAX_SERIAL``; ``HWOPTIM_SERIAL_BELOW`` fixes one
 threshold for every kernel instead.
 """
-import hashlib
-import importlib.util
 import math
 import os
-import sys
-from pathlib import Path
+import threading
 
 import numpy as np
 
-from .. import codegen
+from .. import codegen, threads
+from . import diskcache
 from .numpy import address, copy_from_host, full, to_host  # noqa: F401  (same host arrays)
 
 FAMILY = "host"
 
-# Measured on a 2-core AMD EPYC (Zen 1), float32, OpenMP layer: a parallel launch costs
-# about as much as SERIAL_WORK units of element work, one unit being one array element
-# loaded or stored (bench/NOTES.md, "serial or parallel").
-SERIAL_WORK = float(os.environ.get("HWOPTIM_SERIAL_WORK", 128_000))
+# A parallel launch costs about as much as SERIAL_WORK units of element work, one unit being
+# one array element loaded or stored; measured per threading layer on a 2-core AMD EPYC
+# (Zen 1), float32 (bench/NOTES.md, "serial or parallel"). TBB's launch costs a little more
+# than OpenMP's spinning team, so its crossover sits higher.
+SERIAL_WORK_BY_LAYER = {"omp": 128_000, "tbb": 160_000, "workqueue": 256_000}
+_SERIAL_WORK_ENV = os.environ.get("HWOPTIM_SERIAL_WORK")
 # above this many elements the parallel kernel won for every rule on every machine measured
 # (SGD, the lightest, crossed at ~3·10^4 with 2 threads and ~6·10^4 with 16)
 MAX_SERIAL = 65_536
@@ -40,9 +41,14 @@ _HEAVY = {"div": 5.0, "sqrt": 5.0, "pow": 20.0}   # units per element; other ops
 # a fixed threshold (elements) for every kernel, overriding the model; None: the model
 SERIAL_BELOW = (int(float(os.environ["HWOPTIM_SERIAL_BELOW"]))
                 if os.environ.get("HWOPTIM_SERIAL_BELOW") else None)
-# threshold multiplier for the thread count (1 for 2 threads; inf for one thread: the
-# serial kernel at every size); hwoptim.set_num_threads keeps it current
-_THREAD_SCALE = None
+
+
+def serial_work() -> float:
+    """SERIAL_WORK for the threading layer in use (``HWOPTIM_SERIAL_WORK`` overrides)."""
+    if _SERIAL_WORK_ENV:
+        return float(_SERIAL_WORK_ENV)
+    threads.current_threads()                      # the layer is known once the pool runs
+    return SERIAL_WORK_BY_LAYER.get(threads._state["layer"], 128_000)
 
 
 def thread_scale(threads: int) -> float:
@@ -56,11 +62,6 @@ def thread_scale(threads: int) -> float:
     return threads / (2.0 * (threads - 1)) * (threads / 2.0) ** 0.8
 
 
-def set_threads(threads: int) -> None:
-    global _THREAD_SCALE
-    _THREAD_SCALE = thread_scale(threads)
-
-
 def element_work(plan, dtype) -> float:
     """Work per element of ``plan`` in units of one float32 array access: every array read
     or written is 1, a divide or square root 5, any other operation 0.3; float64 doubles it
@@ -70,96 +71,132 @@ def element_work(plan, dtype) -> float:
     return w * (np.dtype(dtype).itemsize / 4)
 
 
-def serial_below(plan, dtype) -> float:
-    """Elements below which ``plan``'s serial kernel runs (for the current thread count)."""
-    if _THREAD_SCALE is None:
-        import numba
-        set_threads(int(numba.config.NUMBA_NUM_THREADS))
-    if SERIAL_BELOW is not None:
-        return SERIAL_BELOW if _THREAD_SCALE != math.inf else math.inf
-    if _THREAD_SCALE == math.inf:
+def serial_below(plan, dtype, n_threads: int | None = None) -> float:
+    """Elements below which ``plan``'s serial kernel runs, for ``n_threads`` threads (by
+    default the calling Python thread's setting)."""
+    if n_threads is None:
+        n_threads = threads.current_threads()
+    scale = thread_scale(n_threads)
+    if scale == math.inf:
         return math.inf
-    return min(MAX_SERIAL, SERIAL_WORK / element_work(plan, dtype) * _THREAD_SCALE)
+    if SERIAL_BELOW is not None:
+        return SERIAL_BELOW
+    return min(MAX_SERIAL, serial_work() / element_work(plan, dtype) * scale)
 
 
 def unavailable():
     try:
-        import numba  # noqa: F401
+        import numba
     except ImportError as e:
         return f"numba is not installed ({e}); pip install numba"
+    if numba.config.DISABLE_JIT:
+        return ("NUMBA_DISABLE_JIT=1 is set, so Numba would run the kernels as plain Python "
+                "loops; unset it to use this backend")
     return None
 
 
-def cache_dir() -> Path:
-    root = os.environ.get("HWOPTIM_CACHE_DIR") or os.path.join(
-        os.path.expanduser("~"), ".cache", "hwoptim")
-    return Path(root) / "numba"
+class Kernel:
+    """One rule's Numba kernels for one dtype: ``parallel`` (prange) and ``serial``.
+
+    ``kernel(arrays, scalars)`` runs through Numba's dispatcher (arrays in ``plan.arrays``
+    order, 1-D and contiguous; scalars of ``dtype``). :meth:`launcher` gives the compiled
+    entry point for an array size, built (compiled, or loaded from the disk cache) before it
+    is returned, so a caller can have every launch of a step in hand before it changes
+    anything."""
+
+    def __init__(self, plan, dtype: str):
+        self.plan, self.dtype = plan, dtype
+        self.module = diskcache.load_module(
+            lambda cache: codegen.numba_source(plan, dtype, cache=cache),
+            f"{plan.key}_{dtype}")
+        self.parallel, self.serial = self.module.parallel, self.module.serial
+        self.prepare = codegen.host_scalar_function(plan, dtype)   # (h, t) -> typed scalars
+        self.prepare_unchecked = codegen.host_scalar_function(plan, dtype, boxed=False)
+        self._entries = {}                     # parallel? -> compiled entry point
+        self._below = {}                       # thread count -> serial threshold
+        self._lock = threading.RLock()
+
+    def serial_below(self, n_threads: int | None = None) -> float:
+        """Elements below which the serial kernel runs (calling thread's setting)."""
+        if n_threads is None:
+            n_threads = threads.current_threads()
+        below = self._below.get(n_threads)
+        if below is None:
+            below = self._below[n_threads] = serial_below(self.plan, self.dtype, n_threads)
+        return below
+
+    def __call__(self, arrays, scalars):
+        f = self.serial if arrays[0].shape[0] < self.serial_below() else self.parallel
+        f(*arrays, *scalars)
+
+    def launcher(self, n: int, n_threads: int):
+        """The compiled entry point for ``n`` elements at ``n_threads`` threads: call it as
+        ``f(*arrays, *scalars)`` with arrays checked to be 1-D, C-contiguous and of
+        ``dtype``. Scalars may be Python floats: the entry point converts them like
+        ``numpy.float32(x)`` (round to nearest), without Numba's argument dispatch (about
+        1 µs of 11 arguments)."""
+        par = n >= self.serial_below(n_threads)
+        e = self._entries.get(par)
+        return e if e is not None else self._build(par)
+
+    def _build(self, par: bool):
+        with self._lock:                      # one compile per kernel, whatever the threads
+            e = self._entries.get(par)
+            if e is not None:
+                return e
+            f = self.parallel if par else self.serial
+            typ = np.dtype(self.dtype).type
+            empty = [np.empty(0, self.dtype) for _ in self.plan.arrays]
+            diskcache.first_call(self.module, f, empty + [typ(0)] * len(self.plan.scalars))
+            n_arrays = len(self.plan.arrays)
+            e = _entry_point(f, self.dtype) or (
+                lambda *a: f(*a[:n_arrays], *[typ(s) for s in a[n_arrays:]]))
+            if par:
+                e = _guarded(e, self._build(False))
+            self._entries[par] = e
+            return e
+
+    def unchecked(self, arrays, scalars):
+        """``kernel(arrays, scalars)`` through the entry point (Python-float scalars)."""
+        self.launcher(arrays[0].shape[0], threads.current_threads())(*arrays, *scalars)
 
 
-def load_module(source: str, stem: str):
-    """Import generated ``source`` from a file named after its content."""
-    digest = hashlib.sha1(source.encode()).hexdigest()[:12]
-    name = f"hwoptim_kernel_{stem}_{digest}"
-    if name in sys.modules:
-        return sys.modules[name]
-    folder = cache_dir()
-    folder.mkdir(parents=True, exist_ok=True)
-    path = folder / f"{name}.py"
-    if not path.exists() or path.read_text() != source:
-        tmp = path.with_suffix(f".tmp{os.getpid()}")
-        tmp.write_text(source)
-        os.replace(tmp, path)          # atomic: a concurrent process never sees half a file
-    spec = importlib.util.spec_from_file_location(name, path)
-    mod = importlib.util.module_from_spec(spec)
-    sys.modules[name] = mod
-    spec.loader.exec_module(mod)
-    return mod
+def _guarded(parallel_entry, serial_entry):
+    """``parallel_entry``, or where the threading layer forbids concurrent launches
+    (workqueue), a wrapper that runs ``serial_entry`` while another thread's launch runs."""
+    lock = threads.parallel_guard()
+    if lock is None:
+        return parallel_entry
+
+    def entry(*args):
+        if lock.acquire(blocking=False):
+            try:
+                return parallel_entry(*args)
+            finally:
+                lock.release()
+        return serial_entry(*args)
+    return entry
 
 
-def kernel(plan, dtype):
-    """``run(arrays, scalars)``: arrays in ``plan.arrays`` order, 1-D and contiguous."""
-    mod = load_module(codegen.numba_source(plan, dtype), f"{plan.key}_{dtype}")
-    parallel, serial = mod.parallel, mod.serial
-    below = [serial_below(plan, dtype), _THREAD_SCALE]   # threshold, for this scale
+def launch_key() -> int:
+    """What decides which compiled launch an array gets: this Python thread's thread count."""
+    return threads.current_threads()
 
-    def threshold():
-        if below[1] is not _THREAD_SCALE:             # set_num_threads since: recompute
-            below[:] = [serial_below(plan, dtype), _THREAD_SCALE]
-        return below[0]
 
-    def run(arrays, scalars):
-        if below[1] is not _THREAD_SCALE:
-            threshold()
-        if arrays[0].shape[0] < below[0]:
-            serial(*arrays, *scalars)
-        else:
-            parallel(*arrays, *scalars)
+_kernels: dict = {}
+_kernels_lock = threading.Lock()
 
-    entry = {}
-    typ, n_arrays = np.dtype(dtype).type, len(plan.arrays)
 
-    def unchecked(arrays, scalars):
-        """``run`` without Numba's argument dispatch (about 1 µs of 11 arguments), for
-        callers that have checked the arrays are 1-D, C-contiguous and of ``dtype``.
-        Scalars may be Python floats: the compiled entry point converts them like
-        ``numpy.float32(x)`` (round to nearest), so they need no NumPy scalar boxing."""
-        if below[1] is not _THREAD_SCALE:
-            threshold()
-        par = arrays[0].shape[0] >= below[0]
-        e = entry.get(par)
-        if e is None:                                 # compile or load through the dispatcher
-            f = parallel if par else serial
-            f(*arrays, *[typ(s) for s in scalars])
-            entry[par] = _entry_point(f, dtype) or (
-                lambda *a, f=f: f(*a[:n_arrays], *[typ(s) for s in a[n_arrays:]]))
-            return
-        e(*arrays, *scalars)
-
-    run.prepare = codegen.host_scalar_function(plan, dtype)   # (h, t) -> typed scalars
-    run.prepare_unchecked = codegen.host_scalar_function(plan, dtype, boxed=False)
-    run.parallel, run.serial, run.unchecked = parallel, serial, unchecked
-    run.serial_below = threshold
-    return run
+def kernel(plan, dtype) -> Kernel:
+    """The :class:`Kernel` for ``plan`` and ``dtype``, one per process."""
+    key = (plan.key, dtype)
+    k = _kernels.get(key)
+    if k is None:
+        with _kernels_lock:
+            k = _kernels.get(key)
+            if k is None:
+                k = _kernels[key] = Kernel(plan, dtype)
+    return k
 
 
 def _entry_point(dispatcher, dtype):
