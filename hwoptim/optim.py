@@ -826,10 +826,12 @@ class Optimizer:
                 if not (k == "lr" and callable(mine["lr"])):
                     merged[k] = v
             flags = self._check_group(merged, f"state_dict['param_groups'][{gi}]: ")
-            if vars(flags) != vars(self._flags[gi]):
-                raise ValueError(f"state_dict['param_groups'][{gi}] needs kernel options "
-                                 f"{vars(flags)}; this optimizer's group has "
-                                 f"{vars(self._flags[gi])}: make it with the same options")
+            states = lambda f: [s.name for s in self.rule.active_states(f)]  # noqa: E731
+            if states(flags) != states(self._flags[gi]):
+                raise ValueError(f"state_dict['param_groups'][{gi}] needs the state buffers "
+                                 f"{states(flags)} (options {vars(flags)}); this optimizer's "
+                                 f"group has {states(self._flags[gi])}: make it with the same "
+                                 f"options")
             new_groups.append(merged)
         if len(sd["state"]) != len(self.state):
             raise ValueError(f"state_dict['state'] has {len(sd['state'])} entries; expected "
@@ -848,10 +850,8 @@ class Optimizer:
         for mine, theirs in zip(self.state, sd["state"]):
             for k, v in theirs.items():
                 self.backend.copy_from_host(mine[k], np.asarray(v))
-        for g, merged in zip(self.param_groups, new_groups):
-            for k, v in merged.items():
-                if k != "params":
-                    dict.__setitem__(g, k, v)
+        for g, merged in zip(self.param_groups, new_groups):   # checked above: cannot fail
+            self._set_hypers(g, {k: v for k, v in merged.items() if k != "params"})
         self._step = int(step)
         if self.capturable:
             for gi, g in enumerate(self.param_groups):

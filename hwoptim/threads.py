@@ -140,8 +140,19 @@ def current_threads() -> int:
     if not _state["launched"]:
         _launch()
     if _forked_from_omp:
+        if _forked_from_omp == "warn":
+            _warn_forked()
         return 1
     return _get_threads()
+
+
+def _warn_forked():
+    global _forked_from_omp
+    _forked_from_omp = True
+    warnings.warn("hwoptim: this process was forked from one that ran Numba kernels on GNU "
+                  "OpenMP, which aborts forked children that start it again; hwoptim runs "
+                  "its one-thread kernels here (pip install tbb to keep threads after fork)",
+                  RuntimeWarning, stacklevel=3)
 
 
 def parallel_guard():
@@ -154,14 +165,10 @@ def _after_fork_in_child():
     global _forked_from_omp, _workqueue_lock
     _workqueue_lock = threading.Lock()
     if _state["launched"] and _state["layer"] == "omp" and not _forked_from_omp:
-        _forked_from_omp = True
+        _forked_from_omp = "warn"                 # once, at this child's first launch
         _state["why"] = (f"{_state['why']}; this process is a fork() child of a process "
                          f"that ran GNU OpenMP kernels, where OpenMP would abort it: one-"
                          f"thread kernels only")
-        warnings.warn("hwoptim: this process was forked from one that ran Numba kernels on "
-                      "GNU OpenMP, which aborts forked children that start it again; "
-                      "hwoptim runs its one-thread kernels here (pip install tbb to keep "
-                      "threads after fork)", RuntimeWarning, stacklevel=2)
 
 
 if hasattr(os, "register_at_fork"):
