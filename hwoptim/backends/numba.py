@@ -30,9 +30,10 @@ FAMILY = "host"
 
 # A parallel launch costs about as much as SERIAL_WORK units of element work, one unit being
 # one array element loaded or stored; measured per threading layer on a 2-core AMD EPYC
-# (Zen 1), float32 (bench/NOTES.md, "serial or parallel"). TBB's launch costs a little more
-# than OpenMP's spinning team, so its crossover sits higher.
-SERIAL_WORK_BY_LAYER = {"omp": 128_000, "tbb": 160_000, "workqueue": 256_000}
+# (Zen 1), float32 (bench/NOTES.md, "serial or parallel"). TBB's launch (3-4 µs, against
+# OpenMP's spinning team's 2) costs more, so its crossover sits higher: Adam crossed near
+# 2.6·10^4 elements with TBB against 8·10^3 with OpenMP.
+SERIAL_WORK_BY_LAYER = {"omp": 128_000, "tbb": 512_000, "workqueue": 512_000}
 _SERIAL_WORK_ENV = os.environ.get("HWOPTIM_SERIAL_WORK")
 # above this many elements the parallel kernel won for every rule on every machine measured
 # (SGD, the lightest, crossed at ~3·10^4 with 2 threads and ~6·10^4 with 16)

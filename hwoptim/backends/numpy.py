@@ -24,7 +24,10 @@ def kernel(plan, dtype):
 
     def run(arrays, k):
         buf = dict(zip(names, arrays))
-        new = rule.update(SimpleNamespace(**buf), k, flags)
+        # non-finite values propagate per element, as in the compiled kernels: no warnings,
+        # and no FloatingPointError (under np.seterr(all="raise")) half-way through a step
+        with np.errstate(all="ignore"):
+            new = rule.update(SimpleNamespace(**buf), k, flags)
         for name in outputs:          # every value is computed before any buffer is written
             np.copyto(buf[name], new[name], casting="same_kind")
     run.prepare = lambda h, t: SimpleNamespace(**host_scalars(rule, h, t))
