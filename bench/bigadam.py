@@ -46,7 +46,7 @@ def main(argv=None) -> int:
     n = int(args.n)
     need = 4 * 4 * n                                    # param, grad, exp_avg, exp_avg_sq
 
-    from hwoptim.report import mem_available
+    from hwoptim.bench.machine import mem_available
     avail = mem_available()
     print(f"n = {n:.3g} float32: arrays {need / 1e9:.2f} GB; MemAvailable "
           f"{(avail or 0) / 1e9:.2f} GB", flush=True)

@@ -33,7 +33,9 @@ import os
 import numpy as np
 import pytest
 
-from hwoptim import report
+from hwoptim.bench.workload import cases
+from hwoptim.bench.impls import TORCH_VARIANTS, torch_or_why
+from hwoptim.bench.timing import measure, paired_ratio, sample
 
 SMOKE = os.environ.get("HWOPTIM_BENCH_SMOKE") == "1"
 
@@ -56,7 +58,7 @@ SECONDS = float(_env("HWOPTIM_BENCH_SECONDS", "0.05" if SMOKE else "0.4"))
 NUMPY_MAX = int(float(_env("HWOPTIM_BENCH_NUMPY_MAX", "1e7")))
 MIN_ROUNDS = 15
 
-CASES = report.cases(RULES, OPTIONS)
+CASES = cases(RULES, OPTIONS)
 
 
 def host_backends():
@@ -65,13 +67,13 @@ def host_backends():
 
 
 def torch_or_none():
-    torch, _ = report._torch()
+    torch, _ = torch_or_why()
     return torch
 
 
 def impl_names():
     return (["floor"] + [f"hwoptim-{b}" for b in host_backends()]
-            + [f"torch-{v}" for v in report.TORCH_VARIANTS])
+            + [f"torch-{v}" for v in TORCH_VARIANTS])
 
 
 RESULTS = []          # every timed test's numbers, for the summary at the end
@@ -81,7 +83,7 @@ RESULTS = []          # every timed test's numbers, for the summary at the end
 def fixed_threads():
     """Numba and torch use the same thread count for the whole run; torch's pool is set
     first (Numba's OpenMP pool started first makes torch's foreach and for-loop
-    optimizers ~25x slower in the same process: see report.run)."""
+    optimizers ~25x slower in the same process: see hwoptim.bench.cli.fix_threads)."""
     from hwoptim import threads
     import numba
     n = int(os.environ.get("HWOPTIM_BENCH_THREADS") or numba.config.NUMBA_NUM_THREADS)
@@ -132,9 +134,9 @@ def time_paired(benchmark, fns: dict, impl: str, seconds=None, sample_s=None):
     fn = fns[impl]
     for _ in range(3):
         fn()
-    t = report.sample(fn, 1)
+    t = sample(fn, 1)
     if t < 1e-4:
-        t = report.sample(fn, max(1, int(1e-4 / max(t, 1e-9))))
+        t = sample(fn, max(1, int(1e-4 / max(t, 1e-9))))
     per_round = max(1, int(1e-3 / max(t, 1e-9)))
     rounds = max(MIN_ROUNDS, min(2000, int(seconds / (t * per_round))))
     benchmark.pedantic(fn, rounds=rounds, iterations=per_round, warmup_rounds=1)
@@ -143,9 +145,9 @@ def time_paired(benchmark, fns: dict, impl: str, seconds=None, sample_s=None):
         impl.startswith("hwoptim-") and k.startswith("torch-")))]
     ratios = {}
     if others:
-        m = report.measure({impl: fn, **{k: fns[k] for k in others}}, pairs=MIN_ROUNDS,
+        m = measure({impl: fn, **{k: fns[k] for k in others}}, pairs=MIN_ROUNDS,
                            sample_s=sample_s or (0.0005 if SMOKE else 0.002), warmup=1)
-        ratios = {k: report.paired_ratio(m[k]["samples"], m[impl]["samples"])
+        ratios = {k: paired_ratio(m[k]["samples"], m[impl]["samples"])
                   for k in others}
     return med, ratios
 

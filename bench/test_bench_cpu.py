@@ -16,7 +16,8 @@ import tracemalloc
 import numpy as np
 import pytest
 
-from hwoptim import report
+from hwoptim import bench as hb
+from hwoptim.bench.tables import fmt_n
 
 from conftest import (CASES, DTYPES, NUMPY_MAX, SIZES, SMOKE, host_backends, impl_names,
                       record, time_paired, torch_or_none)
@@ -25,33 +26,33 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def _group_label(case, dtype, n):
-    return f"{case.label} {dtype} n={report._fmt_n(n)}"
+    return f"{case.label} {dtype} n={fmt_n(n)}"
 
 
-PARAMS = [pytest.param(c, d, n, impl, id=f"{c.label}-{d}-{report._fmt_n(n)}-{impl}")
+PARAMS = [pytest.param(c, d, n, impl, id=f"{c.label}-{d}-{fmt_n(n)}-{impl}")
           for c in CASES for d in DTYPES for n in SIZES for impl in impl_names()]
 
 
 @pytest.mark.parametrize("case,dtype,n,impl", PARAMS)
 def test_step(benchmark, groups, results, fixed_threads, case, dtype, n, impl):
     """One implementation's step, interleaved with the floor (setup of every round)."""
-    plan = report.plan_of(case)
+    plan = hb.plan_of(case)
     torch = torch_or_none()
-    variants = report.TORCH_VARIANTS if torch is not None else ()
+    variants = hb.TORCH_VARIANTS if torch is not None else ()
     if impl.startswith("torch-") and torch is None:
         pytest.skip("torch not installed")
-    need = report.group_bytes(plan, dtype, n, 1 + len(host_backends()) + len(variants),
+    need = hb.group_bytes(plan, dtype, n, 1 + len(host_backends()) + len(variants),
                               "numpy" in host_backends() and n <= NUMPY_MAX)
-    avail = report.mem_available()
+    avail = hb.mem_available()
     if avail is not None and need > 0.8 * avail:
         pytest.skip(f"needs ~{need / 2**30:.1f} GiB, {avail / 2**30:.1f} GiB available")
-    fns, skipped = groups.get((case, dtype, n), lambda: report.build(
+    fns, skipped = groups.get((case, dtype, n), lambda: hb.build(
         case, dtype, n, host_backends(), variants, groups.rng, NUMPY_MAX))
     if impl not in fns:
         pytest.skip(skipped.get(impl, "not built"))
     med, ratios = time_paired(benchmark, fns, impl)
     torch_r = [v for k, v in ratios.items() if k.startswith("torch-")]
-    nbytes = report.bytes_moved(plan, dtype, n)
+    nbytes = hb.bytes_moved(plan, dtype, n)
     record(benchmark, results, group=_group_label(case, dtype, n), impl=impl,
            rule=case.rule, options=case.options, dtype=dtype, n=n, time_s=med,
            bytes=nbytes, gbps=nbytes / med / 1e9,
@@ -75,15 +76,15 @@ def test_serial_parallel_crossover(benchmark, results, fixed_threads, case, dtyp
     if backends.unavailable("numba"):
         pytest.skip(backends.unavailable("numba"))
     nb = backends.load("numba")
-    plan = report.plan_of(case)
+    plan = hb.plan_of(case)
     k = nb.kernel(plan, dtype)
-    scalars = k.prepare(report.hypers_of(case), 3)
+    scalars = k.prepare(hb.hypers_of(case), 3)
     rows = []
     for n in GRID:
         arrays = [np.full(n, 1e-3, dtype) for _ in plan.arrays]
         fs = {"serial": lambda a=arrays: k.serial(*a, *scalars),
               "parallel": lambda a=arrays: k.parallel(*a, *scalars)}
-        t = report.measure(fs, pairs=15, sample_s=0.001 if not SMOKE else 0.0003)
+        t = hb.measure(fs, pairs=15, sample_s=0.001 if not SMOKE else 0.0003)
         rows.append((n, statistics.median(t["serial"]["samples"]),
                      statistics.median(t["parallel"]["samples"])))
     crossover = next((n for i, (n, s, p) in enumerate(rows)
@@ -195,21 +196,21 @@ COLD = r"""
 import json, time
 import numpy as np
 import hwoptim
-from hwoptim import report
+from hwoptim import bench as hb
 out = {{}}
 t = time.perf_counter()
 import numba
 numba.njit(lambda x: x + 1)(1)              # Numba's own start-up, paid once per process
 out["numba_start_s"] = time.perf_counter() - t
-case = report.Case({rule!r}, {options!r}, {kwargs!r})
+case = hb.Case({rule!r}, {options!r}, {kwargs!r})
 for n, what in ((100, "serial"), (1_000_000, "parallel")):
     w = np.full(n, 0.5, {dtype!r}); g = np.full(n, 1e-3, {dtype!r})
     opt = getattr(hwoptim, case.rule)(w, **case.kwargs)
     t = time.perf_counter(); opt.step(g); first = time.perf_counter() - t
     t = time.perf_counter(); opt.step(g); warm = time.perf_counter() - t
     out[what + "_compile_s"] = first - warm      # this size's kernel, cold cache
-k, _ = report.floor_kernel(report.plan_of(case), {dtype!r})
-a = [np.zeros(1_000_000, {dtype!r}) for _ in report.plan_of(case).arrays]
+k, _ = hb.floor_kernel(hb.plan_of(case), {dtype!r})
+a = [np.zeros(1_000_000, {dtype!r}) for _ in hb.plan_of(case).arrays]
 t = time.perf_counter(); k(a, ()); first = time.perf_counter() - t
 t = time.perf_counter(); k(a, ()); out["floor_parallel_compile_s"] = first - (time.perf_counter() - t)
 print(json.dumps(out))

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import pytest
 
-from hwoptim import report
+from hwoptim import bench as hb
 
 from conftest import MODELS, host_backends, record, time_paired, torch_or_none
 
@@ -21,20 +21,20 @@ PARAMS = [pytest.param(m, i, id=f"{m}-{i}") for m in MODELS for i in IMPLS]
 
 @pytest.mark.parametrize("model,impl", PARAMS)
 def test_model_step(benchmark, groups, results, fixed_threads, model, impl):
-    total = report.MODELS[model]
+    total = hb.MODELS[model]
     torch = torch_or_none()
     if impl.startswith("torch-") and torch is None:
         pytest.skip("torch not installed")
-    variants = tuple(v for v in report.TORCH_VARIANTS if v != "forloop") if torch else ()
+    variants = tuple(v for v in hb.TORCH_VARIANTS if v != "forloop") if torch else ()
     need = total * 4 * (2 + 3 * (2 + len(variants)) + 4)
-    avail = report.mem_available()
+    avail = hb.mem_available()
     if avail is not None and need > 0.8 * avail:
         pytest.skip(f"needs ~{need / 2**30:.1f} GiB, {avail / 2**30:.1f} GiB available")
-    fns, skipped, n, nbytes, count = groups.get(("model", model), lambda: report.build_model(
+    fns, skipped, n, nbytes, count = groups.get(("model", model), lambda: hb.build_model(
         model, total, "float32", host_backends(), variants, groups.rng))
     if impl not in fns:
         pytest.skip(skipped.get(impl, "not built"))
-    launches = (report.count_launches(fns[impl]) if impl.startswith("hwoptim") else None)
+    launches = (hb.count_launches(fns[impl]) if impl.startswith("hwoptim") else None)
     med, ratios = time_paired(benchmark, fns, impl)
     frac = 1.0 if impl == "floor" else ratios.get("floor")
     vs_fused = ratios.get("torch-fused")

@@ -8,8 +8,8 @@ import sys
 
 # subcommand -> module with ``add_arguments(parser)`` and ``run(args) -> int``
 COMMANDS = {
-    "bench": "hwoptim.report",
-    "viz": "hwoptim.viz",
+    "bench": "hwoptim.bench.cli",
+    "viz": "hwoptim.lesson.viz",
     "rules": "hwoptim.docs",
 }
 

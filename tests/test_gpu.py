@@ -88,7 +88,7 @@ def _device():
     launch on a thread pool instead of one test at a time."""
     if _WHY is not None:
         pytest.fail(f"HWOPTIM_REQUIRE_GPU=1 but the cupy backend is unavailable: {_WHY}")
-    from hwoptim.gpubench import prewarm
+    from hwoptim.bench.gpu import prewarm
     jobs = [(c.plan, dt) for c in CASES for dt in DTYPES]
     info = prewarm(jobs, jobs)
     print(f"\nprewarm: {info['modules']} modules in {info['seconds']:.1f} s "
@@ -327,7 +327,7 @@ def test_grid_stride_loops_wrap(case, dtype, mode):
 def test_unaligned_views(case, dtype, which):
     """A view starting one element into an allocation runs the element-wise kernel and is
     still correct; aligned arrays run the vectorised kernel."""
-    from hwoptim.gpubench import count_launches
+    from hwoptim.bench.gpu import count_launches
 
     def offset_view(values):
         base = cupy.empty(values.size + 1, dtype=values.dtype)
@@ -586,7 +586,7 @@ def test_launches_per_step(mode):
     """One launch per param array per step (plus one ``advance`` per group when
     capturable); a FlatParams buffer is one array, so one launch, with results bitwise equal
     to stepping the arrays one by one."""
-    from hwoptim.gpubench import count_launches
+    from hwoptim.bench.gpu import count_launches
     case = next(c for c in CASES if c.id == "Adam[default]")
     shapes = [(33, 7), (64,), (5, 5, 5), (1,)]
     rng = np.random.default_rng(31)

@@ -19,7 +19,7 @@ behaviour changes. All in float64, so rounding never decides a claim.
 6. BGD/SGD/MBGD: the batch gradient's spread around the full gradient is
    ``σ²/b·(N − b)/(N − 1)``.
 
-Then light tests of hwoptim.landscapes, trajectories, batching and ``hwoptim viz``.
+Then light tests of hwoptim.lesson's landscapes, trajectories, batching and ``hwoptim viz``.
 """
 from __future__ import annotations
 
@@ -32,9 +32,9 @@ import pytest
 
 import hwoptim
 from hwoptim import backends
-from hwoptim import batching as B
-from hwoptim import landscapes as L
-from hwoptim import trajectories as T
+from hwoptim.lesson import batching as B
+from hwoptim.lesson import landscapes as L
+from hwoptim.lesson import trajectories as T
 
 
 def _backend_params():
@@ -521,8 +521,8 @@ def test_nd_landscapes_keep_the_array_module(backend):
 
 def test_modules_stay_light_and_never_import_cupy():
     code = ("import sys, numpy as np\n"
-            "import hwoptim, hwoptim.landscapes as L, hwoptim.trajectories as T\n"
-            "import hwoptim.batching, hwoptim.viz\n"
+            "import hwoptim, hwoptim.lesson.landscapes as L, hwoptim.lesson.trajectories as T\n"
+            "import hwoptim.lesson.batching, hwoptim.lesson.viz\n"
             "T.run(L.valley_nd(100), 'Adam', 3)\n"
             "T.run(L.beale(), 'Momentum(lr=1e-4)', 3, backend='numpy')\n"
             "bad = [m for m in ('cupy', 'matplotlib', 'sklearn') if m in sys.modules]\n"

@@ -220,7 +220,7 @@ class History:
 
 def train(model, method, batch_size: int, epochs: int, *, seed: int = 0, backend=None,
           w0=None, label: str | None = None) -> History:
-    """Train ``model`` with ``method`` (a :class:`hwoptim.trajectories.Method`) on batches
+    """Train ``model`` with ``method`` (a :class:`hwoptim.lesson.trajectories.Method`) on batches
     of ``batch_size``, shuffled with ``seed``; every update is ``optimizer.step``."""
     w = np.zeros(model.dim) if w0 is None else np.array(w0, dtype=np.float64)
     g = np.zeros_like(w)

@@ -21,7 +21,7 @@ from dataclasses import dataclass, field, replace
 import numpy as np
 
 import hwoptim
-from . import backends as _backends
+from hwoptim import backends as _backends
 from .landscapes import Landscape, array_module
 
 __all__ = ["Method", "Trajectory", "LESSON_METHODS", "ALIASES", "parse_method", "run",
@@ -186,7 +186,7 @@ def run(landscape: Landscape, method: Method, steps: int, *, start=None, backend
     """Take ``steps`` steps of ``method`` on ``landscape`` from ``start``.
 
     Args:
-        landscape: a :class:`hwoptim.landscapes.Landscape` (2-D or N-d).
+        landscape: a :class:`hwoptim.lesson.landscapes.Landscape` (2-D or N-d).
         method: a :class:`Method` (or text for :func:`parse_method`).
         steps: the number of updates; the path has ``steps + 1`` points.
         start: the first point (default ``landscape.start``); any array-like of ``dim``

@@ -8,7 +8,7 @@ LANDSCAPE (default: anisotropic-saddle, the lesson's animation) writes to --out:
   NAME.gif       the paths growing step by step (matplotlib + Pillow, no ffmpeg)
   NAME-loss.png  loss against step
 Landscapes: anisotropic-saddle, saddle, valley, beale, rosenbrock, rastrigin, himmelblau,
-styblinski-tang (see hwoptim.landscapes).
+styblinski-tang (see hwoptim.lesson.landscapes).
 
 Methods (--opt, repeatable): [LABEL=]NAME[(key=value, ...)], NAME a lesson name (SGD,
 Momentum, Nesterov, AdaGrad, Adadelta, RMSProp, Adam, AdamW) or an hwoptim class, e.g.

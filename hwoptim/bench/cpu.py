@@ -1,0 +1,117 @@
+"""The CPU run: every case x dtype x size, then the model-like tensor lists, measured into
+report records, one group at a time (a group's implementations interleaved, on the same
+data; only the current group held in memory)."""
+from __future__ import annotations
+
+import gc
+import statistics
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from .workload import MODEL_TENSORS, MODELS, bytes_moved, group_bytes, plan_of
+from .impls import build, build_model, kernel_kinds
+from .machine import mem_available
+from .timing import count_launches, measure, paired_ratio, records_from
+
+
+@dataclass
+class Settings:
+    """What every CPU measurement shares."""
+    device: str                  # the CPU model, the records' "device"
+    host: tuple                  # hwoptim's host backends to time ("numba", "numpy")
+    torch_variants: tuple        # torch's optimizers to time ("fused", ...), () for none
+    pairs: int                   # interleaved rounds per measurement
+    sample_s: float              # length of one timed sample
+    numpy_max: int               # largest size for the numpy backend
+    threads: int
+    rng: np.random.Generator = field(default_factory=lambda: np.random.default_rng(0))
+
+
+def _fits(need: int) -> tuple:
+    """(whether ``need`` bytes fit in 80% of available memory, GiB available or None)."""
+    avail = mem_available()
+    return avail is None or need <= 0.8 * avail, avail
+
+
+def _first_call_excess(timings: dict, case, dtype, compile_s: dict) -> None:
+    """Compile or cache load: the first call's excess over a normal call, summed over sizes
+    (a size that switches to the parallel kernel loads or compiles it)."""
+    for impl in timings:
+        if impl in ("hwoptim-numba", "floor"):     # the compiled ones
+            key = f"{case.label} {dtype} {impl}"
+            extra = timings[impl]["first_call_s"] - statistics.median(
+                timings[impl]["samples"])
+            compile_s[key] = compile_s.get(key, 0.0) + max(0.0, extra)
+
+
+def measure_case(s: Settings, case, dtype: str, n: int, notes: list,
+                 compile_s: dict) -> list:
+    """Records of one case, dtype and size (skipped ones say why); [] if it would not fit
+    in memory (and a note)."""
+    plan = plan_of(case)
+    need = group_bytes(plan, dtype, n, 1 + len(s.host) + len(s.torch_variants),
+                       "numpy" in s.host and n <= s.numpy_max)
+    ok, avail = _fits(need)
+    if not ok:
+        notes.append(f"{case.label} {dtype} n={n}: skipped, needs ~{need / 2**30:.1f} "
+                     f"GiB of {avail / 2**30:.1f} GiB available")
+        return []
+    fns, skipped = build(case, dtype, n, s.host, s.torch_variants, s.rng, s.numpy_max)
+    timings = measure(fns, s.pairs, s.sample_s)
+    _first_call_excess(timings, case, dtype, compile_s)
+    recs = records_from(timings, device=s.device, rule=case.rule, options=case.options,
+                        dtype=dtype, n=n, nbytes=bytes_moved(plan, dtype, n),
+                        extra={"threads": s.threads})
+    kinds = kernel_kinds(plan, dtype, n)
+    for r in recs:
+        if r["impl"] in kinds:
+            r["kernel"] = kinds[r["impl"]]
+    for impl, why in skipped.items():
+        recs.append({"device": s.device, "rule": case.rule, "options": case.options,
+                     "impl": impl, "dtype": dtype, "n": n, "skipped": why})
+    return recs
+
+
+def measure_model(s: Settings, name: str, notes: list) -> list:
+    """Records of one model-like list (Adam, float32); [] if it would not fit (a note)."""
+    total = MODELS[name]
+    need = total * 4 * (2 + 3 * (2 + len(s.torch_variants)) + 4)
+    ok, _ = _fits(need)
+    if not ok:
+        notes.append(f"model {name}: skipped, needs ~{need / 2**30:.1f} GiB")
+        return []
+    fns, skipped, n, nbytes, count = build_model(name, total, "float32", s.host,
+                                                 s.torch_variants, s.rng)
+    launches = {k: count_launches(f) for k, f in fns.items() if k.startswith("hwoptim")}
+    timings = measure(fns, s.pairs, s.sample_s)
+    recs = records_from(timings, device=s.device, rule="Adam", options="default",
+                        dtype="float32", n=n, nbytes=nbytes,
+                        extra={"model": name, "tensors": count, "threads": s.threads})
+    for r in recs:
+        r["launches"] = launches.get(r["impl"])
+        if "torch-fused" in timings:
+            r["vs_torch_fused"] = paired_ratio(timings["torch-fused"]["samples"],
+                                               r["samples_s"])
+    for impl, why in skipped.items():
+        recs.append({"device": s.device, "rule": "Adam", "options": "default",
+                     "impl": impl, "dtype": "float32", "n": n, "model": name,
+                     "skipped": why})
+    return recs
+
+
+def measure_all(s: Settings, groups: list, models: list, progress, notes: list):
+    """``(records, model records, compile or load seconds)`` of every (case, dtype, n) in
+    ``groups`` and every model name in ``models``."""
+    records, model_records, compile_s = [], [], {}
+    for case, dtype, n in groups:
+        progress.start(f"{case.label} {dtype} n={n:.0e}")
+        records += measure_case(s, case, dtype, n, notes, compile_s)
+        gc.collect()
+        progress.advance()
+    for m in models:
+        progress.start(f"model {m} ({MODEL_TENSORS} tensors, {MODELS[m]:.0e})")
+        model_records += measure_model(s, m, notes)
+        gc.collect()
+        progress.advance()
+    return records, model_records, compile_s

@@ -1,0 +1,190 @@
+"""The CPU report as Markdown, and its summary for the console."""
+from __future__ import annotations
+
+import json
+import re
+
+import numpy as np
+
+from .tables import fmt_n, fmt_t, fmt_x, table
+
+
+def json_default(o):
+    if isinstance(o, (np.floating, np.integer)):
+        return o.item()
+    if isinstance(o, np.ndarray):
+        return o.tolist()
+    return str(o)
+
+
+def timed(records):
+    return [r for r in records if r.get("time_s") and r.get("gbps")]
+
+
+def groups(records):
+    """{(device, rule, options, dtype, n): {impl: record}} in first-seen order."""
+    g = {}
+    for r in timed(records):
+        g.setdefault((r["device"], r["rule"], r["options"], r["dtype"], r["n"]),
+                     {})[r["impl"]] = r
+    return g
+
+
+def best_hwoptim(by_impl: dict):
+    """The row a summary shows: the backend hwoptim picks by default (numba on a CPU,
+    cupy on a GPU), else the fastest hwoptim implementation there is."""
+    for pref in ("hwoptim-numba", "hwoptim-cupy"):
+        if pref in by_impl:
+            return by_impl[pref]
+    hw = [r for k, r in by_impl.items() if k.startswith("hwoptim-")]
+    return min(hw, key=lambda r: r["time_s"]) if hw else None
+
+
+def summary_rows(records, cpu=None, torch_missing=None) -> list:
+    rows = []
+    for (dev, rule, opts, dtype, n), by in groups(records).items():
+        hw = best_hwoptim(by)
+        fl = by.get("floor")
+        if hw is None:
+            continue
+        tb = hw.get("torch_best")
+        impl = hw["impl"].replace("hwoptim-", "")
+        if hw.get("kernel"):
+            impl += f" ({hw['kernel']})"
+        if cpu is not None and dev != cpu:
+            impl += f" on {dev}"
+        rows.append([rule, opts, dtype, fmt_n(n), impl,
+                     fmt_t(hw["time_s"]), f"{hw['gbps']:.1f}",
+                     f"{fl['gbps']:.1f}" if fl else "—", fmt_x(hw.get("frac_floor")),
+                     (f"{fmt_x(hw['vs_torch'])}"
+                      + (f" ({tb.replace('torch-', '')})" if tb else "")
+                      if hw.get("vs_torch") is not None else torch_missing or "—"),
+                     fmt_x(by["hwoptim-numba"].get("vs_numpy"))
+                     if "hwoptim-numba" in by else "—"])
+    return rows
+
+
+SUMMARY_HEAD = ["rule", "options", "dtype", "n", "hwoptim", "µs/step", "GB/s",
+                "floor GB/s", "× floor", "× torch best", "× numpy"]
+
+
+def summary_text(report) -> str:
+    out = []
+    info = report["machine"]
+    th = info.get("numba_threading", {})
+    out.append(f"{info['cpu_model']}, {info['cpus_usable']} CPUs; numba "
+               f"{th.get('layer')} x{th.get('threads')}; "
+               f"{report['pairs']} interleaved rounds per number")
+    out.append(table(SUMMARY_HEAD, summary_rows(report["records"], info["cpu_model"],
+                                             report.get("torch_missing"))))
+    if report["models"]:
+        out.append("")
+        out.append(table(MODEL_HEAD, model_rows(report["models"], info["cpu_model"])))
+    for n in report["notes"]:
+        out.append(f"note: {n}")
+    return "\n".join(out)
+
+
+MODEL_HEAD = ["model", "tensors", "n", "impl", "launches/step", "µs/step", "GB/s",
+              "× floor", "× torch fused"]
+
+
+def model_rows(records, cpu=None) -> list:
+    rows = []
+    for r in timed(records):
+        rows.append([r.get("model", "—"), r.get("tensors", "—"), fmt_n(r["n"]),
+                     r["impl"] + ("" if r.get("device") in (None, cpu) else " (GPU)"),
+                     r.get("launches") if r.get("launches") is not None else "—",
+                     fmt_t(r["time_s"]), f"{r['gbps']:.1f}", fmt_x(r.get("frac_floor")),
+                     fmt_x(r.get("vs_torch_fused", r.get("vs_torch")))])
+    return rows
+
+
+def markdown(report, pngs=()) -> str:
+    info = report["machine"]
+    th = info.get("numba_threading", {})
+    v = info["versions"]
+    mem = info.get("memory_bytes")
+    lines = [f"# hwoptim bench: {info['cpu_model']}", "",
+             f"{report['created']} · `{report['command'].strip()}` · "
+             f"{report['elapsed_s']:.0f} s", "",
+             "## Machine", "",
+             f"- CPU: {info['cpu_model']}, {info['cpu_count']} logical CPUs "
+             f"({info['cpus_usable']} usable), SIMD {', '.join(info['simd']) or '?'}"
+             + (f", {mem / 2**30:.0f} GiB memory" if mem else ""),
+             f"- Numba {v.get('numba')} (llvmlite {v.get('llvmlite')}): threading layer "
+             f"{th.get('layer')}, {th.get('threads')} threads of {th.get('max_threads')}; "
+             f"serial kernel below {info.get('serial_below')}",
+             f"- NumPy {v.get('numpy')}, torch {v.get('torch') or 'not installed'}"
+             + (f" ({info['torch_threads']} threads)" if info.get("torch_threads") else "")
+             + f", hwoptim {v.get('hwoptim')}, Python {info['python']}, {info['platform']}"]
+    gpu = report.get("gpu")
+    if gpu:
+        dev = gpu.get("device", {})
+        lines.append(f"- GPU: {dev.get('name', dev)}"
+                     + (f", driver {dev.get('driver')}" if isinstance(dev, dict)
+                        and dev.get("driver") else "")
+                     + (f"; device-to-device copy {gpu['copy_gbps']:.0f} GB/s"
+                        if gpu.get("copy_gbps") else ""))
+    else:
+        lines.append("- GPU: " + next((n for n in report["notes"] if n.startswith("no GPU")
+                                        or n.startswith("GPU")), "none"))
+    lines += ["", "## Method", "",
+              f"Each time is the median of {report['pairs']} interleaved rounds (every "
+              f"implementation sampled once per round, rotating order, one process, "
+              f"{report['threads']} threads, after warm-up; a sample is a batch of calls "
+              f"≥ {report['sample_s'] * 1e3:g} ms). hwoptim is timed through `opt.step(g)`. "
+              "GB/s is effective bandwidth: the bytes the rule must move, (arrays read + "
+              "arrays written) × itemsize × n, over the time. The **floor** is a kernel "
+              "with the same arrays, threads, reads and writes and one add per element: "
+              "what a step costs if its math were free. × floor, × torch (the fastest torch "
+              "variant at that size) and × numpy are medians of per-round time ratios "
+              "(> 1: hwoptim is faster).", "",
+              "## Summary", "", table(SUMMARY_HEAD, summary_rows(report["records"], info["cpu_model"],
+                                             report.get("torch_missing"))), ""]
+    impls = []
+    for r in timed(report["records"]):
+        if r["impl"] not in impls:
+            impls.append(r["impl"])
+    rows = []
+    for (dev, rule, opts, dtype, n), by in groups(report["records"]).items():
+        rows.append([rule, opts, dtype, fmt_n(n)] + [fmt_t(by[i]["time_s"]) if i in by
+                                                      else "—" for i in impls])
+    lines += ["## Every implementation (µs per step)", "",
+              table(["rule", "options", "dtype", "n"] + impls, rows), ""]
+    if report["models"]:
+        lines += ["## Model-like parameter lists (Adam, float32)", "",
+                  "hwoptim over one flat vector (`hwoptim.FlatParams`), hwoptim over the list "
+                  "of arrays, torch over the list of tensors; the floor runs over the flat "
+                  "vector.", "",
+                  table(MODEL_HEAD, model_rows(report["models"], info["cpu_model"])), ""]
+    if gpu:
+        lines += ["## GPU (hwoptim.bench.gpu)", ""]
+        md = report.get("gpu_markdown")
+        if md:   # its own report, headings one level down
+            lines += [re.sub(r"^(#+)", r"#\1", ln) for ln in md.strip().splitlines()]
+        else:
+            for k in ("overhead", "capturable"):
+                if gpu.get(k):
+                    lines.append(f"- {k}: `{json.dumps(gpu[k], default=json_default)[:400]}`")
+        lines.append("")
+    if report["compile_or_load_s"]:
+        lines += ["## Compile or cache load", "",
+                  "Seconds the first calls took beyond a normal call, summed over sizes "
+                  "(a size that switches to the parallel kernel loads or compiles it). "
+                  "With a warm disk cache (`~/.cache/hwoptim`) this is a load.", "",
+                  table(["kernels", "s"], [[k, f"{v:.2f}"] for k, v in
+                                           report["compile_or_load_s"].items()]), ""]
+    skipped = [r for r in report["records"] + report["models"] if "skipped" in r]
+    whys = {}
+    for r in skipped:
+        whys.setdefault(f"{r['impl']}: {r['skipped']}", 0)
+        whys[f"{r['impl']}: {r['skipped']}"] += 1
+    if report["notes"] or whys:
+        lines += ["## Notes", ""]
+        lines += [f"- {n}" for n in report["notes"]]
+        lines += [f"- {w} ({c}×)" for w, c in whys.items()]
+        lines.append("")
+    if pngs:
+        lines += ["## Plots", ""] + [f"![{p}]({p})" for p in pngs] + [""]
+    return "\n".join(lines)
