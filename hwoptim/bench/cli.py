@@ -13,8 +13,11 @@ CPU optimizers (fused, foreach, for-loop, where torch has them) step the same da
 A number is the median of --pairs interleaved rounds (every implementation once per round,
 in rotating order, one process, threads fixed, after warm-up). A sample is a batch of calls
 long enough to time well. Effective bandwidth is the bytes the rule must move,
-(reads + writes) x itemsize x n, over the time; "x floor" and "x torch" are medians of the
-per-round ratios. On a GPU machine (CuPy usable) ``hwoptim.bench.gpu`` adds the CUDA results.
+(reads + writes) x itemsize x n, over the time; "x floor" and "x torch" are ratios of the
+medians shown, and times show their interquartile range. A figure whose spread is over 10%
+of its median, or whose median of per-round ratios differs from the ratio of the medians by
+over 10%, is marked (noisy), and the report says the run was. On a GPU machine (CuPy
+usable) ``hwoptim.bench.gpu`` adds the CUDA results.
 
 Writes <out>/<machine>-<date>.json (raw per-round timings, the machine, library versions),
 .md (the tables) and -*.png (GB/s against size; speedups over torch).
@@ -35,7 +38,7 @@ from .workload import DTYPES, MODELS, SIZES, cases
 from .cpu import Settings, measure_all
 from .impls import TORCH_VARIANTS, torch_or_why
 from .machine import machine_info, machine_slug
-from .report_text import json_default, markdown, summary_text
+from .report_text import json_default, markdown, noisy_note, summary_text
 from .report_plots import plots
 from .progress import Progress
 
@@ -305,6 +308,9 @@ def run(args) -> int:
     else:
         notes.append("no GPU: cupy not in --backends")
     progress.close()
+    noisy = noisy_note(records + model_records)
+    if noisy:
+        notes.insert(0, noisy)
 
     report = {
         "schema": 1,
@@ -317,9 +323,11 @@ def run(args) -> int:
         "pairs": args.pairs,
         "sample_s": plan.sample_s,
         "elapsed_s": time.perf_counter() - t_start,
-        "method": ("median of interleaved rounds; bytes = (reads + writes) x itemsize x n; "
-                   "floor = same arrays and threads, one add per element; ratios are "
-                   "medians of per-round ratios"),
+        "method": ("median and quartiles of interleaved rounds; bytes = (reads + writes) x "
+                   "itemsize x n; floor = same arrays and threads, one add per element; "
+                   "ratios are ratios of the medians (*_paired: medians of per-round "
+                   "ratios); 'noisy' lists figures with an interquartile range over 10% of "
+                   "the median or the two ratios differing by over 10%"),
         "records": records,
         "models": model_records,
         "compile_or_load_s": compile_s,

@@ -12,7 +12,7 @@ import numpy as np
 from .workload import MODEL_TENSORS, MODELS, bytes_moved, group_bytes, plan_of
 from .impls import build, build_model, kernel_kinds
 from .machine import mem_available
-from .timing import count_launches, measure, paired_ratio, records_from
+from .timing import compare, count_launches, measure, records_from
 
 
 @dataclass
@@ -91,8 +91,10 @@ def measure_model(s: Settings, name: str, notes: list) -> list:
     for r in recs:
         r["launches"] = launches.get(r["impl"])
         if "torch-fused" in timings:
-            r["vs_torch_fused"] = paired_ratio(timings["torch-fused"]["samples"],
-                                               r["samples_s"])
+            c = compare(timings["torch-fused"]["samples"], r["samples_s"])
+            r["vs_torch_fused"], r["vs_torch_fused_paired"] = c["ratio"], c["paired"]
+            if c["noisy"]:
+                r["noisy"].append("vs_torch_fused")
     for impl, why in skipped.items():
         recs.append({"device": s.device, "rule": "Adam", "options": "default",
                      "impl": impl, "dtype": "float32", "n": n, "model": name,

@@ -40,6 +40,34 @@ def best_hwoptim(by_impl: dict):
     return min(hw, key=lambda r: r["time_s"]) if hw else None
 
 
+NOISY = " (noisy)"
+
+
+def flag(rec, key) -> str:
+    """``" (noisy)"`` where ``rec``'s figure ``key`` was flagged (``timing.compare``)."""
+    return NOISY if key in (rec.get("noisy") or ()) else ""
+
+
+def fmt_time(rec) -> str:
+    """A record's median µs per step with its interquartile range: ``27.7 [27.1–28.4]``."""
+    t = fmt_t(rec.get("time_s"))
+    if rec.get("time_q1_s") is not None and rec.get("time_q3_s") is not None:
+        t += f" [{fmt_t(rec['time_q1_s'])}–{fmt_t(rec['time_q3_s'])}]"
+    return t + flag(rec, "time_s")
+
+
+def noisy_note(records) -> str | None:
+    """A line saying how many figures were flagged noisy, or None."""
+    rs = timed(records)
+    flagged = sum(len(r.get("noisy") or ()) for r in rs)
+    if not flagged:
+        return None
+    return (f"noisy run: {flagged} figures in {len(rs)} timed rows are marked (noisy): a "
+            f"time's interquartile range is over 10% of its median, or the median of "
+            f"per-round ratios differs from the ratio of the medians by over 10%. Another "
+            f"process probably shared the cores; rerun on a quiet machine.")
+
+
 def summary_rows(records, cpu=None, torch_missing=None) -> list:
     rows = []
     for (dev, rule, opts, dtype, n), by in groups(records).items():
@@ -53,19 +81,20 @@ def summary_rows(records, cpu=None, torch_missing=None) -> list:
             impl += f" ({hw['kernel']})"
         if cpu is not None and dev != cpu:
             impl += f" on {dev}"
+        nb = by.get("hwoptim-numba")
         rows.append([rule, opts, dtype, fmt_n(n), impl,
-                     fmt_t(hw["time_s"]), f"{hw['gbps']:.1f}",
-                     f"{fl['gbps']:.1f}" if fl else "—", fmt_x(hw.get("frac_floor")),
+                     fmt_time(hw), f"{hw['gbps']:.1f}",
+                     fmt_time(fl) if fl else "—", f"{fl['gbps']:.1f}" if fl else "—",
+                     fmt_x(hw.get("frac_floor")) + flag(hw, "frac_floor"),
                      (f"{fmt_x(hw['vs_torch'])}"
-                      + (f" ({tb.replace('torch-', '')})" if tb else "")
+                      + (f" ({tb.replace('torch-', '')})" if tb else "") + flag(hw, "vs_torch")
                       if hw.get("vs_torch") is not None else torch_missing or "—"),
-                     fmt_x(by["hwoptim-numba"].get("vs_numpy"))
-                     if "hwoptim-numba" in by else "—"])
+                     fmt_x(nb.get("vs_numpy")) + flag(nb, "vs_numpy") if nb else "—"])
     return rows
 
 
-SUMMARY_HEAD = ["rule", "options", "dtype", "n", "hwoptim", "µs/step", "GB/s",
-                "floor GB/s", "× floor", "× torch best", "× numpy"]
+SUMMARY_HEAD = ["rule", "options", "dtype", "n", "hwoptim", "µs/step [IQR]", "GB/s",
+                "floor µs/step [IQR]", "floor GB/s", "× floor", "× torch best", "× numpy"]
 
 
 def summary_text(report) -> str:
@@ -85,7 +114,7 @@ def summary_text(report) -> str:
     return "\n".join(out)
 
 
-MODEL_HEAD = ["model", "tensors", "n", "impl", "launches/step", "µs/step", "GB/s",
+MODEL_HEAD = ["model", "tensors", "n", "impl", "launches/step", "µs/step [IQR]", "GB/s",
               "× floor", "× torch fused"]
 
 
@@ -95,8 +124,10 @@ def model_rows(records, cpu=None) -> list:
         rows.append([r.get("model", "—"), r.get("tensors", "—"), fmt_n(r["n"]),
                      r["impl"] + ("" if r.get("device") in (None, cpu) else " (GPU)"),
                      r.get("launches") if r.get("launches") is not None else "—",
-                     fmt_t(r["time_s"]), f"{r['gbps']:.1f}", fmt_x(r.get("frac_floor")),
-                     fmt_x(r.get("vs_torch_fused", r.get("vs_torch")))])
+                     fmt_time(r), f"{r['gbps']:.1f}",
+                     fmt_x(r.get("frac_floor")) + flag(r, "frac_floor"),
+                     fmt_x(r.get("vs_torch_fused", r.get("vs_torch")))
+                     + flag(r, "vs_torch_fused" if "vs_torch_fused" in r else "vs_torch")])
     return rows
 
 
@@ -137,10 +168,18 @@ def markdown(report, pngs=()) -> str:
               "GB/s is effective bandwidth: the bytes the rule must move, (arrays read + "
               "arrays written) × itemsize × n, over the time. The **floor** is a kernel "
               "with the same arrays, threads, reads and writes and one add per element: "
-              "what a step costs if its math were free. × floor, × torch (the fastest torch "
-              "variant at that size) and × numpy are medians of per-round time ratios "
-              "(> 1: hwoptim is faster).", "",
-              "## Summary", "", table(SUMMARY_HEAD, summary_rows(report["records"], info["cpu_model"],
+              "what a step costs if its math were free. Times show the median and, in "
+              "brackets, the interquartile range of the rounds. × floor, × torch (the "
+              "fastest torch variant at that size) and × numpy are ratios of the medians "
+              "shown (> 1: hwoptim is faster; × floor = floor µs / hwoptim µs); the JSON "
+              "also keeps the median of per-round ratios (`*_paired`). A figure is marked "
+              "(noisy) when a time's interquartile range is over 10% of its median or the "
+              "two ratios differ by over 10%.", "",
+              "## Summary", ""]
+    noisy = next((n for n in report["notes"] if n.startswith("noisy run")), None)
+    if noisy:
+        lines += [f"**{noisy[0].upper()}{noisy[1:]}**", ""]
+    lines += [table(SUMMARY_HEAD, summary_rows(report["records"], info["cpu_model"],
                                              report.get("torch_missing"))), ""]
     impls = []
     for r in timed(report["records"]):
@@ -148,9 +187,9 @@ def markdown(report, pngs=()) -> str:
             impls.append(r["impl"])
     rows = []
     for (dev, rule, opts, dtype, n), by in groups(report["records"]).items():
-        rows.append([rule, opts, dtype, fmt_n(n)] + [fmt_t(by[i]["time_s"]) if i in by
-                                                      else "—" for i in impls])
-    lines += ["## Every implementation (µs per step)", "",
+        rows.append([rule, opts, dtype, fmt_n(n)] + [fmt_time(by[i]) if i in by else "—"
+                                                      for i in impls])
+    lines += ["## Every implementation (µs per step, median [interquartile range])", "",
               table(["rule", "options", "dtype", "n"] + impls, rows), ""]
     if report["models"]:
         lines += ["## Model-like parameter lists (Adam, float32)", "",

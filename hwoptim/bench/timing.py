@@ -67,9 +67,43 @@ def measure(fns: dict, pairs: int = 15, sample_s: float = 0.005, warmup: int = 3
     return out
 
 
+# A figure is flagged noisy (and the report says so) when a time's interquartile range is
+# above NOISY_SPREAD of its median, or when the median of per-round ratios and the ratio of
+# the medians disagree by more than NOISY_DISAGREE: both happen when another process shares
+# the cores during the run, and then no single ratio describes the run.
+NOISY_SPREAD = 0.10
+NOISY_DISAGREE = 0.10
+
+
+def quartiles(samples) -> tuple:
+    """(first quartile, median, third quartile) of ``samples``."""
+    xs = sorted(samples)
+    if len(xs) < 2:
+        return (xs[0],) * 3
+    q1, med, q3 = statistics.quantiles(xs, n=4, method="inclusive")
+    return q1, med, q3
+
+
+def spread(samples) -> float:
+    """Interquartile range over median."""
+    q1, med, q3 = quartiles(samples)
+    return (q3 - q1) / med if med > 0 else 0.0
+
+
 def paired_ratio(num: list, den: list) -> float:
     """Median over rounds of ``num[r] / den[r]``."""
     return float(statistics.median(a / b for a, b in zip(num, den)))
+
+
+def compare(num: list, den: list) -> dict:
+    """``num``'s time over ``den``'s (> 1: ``den`` is faster) as the ratio of their medians
+    (what a report prints beside those medians), the median of per-round ratios, and
+    whether the figure is noisy (either spread, or the two ratios disagreeing)."""
+    ratio = statistics.median(num) / statistics.median(den)
+    paired = paired_ratio(num, den)
+    noisy = (spread(num) > NOISY_SPREAD or spread(den) > NOISY_SPREAD
+             or abs(paired / ratio - 1) > NOISY_DISAGREE)
+    return {"ratio": float(ratio), "paired": paired, "noisy": bool(noisy)}
 
 
 _BACKENDS_DIR = os.path.dirname(os.path.abspath(hwoptim.backends.__file__))
@@ -111,25 +145,36 @@ def count_launches(fn) -> int:
 
 def records_from(timings: dict, *, device: str, rule: str, options: str, dtype: str, n: int,
                  nbytes: int, extra: dict | None = None) -> list:
-    """Report records for one group of interleaved timings."""
+    """Report records for one group of interleaved timings.
+
+    ``time_s`` is the median, ``time_q1_s`` and ``time_q3_s`` the quartiles; the ratios
+    (``frac_floor``: the floor's time over this one's, ``vs_torch``: torch's fastest
+    variant's, ``vs_numpy``: the numpy backend's) are ratios of the medians, with the
+    median of per-round ratios beside each (``*_paired``). ``noisy`` lists the figures
+    flagged by :func:`compare` (and ``time_s`` where its own spread is too wide)."""
     med = {k: float(statistics.median(v["samples"])) for k, v in timings.items()}
     torch_impls = [k for k in timings if k.startswith("torch-")]
     best_torch = min(torch_impls, key=med.get) if torch_impls else None
+    others = {"frac_floor": "floor", "vs_torch": best_torch, "vs_numpy": "hwoptim-numpy"}
     out = []
     for impl, t in timings.items():
         s = t["samples"]
+        q1, _, q3 = quartiles(s)
         rec = {"device": device, "rule": rule, "options": options, "impl": impl,
-               "dtype": dtype, "n": int(n), "time_s": med[impl], "bytes": int(nbytes),
-               "gbps": nbytes / med[impl] / 1e9,
-               "frac_floor": (paired_ratio(timings["floor"]["samples"], s)
-                              if "floor" in timings else None),
-               "vs_torch": (paired_ratio(timings[best_torch]["samples"], s)
-                            if best_torch else None),
-               "torch_best": best_torch,
-               "vs_numpy": (paired_ratio(timings["hwoptim-numpy"]["samples"], s)
-                            if "hwoptim-numpy" in timings else None),
-               "pairs": len(s), "reps": t["reps"], "first_call_s": t["first_call_s"],
-               "samples_s": s}
+               "dtype": dtype, "n": int(n), "time_s": med[impl], "time_q1_s": q1,
+               "time_q3_s": q3, "bytes": int(nbytes), "gbps": nbytes / med[impl] / 1e9,
+               "torch_best": best_torch, "noisy": []}
+        if spread(s) > NOISY_SPREAD:
+            rec["noisy"].append("time_s")
+        for key, other in others.items():
+            rec[key] = rec[key + "_paired"] = None
+            if other in timings:
+                c = compare(timings[other]["samples"], s)
+                rec[key], rec[key + "_paired"] = c["ratio"], c["paired"]
+                if c["noisy"]:
+                    rec["noisy"].append(key)
+        rec.update({"pairs": len(s), "reps": t["reps"], "first_call_s": t["first_call_s"],
+                    "samples_s": s})
         rec.update(extra or {})
         out.append(rec)
     return out

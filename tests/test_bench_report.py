@@ -1,0 +1,72 @@
+"""The benchmark report's arithmetic, on made-up timings (nothing here is timed): every
+ratio it prints is the ratio of the medians it prints beside it, every time shows its
+interquartile range, and a run whose rounds disagree is marked noisy."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+import hwoptim
+from hwoptim.bench import report_text, timing
+
+
+def _timings(**samples):
+    return {k: {"samples": list(v), "reps": 1, "first_call_s": v[0]} for k, v in samples.items()}
+
+
+def _records(**samples):
+    recs = timing.records_from(_timings(**samples), device="cpu", rule="Adam",
+                               options="default", dtype="float32", n=10**6, nbytes=28 * 10**6)
+    return {r["impl"]: r for r in recs}
+
+
+def test_a_busy_run_prints_the_ratio_of_its_medians_and_says_it_is_noisy():
+    # the rounds of a run where another process shared the cores: the median of per-round
+    # ratios says 1.02, the medians say 5.9 ms against 3.8 ms
+    floor = [5.9e-3, 5.9e-3, 5.9e-3, 2.0e-3, 2.0e-3]
+    step = [5.8e-3, 5.8e-3, 3.8e-3, 3.8e-3, 2.0e-3]
+    r = _records(floor=floor, **{"hwoptim-numba": step})["hwoptim-numba"]
+    assert r["time_s"] == 3.8e-3 and r["frac_floor"] == pytest.approx(5.9 / 3.8)
+    assert r["frac_floor_paired"] == pytest.approx(5.9 / 5.8)
+    assert "frac_floor" in r["noisy"] and "time_s" in r["noisy"]
+    assert (r["time_q1_s"], r["time_q3_s"]) == (3.8e-3, 5.8e-3)
+
+
+def test_a_quiet_run_is_not_flagged():
+    rng = np.random.default_rng(0)
+    floor = 5.9e-3 * (1 + 0.01 * rng.random(15))
+    step = 6.1e-3 * (1 + 0.01 * rng.random(15))
+    recs = _records(floor=floor, **{"hwoptim-numba": step, "torch-fused": 2 * step})
+    assert all(not r["noisy"] for r in recs.values())
+    r = recs["hwoptim-numba"]
+    assert r["frac_floor"] == pytest.approx(np.median(floor) / np.median(step))
+    assert r["vs_torch"] == pytest.approx(2.0) and r["torch_best"] == "torch-fused"
+    assert report_text.noisy_note(list(recs.values())) is None
+
+
+def test_the_summary_shows_both_medians_with_their_spread_and_the_flag():
+    floor = [5.9e-3, 5.9e-3, 5.9e-3, 2.0e-3, 2.0e-3]
+    step = [5.8e-3, 5.8e-3, 3.8e-3, 3.8e-3, 2.0e-3]
+    recs = list(_records(floor=floor, **{"hwoptim-numba": step}).values())
+    row = dict(zip(report_text.SUMMARY_HEAD, report_text.summary_rows(recs)[0]))
+    assert row["µs/step [IQR]"] == "3,800 [3,800–5,800] (noisy)"
+    assert row["floor µs/step [IQR]"].startswith("5,900 [2,000–5,900]")
+    assert row["× floor"] == "1.55× (noisy)"
+    assert report_text.noisy_note(recs).startswith("noisy run:")
+
+
+def test_quartiles_of_one_sample():
+    assert timing.quartiles([2.0]) == (2.0, 2.0, 2.0) and timing.spread([2.0]) == 0.0
+
+
+def test_launch_count_of_a_flat_step_is_one():
+    if hwoptim.backends.unavailable("numba"):
+        pytest.skip("numba")
+    flat = hwoptim.FlatParams([(100, 10), (10,), (3, 3)], np.float32)
+    opt = hwoptim.Adam(flat.params)
+    opt.step(flat.grads)
+    assert timing.count_launches(lambda: opt.step(flat.grads)) == 1
+    per_tensor = hwoptim.Adam([np.zeros(5, np.float32), np.zeros(7, np.float32)])
+    grads = [np.ones(5, np.float32), np.ones(7, np.float32)]
+    per_tensor.step(grads)
+    assert timing.count_launches(lambda: per_tensor.step(grads)) == 2
