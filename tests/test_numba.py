@@ -163,7 +163,8 @@ _CHILD = textwrap.dedent('''
     numba.njit(lambda x: x + 1)(1.0)       # Numba's one-time set-up, apart from our kernels
     t_init = time.perf_counter() - t
     rule = hwoptim.RULES["Adam"]
-    out = {"import_s": t_import, "numba_init_s": t_init, "cache_dir": str(nb.cache_dir())}
+    from hwoptim.backends import diskcache
+    out = {"import_s": t_import, "numba_init_s": t_init, "cache_dir": str(diskcache.folder())}
     ws = []
     for path, n in (("serial", 1000), ("parallel", 65536)):
         w = np.linspace(-1, 1, n, dtype=np.float32)
