@@ -77,6 +77,7 @@ def impl_names():
 
 
 RESULTS = []          # every timed test's numbers, for the summary at the end
+LINES = {}            # {section title: [lines]}: other tests' results, printed at the end
 
 
 @pytest.fixture(scope="session", autouse=True)
@@ -123,15 +124,10 @@ def results():
     return RESULTS
 
 
-def time_paired(benchmark, fns: dict, impl: str, seconds=None, sample_s=None):
-    """Time ``fns[impl]`` with pytest-benchmark (calls batched so a round lasts ~1 ms;
-    its statistics are per call), then, in one interleaved measurement (15 rounds), the
-    implementation beside the floor and, for hwoptim, beside every torch variant.
-
-    Returns (median s per call from pytest-benchmark, {other: paired median of
-    t_other / t_impl})."""
+def time_one(benchmark, fn, seconds=None) -> float:
+    """Time ``fn`` with pytest-benchmark (calls batched so a round lasts ~1 ms; its
+    statistics are per call), for about ``seconds`` (at least 15 rounds); the median."""
     seconds = SECONDS if seconds is None else seconds
-    fn = fns[impl]
     for _ in range(3):
         fn()
     t = sample(fn, 1)
@@ -140,15 +136,25 @@ def time_paired(benchmark, fns: dict, impl: str, seconds=None, sample_s=None):
     per_round = max(1, int(1e-3 / max(t, 1e-9)))
     rounds = max(MIN_ROUNDS, min(2000, int(seconds / (t * per_round))))
     benchmark.pedantic(fn, rounds=rounds, iterations=per_round, warmup_rounds=1)
-    med = benchmark.stats.stats.median
+    return benchmark.stats.stats.median
+
+
+def time_paired(benchmark, fns: dict, impl: str, seconds=None, sample_s=None):
+    """Time ``fns[impl]`` with pytest-benchmark (calls batched so a round lasts ~1 ms;
+    its statistics are per call), then, in one interleaved measurement (15 rounds), the
+    implementation beside the floor and, for hwoptim, beside every torch variant.
+
+    Returns (median s per call from pytest-benchmark, {other: paired median of
+    t_other / t_impl})."""
+    fn = fns[impl]
+    med = time_one(benchmark, fn, seconds)
     others = [k for k in fns if k != impl and (k == "floor" or (
         impl.startswith("hwoptim-") and k.startswith("torch-")))]
     ratios = {}
     if others:
         m = measure({impl: fn, **{k: fns[k] for k in others}}, pairs=MIN_ROUNDS,
-                           sample_s=sample_s or (0.0005 if SMOKE else 0.002), warmup=1)
-        ratios = {k: paired_ratio(m[k]["samples"], m[impl]["samples"])
-                  for k in others}
+                    sample_s=sample_s or (0.0005 if SMOKE else 0.002), warmup=1)
+        ratios = {k: paired_ratio(m[k]["samples"], m[impl]["samples"]) for k in others}
     return med, ratios
 
 
@@ -160,10 +166,14 @@ def record(benchmark, results, **kw):
 # ----------------------------------------------------------------------------- summary
 
 def pytest_terminal_summary(terminalreporter, exitstatus, config):
+    tr = terminalreporter
+    for title, lines in LINES.items():
+        tr.section(title)
+        for line in lines:
+            tr.write_line(line)
     rs = RESULTS
     if not rs:
         return
-    tr = terminalreporter
     tr.section("hwoptim: effective bandwidth, fraction of the floor, speedup over torch")
     by = {}
     for r in rs:

@@ -70,3 +70,35 @@ def test_launch_count_of_a_flat_step_is_one():
     grads = [np.ones(5, np.float32), np.ones(7, np.float32)]
     per_tensor.step(grads)
     assert timing.count_launches(lambda: per_tensor.step(grads)) == 2
+
+
+# ----------------------------------------------------------------------------- sections
+
+def test_spinners_stop_on_the_way_out_even_after_an_error():
+    from hwoptim.bench.contention import Spinners
+    with pytest.raises(KeyboardInterrupt):
+        with Spinners(2, settle_s=0) as s:
+            procs = list(s.procs)
+            assert [p.poll() for p in procs] == [None, None]      # spinning
+            raise KeyboardInterrupt
+    assert all(p.poll() is not None for p in procs) and not s.procs
+
+
+def test_contention_and_interleaved_commands_write_their_reports(tmp_path, capsys):
+    if hwoptim.backends.unavailable("numba"):
+        pytest.skip("numba")
+    from hwoptim import cli
+    assert cli.main(["bench", "--contention", "--interleaved", "--sizes", "1e3",
+                     "--pairs", "2", "--sample-ms", "0.5", "--no-torch",
+                     "--out", str(tmp_path)]) == 0
+    names = sorted(p.name.split("-")[-1] for p in tmp_path.iterdir())
+    assert names == ["contention.json", "contention.md", "interleaved.json", "interleaved.md"]
+    import json
+    c = json.loads(next(tmp_path.glob("*-contention.json")).read_text())
+    assert [r["case"] for r in c["rows"]] == ["quiet", "one core busy", "every core busy"]
+    assert c["threading"]["layer"] and all(r["ratio"] > 0 for r in c["rows"])
+    i = json.loads(next(tmp_path.glob("*-interleaved.json")).read_text())
+    assert [r["pool"] for r in i["rows"]] == ["numpy matmul", "numpy MLP"]
+    assert "numpy_blas" in i["pools"] and "torch" not in i["pools"]
+    out = capsys.readouterr().out
+    assert "default / one thread" in out and "pair / (work + step)" in out

@@ -4,6 +4,8 @@
     hwoptim bench                          # every rule, default and heaviest options,
                                            # float32 and float64, 1e3 ... 5e7 elements
     hwoptim bench --rules Adam,SGD --sizes 1e4,1e7 --dtypes float32 --threads 2
+    hwoptim bench --contention             # steps while other processes keep cores busy
+    hwoptim bench --interleaved            # steps between NumPy/torch matrix products
 
 Every step goes through the public API (``opt.step(g)``). Beside each rule runs its floor:
 a kernel with the same arrays, threads, reads and writes and one add per element, the most
@@ -21,6 +23,10 @@ usable) ``hwoptim.bench.gpu`` adds the CUDA results.
 
 Writes <out>/<machine>-<date>.json (raw per-round timings, the machine, library versions),
 .md (the tables) and -*.png (GB/s against size; speedups over torch).
+
+--contention and --interleaved run those sections instead (``hwoptim.bench.contention``,
+``hwoptim.bench.interleaved``; --sizes, --pairs, --sample-ms, --threads and --no-torch apply)
+and write <machine>-<date>-contention.json/.md and -interleaved.json/.md.
 """
 from __future__ import annotations
 
@@ -34,13 +40,14 @@ from dataclasses import dataclass, field
 import hwoptim
 from hwoptim import backends
 
-from .workload import DTYPES, MODELS, SIZES, cases
+from . import files
 from .cpu import Settings, measure_all
 from .impls import TORCH_VARIANTS, torch_or_why
-from .machine import machine_info, machine_slug
-from .report_text import json_default, markdown, noisy_note, summary_text
-from .report_plots import plots
+from .machine import machine_info
 from .progress import Progress
+from .report_plots import plots
+from .report_text import markdown, noisy_note, summary_text
+from .workload import DTYPES, MODELS, SIZES, cases
 
 QUICK = dict(rules=("Adam", "SGD", "RMSprop"), sizes=(10_000, 1_000_000, 10_000_000),
              dtypes=("float32",), options="default", sample_s=0.002, models=("small",))
@@ -84,6 +91,13 @@ def add_arguments(parser) -> None:
                              "--rules)")
     parser.add_argument("--no-torch", action="store_true", help="skip PyTorch")
     parser.add_argument("--no-plots", action="store_true", help="skip the PNG plots")
+    parser.add_argument("--contention", action="store_true",
+                        help="instead: Adam float32, default threads against one thread, "
+                             "with none, one or every core kept busy by other processes "
+                             "(sizes 1e4,1e5,1e6,1e7; target <= 1.5x)")
+    parser.add_argument("--interleaved", action="store_true",
+                        help="instead: Adam float32 steps alternating with NumPy and torch "
+                             "matrix products (sizes 1e5,1e7; target <= 1.2x the two apart)")
 
 
 # ----------------------------------------------------------------------------- the options
@@ -263,22 +277,73 @@ def command_line(args) -> str:
 
 def write_report(report: dict, gpu, out: str, with_plots: bool) -> None:
     """<out>/<machine>-<date>.json, .md and the plots; prints the summary."""
-    os.makedirs(out, exist_ok=True)
-    stem = os.path.join(out, f"{machine_slug(report['machine'])}-"
-                             f"{time.strftime('%Y%m%d-%H%M%S')}")
-    with open(stem + ".json", "w") as f:
-        json.dump(report, f, indent=1, default=json_default)
-    pngs = plots(report, stem, report["notes"]) if with_plots else []
+    path = files.stem(out, report["machine"])
+    with open(path + ".json", "w") as f:
+        json.dump(report, f, indent=1, default=files.json_default)
+    pngs = plots(report, path, report["notes"]) if with_plots else []
     if gpu and gpu.get("_markdown"):
         report["gpu_markdown"] = gpu["_markdown"]
-    with open(stem + ".md", "w") as f:
+    with open(path + ".md", "w") as f:
         f.write(markdown(report, [os.path.basename(p) for p in pngs]))
     print(summary_text(report))
-    print(f"\nwrote {stem}.json, {stem}.md" + "".join(f", {p}" for p in pngs)
+    print(f"\nwrote {path}.json, {path}.md" + "".join(f", {p}" for p in pngs)
           + f" ({report['elapsed_s']:.0f} s)")
 
 
+def _progress(total: int):
+    """(a Progress, a ``say(label)`` that advances it by one item per new label)."""
+    p = Progress(total)
+
+    def say(label):
+        if p.label:
+            p.advance()
+        p.start(label)
+    return p, say
+
+
+def run_sections(args) -> int:
+    """--contention and --interleaved: each measured, printed and written on its own."""
+    from . import contention, interleaved
+    if args.threads is not None and args.threads < 1:
+        raise UsageError("--threads must be at least 1")
+    if args.pairs < 1:
+        raise UsageError("--pairs must be at least 1 (15 or more for the targets)")
+    sizes = parse_sizes(args.sizes) if args.sizes else None
+    if args.threads is not None:
+        hwoptim.set_num_threads(args.threads)
+    sample_s = args.sample_ms / 1e3 if args.sample_ms else (0.005 if args.quick else 0.02)
+    torch = None if args.no_torch else torch_or_why()[0]
+    info = machine_info(torch)
+    chosen = [(m, name) for m, name in ((contention, "contention"),
+                                        (interleaved, "interleaved"))
+              if getattr(args, name)]
+    for mod, name in chosen:
+        sz = sizes or mod.SIZES
+        kw = {"torch": torch} if mod is interleaved else {}
+        total = len(sz) * (len(contention.busy_cases()) if mod is contention
+                           else 2 + 2 * (torch is not None))
+        progress, say = _progress(total)
+        try:
+            result = mod.run(sz, rounds=args.pairs, sample_s=sample_s, progress=say, **kw)
+        finally:
+            progress.advance()
+            progress.close()
+        result.update(created=time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+                      command=command_line(args), machine=info)
+        paths = files.write_json_md(files.stem(args.out, info, f"-{name}"), result,
+                                    mod.markdown(result, info))
+        print(mod.summary_text(result))
+        print(f"\nwrote {', '.join(paths)} ({result['seconds']:.0f} s)\n")
+    return 0
+
+
 def run(args) -> int:
+    if getattr(args, "contention", False) or getattr(args, "interleaved", False):
+        try:
+            return run_sections(args)
+        except UsageError as e:
+            print(f"hwoptim bench: {e}", file=sys.stderr)
+            return 2
     t_start = time.perf_counter()
     try:
         plan = plan_from(args)

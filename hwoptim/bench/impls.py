@@ -137,3 +137,11 @@ def kernel_kinds(plan, dtype, n) -> dict:
         return {}
     kind = lambda p: "serial" if n < nb.serial_below(p, dtype) else "parallel"  # noqa: E731
     return {"hwoptim-numba": kind(plan), "floor": kind(codegen.floor_plan(plan))}
+
+
+def adam_step(n: int, rng):
+    """An Adam float32 step over ``n`` elements, through the public API: a callable."""
+    w = (rng.random(n, dtype=np.float64) - 0.5).astype(np.float32)
+    g = ((rng.random(n, dtype=np.float64) - 0.5) * 1e-2).astype(np.float32)
+    opt = hwoptim.Adam(w)
+    return lambda: opt.step(g)

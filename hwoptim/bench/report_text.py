@@ -4,17 +4,8 @@ from __future__ import annotations
 import json
 import re
 
-import numpy as np
-
+from .files import json_default
 from .tables import fmt_n, fmt_t, fmt_x, table
-
-
-def json_default(o):
-    if isinstance(o, (np.floating, np.integer)):
-        return o.item()
-    if isinstance(o, np.ndarray):
-        return o.tolist()
-    return str(o)
 
 
 def timed(records):
