@@ -1,7 +1,7 @@
 """The CPU benchmark suite (pytest-benchmark); not part of ``tests/``.
 
     pytest bench/ --benchmark-only                       # everything (tens of minutes)
-    HWOPTIM_BENCH_SMOKE=1 pytest bench/ --benchmark-only # seconds (warm kernel cache)
+    HWOPTIM_BENCH_SMOKE=1 pytest bench/ --benchmark-only # about 1.5 minutes
     pytest bench/ --benchmark-only --benchmark-json=out.json
 
 Every rule (default options and the heaviest) x implementation (hwoptim's host backends
