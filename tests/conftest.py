@@ -7,6 +7,10 @@
 * ``observed`` (fixture): records the largest error ratios a test saw; they are written as
   JSON to ``HWOPTIM_TEST_OBSERVED`` (default ``/tmp/hwoptim-test-observed.json``) and
   summarised at the end of the run.
+* Hypothesis profiles (tests/test_properties.py): "ci", derandomized, loaded when ``CI`` is
+  set or ``HYPOTHESIS_PROFILE=ci``; "dev" otherwise, random. Both fit the file's budget of
+  about a minute; ``HYPOTHESIS_PROFILE=thorough`` runs ten times ci's examples. No example
+  database: a failure prints the example and how to reproduce it.
 """
 from __future__ import annotations
 
@@ -19,6 +23,19 @@ import pytest
 
 SEED = int(os.environ.get("HWOPTIM_TEST_SEED", "0"))
 OBSERVED_PATH = os.environ.get("HWOPTIM_TEST_OBSERVED", "/tmp/hwoptim-test-observed.json")
+
+try:
+    from hypothesis import settings as _hypothesis_settings
+except ImportError:       # only tests/test_properties.py needs it, and skips without it
+    _hypothesis_settings = None
+if _hypothesis_settings is not None:
+    _examples = {"dev": 150, "ci": 600, "thorough": 6000}
+    for _name, _n in _examples.items():
+        _hypothesis_settings.register_profile(
+            _name, max_examples=_n, deadline=None, database=None, print_blob=True,
+            derandomize=_name == "ci")
+    _hypothesis_settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE")
+                                      or ("ci" if os.environ.get("CI") else "dev"))
 
 
 def import_torch():
