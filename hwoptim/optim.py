@@ -599,7 +599,7 @@ class Optimizer:
             # reference makes NumPy refuse resize(), and a dead array's id cannot come
             # back as a live one), so only what an array can change in place needs a look.
             for r, g, p in zip(last, grads, params):
-                if (r() is not g or g.dtype != p.dtype or g.shape != p.shape
+                if (r() is not g or g is None or g.dtype != p.dtype or g.shape != p.shape
                         or not g.flags.c_contiguous):
                     break
             else:
