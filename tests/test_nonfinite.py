@@ -7,20 +7,29 @@ non-finite, and nothing else changes:
   dtype, and the finite values stay within the reference's run tolerance;
 * Numba's parallel kernel (large arrays) keeps them apart too;
 * non-finite elements classify (NaN, +Inf, -Inf, finite) as in torch.optim;
-* a step with them raises nothing and warns nothing.
+* a step with them raises nothing and warns nothing;
+* the CUDA update function, compiled as C++ (as tests/test_cuda_source.py does), puts them
+  where the NumPy backend does: it does not where a rule takes a maximum (xfail).
 
-Every rule x option set x host backend x dtype, a few steps of 64 elements: about a second.
+Every rule x option set x host backend x dtype, a few steps of 64 elements, and a few g++
+builds: a few seconds.
 """
 from __future__ import annotations
 
+import ctypes
+import os
+import platform
+import shutil
+import subprocess
 import warnings
 
 import numpy as np
 import pytest
 
 import hwoptim
-from hwoptim import backends
+from hwoptim import backends, codegen
 from hwoptim.rules import RULES
+from hwoptim.spec import host_scalars
 from hwoptim.testing import K_RUN, option_sets, random_values, unit_roundoff
 
 N = 64
@@ -184,3 +193,64 @@ def test_a_step_with_non_finite_numbers_is_silent(rule, backend, rng):
             for g in bgs:
                 opt.step([random_values(rng, (N,)), g])
     assert opt.step_count == STEPS
+
+
+# ----------------------------------------------------------------------------- the CUDA update
+
+def _cuda_cases():
+    """Every option set whose update takes a maximum or minimum (NaN handling differs there),
+    and two that do not, so the harness itself is checked."""
+    out = []
+    for rule, oid, opts in CASES:
+        h = {n: opts.get(n, hy.default) for n, hy in rule.hypers.items()}
+        flags = rule.static_flags(h, {n: opts.get(n, v) for n, v in rule.options.items()})
+        plan = codegen.plan(rule, flags)
+        if any(e.op in ("max", "min") for e in plan.order):
+            out.append(pytest.param(rule, opts, plan, id=oid, marks=pytest.mark.xfail(
+                strict=True, reason=(
+                    "the CUDA kernels take maxima with fmax, which returns the other operand "
+                    "for a NaN (NumPy's maximum, torch's and Numba's return NaN): with a NaN "
+                    "grad AMSGrad's max_exp_avg_sq keeps its old value, and centered RMSprop "
+                    "with an Inf grad clamps Inf - Inf to 0 and steps the param to -Inf "
+                    "where the NumPy backend gives NaN"))))
+        elif oid in ("Adam[default]", "RMSprop[default]"):
+            out.append(pytest.param(rule, opts, plan, id=oid))
+    return out
+
+
+def _cxx_unavailable():
+    if platform.machine().lower() not in ("x86_64", "amd64"):
+        return "the generated C++ switches flush-to-zero through MXCSR (x86-64 only)"
+    if shutil.which(os.environ.get("CXX", "g++")) is None:
+        return "no C++ compiler (g++, or $CXX) on PATH"
+    return None
+
+
+@pytest.mark.skipif(_cxx_unavailable() is not None, reason=str(_cxx_unavailable()))
+@pytest.mark.parametrize("rule, opts, plan", _cuda_cases())
+def test_the_cuda_update_puts_non_finite_numbers_where_numpy_does(rule, opts, plan, rng,
+                                                                   tmp_path):
+    """``codegen.cpp_test_source`` (the CUDA kernel's per-element update, unchanged) built by
+    g++ without contraction, stepped next to the NumPy backend on the same bad inputs, float64:
+    NaN, +Inf and -Inf at the same elements after every step."""
+    src, lib = tmp_path / "update.cpp", tmp_path / "update.so"
+    src.write_text(codegen.cpp_test_source(plan, "float64"))
+    subprocess.run([os.environ.get("CXX", "g++"), "-O2", "-std=c++17", "-shared", "-fPIC",
+                    "-ffp-contract=off", str(src), "-o", str(lib)], check=True)
+    run = ctypes.CDLL(str(lib)).run
+    used = codegen._c_used(plan)
+    run.argtypes = ([np.ctypeslib.ndpointer(np.float64, flags="C_CONTIGUOUS")] * len(used)
+                    + [ctypes.c_double] * len(plan.scalars) + [ctypes.c_longlong, ctypes.c_int])
+    _, _, bp, bgs = _inputs(rng, "float64")
+    p = bp.copy()
+    opt = getattr(hwoptim, rule.name)(p, backend="numpy", **opts)
+    h = {n: opt.param_groups[0][n] for n in rule.hypers}
+    mine = {"param": bp.copy(), **{k: v.copy() for k, v in opt.state[0].items()}}
+    for t, g in enumerate(bgs, 1):
+        bufs = {**mine, "grad": g.copy()}
+        run(*[bufs[a] for a in used], *plan.kernel_scalars(host_scalars(rule, h, t)), N, 0)
+        opt.step(g.copy())
+        for name, r in {"param": p, **opt.state[0]}.items():
+            differ = np.flatnonzero(_kind(mine[name]) != _kind(r))
+            assert not differ.size, (f"step {t}, {name}: elements {differ} are "
+                                     f"{mine[name][differ]}; NumPy has {r[differ]}")
