@@ -159,8 +159,10 @@ def _snap(opt):
 def test_a_failing_kernel_build_changes_nothing(rng, monkeypatch, tmp_path):
     """A build that fails for the second group's kernel (here Ctrl-C while compiling) used
     to leave the first group updated and the step count advanced."""
+    from hwoptim import optim
     from hwoptim.backends import diskcache, numba as nb
     monkeypatch.setattr(nb, "_kernels", {})           # build again, in this test
+    monkeypatch.setattr(optim, "_kernels", {})
     monkeypatch.setenv("HWOPTIM_CACHE_DIR", str(tmp_path))
     calls = []
     real = diskcache.first_call
