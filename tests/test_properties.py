@@ -347,8 +347,8 @@ def _bad_grads(data, rng, opt):
         shape = data.draw(st.sampled_from(options), label="shape")
         bad[i] = random_values(rng, shape, p.dtype)
         return kind, bad, ValueError
-    if kind == "not an array":          # None: test_none_for_a_grad_after_a_step
-        bad[i] = data.draw(st.sampled_from([g[i].tolist(), 1.5, "grad"]), label="value")
+    if kind == "not an array":
+        bad[i] = data.draw(st.sampled_from([g[i].tolist(), 1.5, None, "grad"]), label="value")
         return kind, bad, TypeError
     if kind == "container":
         return kind, data.draw(st.sampled_from([None, {"g": g[0]}, 3.0, "grads"])), TypeError
