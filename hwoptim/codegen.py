@@ -82,6 +82,11 @@ def _c_expr(e: Expr, nm: _Namer) -> str:
         return f"{a[0]} ? {a[1]} : {a[2]}"
     if e.op == "sign":
         return f"(TC)(({a[0]} > (TC)0) - ({a[0]} < (TC)0))"
+    if e.op in ("max", "min"):
+        # NaN in either argument gives NaN, as numpy.maximum/minimum and the Numba kernels
+        # do (fmax/fmin would drop it: AMSGrad's maximum would forget a NaN gradient)
+        cmp = ">" if e.op == "max" else "<"
+        return f"(({a[0]} != {a[0]} || {a[0]} {cmp} {a[1]}) ? {a[0]} : {a[1]})"
     return f"{_C_FUNCS[e.op]}({', '.join(a)})"
 
 

@@ -902,8 +902,9 @@ def make_optimizer_class(rule: Rule) -> type:
              "hwoptim.backends.available().\n"
            + "    capturable: keep per-step scalars on the device (CuPy), for CUDA graphs.\n"
            + "\nNon-finite numbers: a NaN or ±Inf in an element of a grad or param goes into "
-             "that element of the param and its state, as in torch, and never into other "
-             "elements; the step neither warns nor stops (README, 'Non-finite numbers').\n")
+             "that element of the param and its state and never into another; the step "
+             "neither checks, warns nor stops (README, 'Non-finite numbers', says where this "
+             "differs from torch).\n")
     cls = type(rule.name, (Optimizer,), {"rule": rule, "__doc__": doc, "__module__": "hwoptim"})
     cls.__signature__ = inspect.Signature(params)
     return cls

@@ -9,7 +9,7 @@ non-finite, and nothing else changes:
 * non-finite elements classify (NaN, +Inf, -Inf, finite) as in torch.optim;
 * a step with them raises nothing and warns nothing;
 * the CUDA update function, compiled as C++ (as tests/test_cuda_source.py does), puts them
-  where the NumPy backend does: it does not where a rule takes a maximum (xfail).
+  where the NumPy backend does, also where a rule takes a maximum.
 
 Every rule x option set x host backend x dtype, a few steps of 64 elements, and a few g++
 builds: a few seconds.
@@ -206,13 +206,9 @@ def _cuda_cases():
         flags = rule.static_flags(h, {n: opts.get(n, v) for n, v in rule.options.items()})
         plan = codegen.plan(rule, flags)
         if any(e.op in ("max", "min") for e in plan.order):
-            out.append(pytest.param(rule, opts, plan, id=oid, marks=pytest.mark.xfail(
-                strict=True, reason=(
-                    "the CUDA kernels take maxima with fmax, which returns the other operand "
-                    "for a NaN (NumPy's maximum, torch's and Numba's return NaN): with a NaN "
-                    "grad AMSGrad's max_exp_avg_sq keeps its old value, and centered RMSprop "
-                    "with an Inf grad clamps Inf - Inf to 0 and steps the param to -Inf "
-                    "where the NumPy backend gives NaN"))))
+            # fmax/fmin used to drop a NaN here (AMSGrad's max_exp_avg_sq kept its old
+            # value; centered RMSprop clamped Inf - Inf to 0)
+            out.append(pytest.param(rule, opts, plan, id=oid))
         elif oid in ("Adam[default]", "RMSprop[default]"):
             out.append(pytest.param(rule, opts, plan, id=oid))
     return out
