@@ -359,17 +359,17 @@ class Optimizer:
         if hit:
             raise ValueError(f"{hit[1]} overlaps {hit[0]} in memory; expected new params "
                              f"apart from the optimizer's state")
-        if self.capturable:
+        if self.capturable:                   # allocated before anything changes
             import cupy
             with self._params[0].device:
-                extra = (cupy.full(1, float(self.step_count), dtype=np.float64),)
+                step_dev = cupy.full(1, float(self.step_count), dtype=np.float64)
         self._add_groups(groups, gi)
         self._kern, self._launch_key, self._checked = None, None, ()
         if self.capturable:
             g, f = self.param_groups[gi], self._flags[gi]
             with self._params[0].device:
                 self._hyper_dev.append(cupy.asarray(self._hyper_vector(g)))
-                self._step_dev.append(extra[0])
+                self._step_dev.append(step_dev)
                 self._k_dev.append(cupy.zeros(len(_plan(self.rule, f).scalars),
                                               dtype=self.dtype))
 
@@ -420,6 +420,10 @@ class Optimizer:
                 raise ValueError(f"{where}{arg}={value!r} is invalid: expected {expected}")
         return rule.static_flags(h, opt)
 
+    def _buffers(self, flags) -> list:
+        """The names of the state buffers a group with ``flags`` needs."""
+        return [s.name for s in self.rule.active_states(flags)]
+
     def _group_index(self, group) -> int:
         return next(i for i, g in enumerate(self.param_groups) if g is group)
 
@@ -439,12 +443,11 @@ class Optimizer:
         old = self._flags[gi]
         k_dev = None
         if vars(flags) != vars(old):
-            states = lambda f: [s.name for s in self.rule.active_states(f)]  # noqa: E731
-            if states(flags) != states(old):
+            if self._buffers(flags) != self._buffers(old):
                 keys = ", ".join(f"{k}={v!r}" for k, v in changes.items())
                 raise ValueError(f"{where}{keys} would change the state buffers this group "
-                                 f"needs ({states(old)} -> {states(flags)}); make a new "
-                                 f"optimizer with it instead")
+                                 f"needs ({self._buffers(old)} -> {self._buffers(flags)}); "
+                                 f"make a new optimizer with it instead")
             if self.capturable:
                 import cupy
                 with self._params[0].device:
@@ -826,12 +829,11 @@ class Optimizer:
                 if not (k == "lr" and callable(mine["lr"])):
                     merged[k] = v
             flags = self._check_group(merged, f"state_dict['param_groups'][{gi}]: ")
-            states = lambda f: [s.name for s in self.rule.active_states(f)]  # noqa: E731
-            if states(flags) != states(self._flags[gi]):
+            if self._buffers(flags) != self._buffers(self._flags[gi]):
                 raise ValueError(f"state_dict['param_groups'][{gi}] needs the state buffers "
-                                 f"{states(flags)} (options {vars(flags)}); this optimizer's "
-                                 f"group has {states(self._flags[gi])}: make it with the same "
-                                 f"options")
+                                 f"{self._buffers(flags)} (options {vars(flags)}); this "
+                                 f"optimizer's group has {self._buffers(self._flags[gi])}: "
+                                 f"make it with the same options")
             new_groups.append(merged)
         if len(sd["state"]) != len(self.state):
             raise ValueError(f"state_dict['state'] has {len(sd['state'])} entries; expected "

@@ -308,7 +308,9 @@ def test_changing_hyperparameters_never_recompiles(rule, backend, dtype, rng):
     cls = getattr(hwoptim, rule.name)
     shapes = [SMALL, LARGE] if backend == "numba" else [SMALL]
     ps = [random_values(rng, s, dtype) for s in shapes]
-    opt = cls(ps, backend=backend)
+    # weight decay on (turning it on or off picks the kernel with or without the term)
+    wd = {"weight_decay": 0.01} if "weight_decay" in rule.hypers else {}
+    opt = cls(ps, backend=backend, **wd)
 
     def step():
         opt.step([random_values(rng, s, dtype) for s in shapes])
@@ -320,7 +322,7 @@ def test_changing_hyperparameters_never_recompiles(rule, backend, dtype, rng):
                            2 * lr, lambda t: lr / t]):
         opt.param_groups[0]["lr"] = v
         if "weight_decay" in rule.hypers:
-            opt.param_groups[0]["weight_decay"] = 0.001 * i
+            opt.param_groups[0]["weight_decay"] = 0.001 * (i + 1)
         step()
     assert len(optim._kernels) == kernels
     assert _signatures() == sigs

@@ -145,15 +145,9 @@ def _torch_cases():
     for rule, oid, opts in CASES:
         if not rule.torch or set(opts) & set(rule.torch_skip):
             continue
-        h = {n: opts.get(n, hy.default) for n, hy in rule.hypers.items()}
-        flags = rule.static_flags(h, {n: opts.get(n, v) for n, v in rule.options.items()})
-        marks = []
-        if h["weight_decay"] == 0 and not getattr(flags, "decoupled_weight_decay", False):
-            marks = [pytest.mark.xfail(strict=True, reason=(
-                "weight_decay=0 still computes g + 0*p, and 0*(±Inf or NaN) is NaN: a "
-                "non-finite param makes its grad, state and param NaN where torch, which "
-                "skips the term, keeps ±Inf and finite state"))]
-        out.append(pytest.param(rule, opts, id=oid, marks=marks))
+        # (weight_decay=0 used to compute g + 0·p, NaN for an Inf param: now skipped as in
+        # torch, through the rules' use_weight_decay flag)
+        out.append(pytest.param(rule, opts, id=oid))
     return out
 
 

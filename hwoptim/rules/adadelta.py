@@ -10,7 +10,8 @@ def scalars(h, t):
 
 def update(x, k, opt):
     g = -x.grad if opt.maximize else x.grad
-    g = g + k.weight_decay * x.param
+    if opt.use_weight_decay:          # torch skips the term at 0: 0·Inf would be NaN
+        g = g + k.weight_decay * x.param
     v = k.rho * x.square_avg + (1 - k.rho) * g * g
     delta = ops.sqrt(x.acc_delta + k.eps) / ops.sqrt(v + k.eps) * g
     return {"square_avg": v,
@@ -31,6 +32,7 @@ RULE = Rule(
     states=(State("square_avg", doc="r"), State("acc_delta", doc="a")),
     scalars=scalars,
     update=update,
+    flags=lambda h, opt: dict(use_weight_decay=h.weight_decay != 0),
     torch="Adadelta",
     test_options=({}, {"weight_decay": 1e-2, "maximize": True}),
 )

@@ -10,7 +10,8 @@ def scalars(h, t):
 
 def update(x, k, opt):
     g = -x.grad if opt.maximize else x.grad
-    g = g + k.weight_decay * x.param
+    if opt.use_weight_decay:          # torch skips the term at 0: 0·Inf would be NaN
+        g = g + k.weight_decay * x.param
     s = x.sum + g * g
     return {"sum": s, "param": x.param - k.clr * (g / (ops.sqrt(s) + k.eps))}
 
@@ -28,6 +29,7 @@ RULE = Rule(
     states=(State("sum", init="initial_accumulator_value", doc="r"),),
     scalars=scalars,
     update=update,
+    flags=lambda h, opt: dict(use_weight_decay=h.weight_decay != 0),
     torch="Adagrad",
     test_options=({}, {"lr_decay": 1e-2, "weight_decay": 1e-2,
                        "initial_accumulator_value": 0.1},

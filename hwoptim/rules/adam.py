@@ -17,7 +17,7 @@ def update(x, k, opt):
     p = x.param
     if opt.decoupled_weight_decay:
         p = p * (1 - k.lr * k.weight_decay)
-    else:
+    elif opt.use_weight_decay:        # torch skips the term at 0: 0·Inf would be NaN
         g = g + k.weight_decay * p
     m = x.exp_avg + (1 - k.beta1) * (g - x.exp_avg)          # torch's lerp
     v = k.beta2 * x.exp_avg_sq + (1 - k.beta2) * g * g
@@ -45,6 +45,7 @@ RULE = Rule(
             State("max_exp_avg_sq", when=lambda f: f.amsgrad, doc="v̂")),
     scalars=scalars,
     update=update,
+    flags=lambda h, opt: dict(use_weight_decay=h.weight_decay != 0),
     torch="Adam",
     test_options=({}, {"amsgrad": True}, {"weight_decay": 1e-2},
                   {"decoupled_weight_decay": True, "weight_decay": 1e-2},

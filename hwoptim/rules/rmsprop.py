@@ -13,7 +13,8 @@ def scalars(h, t):
 
 def update(x, k, opt):
     g = -x.grad if opt.maximize else x.grad
-    g = g + k.weight_decay * x.param
+    if opt.use_weight_decay:          # torch skips the term at 0: 0·Inf would be NaN
+        g = g + k.weight_decay * x.param
     v = k.alpha * x.square_avg + (1 - k.alpha) * g * g
     out = {"square_avg": v}
     if opt.centered:
@@ -47,7 +48,8 @@ RULE = Rule(
             State("momentum_buffer", when=lambda f: f.use_momentum, doc="b")),
     scalars=scalars,
     update=update,
-    flags=lambda h, opt: dict(use_momentum=h.momentum > 0),
+    flags=lambda h, opt: dict(use_momentum=h.momentum > 0,
+                              use_weight_decay=h.weight_decay != 0),
     torch="RMSprop",
     torch_skip=("eps_in_sqrt",),
     differs="centered clamps r − m² at 0 (torch: NaN when rounding makes it negative); "

@@ -16,7 +16,8 @@ def scalars(h, t):
 
 def update(x, k, opt):
     g = -x.grad if opt.maximize else x.grad
-    g = g + k.weight_decay * x.param
+    if opt.use_weight_decay:          # torch skips the term at 0: 0·Inf would be NaN
+        g = g + k.weight_decay * x.param
     out = {}
     if opt.use_momentum:
         buf = k.buf_decay * x.momentum_buffer + k.grad_scale * g
@@ -47,7 +48,8 @@ RULE = Rule(
     states=(State("momentum_buffer", when=lambda f: f.use_momentum, doc="b"),),
     scalars=scalars,
     update=update,
-    flags=lambda h, opt: dict(use_momentum=h.momentum != 0),
+    flags=lambda h, opt: dict(use_momentum=h.momentum != 0,
+                              use_weight_decay=h.weight_decay != 0),
     check=check,
     torch="SGD",
     test_options=({}, {"momentum": 0.9},
