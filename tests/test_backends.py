@@ -365,3 +365,46 @@ def test_numpy_scalar_hyperparameters_are_computed_in_float64(rng):
                 differ.append(f"{oid}-{backend}: max rel diff "
                               f"{np.abs(a - b).max() / np.abs(b).max():.2g}")
     assert not differ, "\n".join(differ)
+
+
+
+@pytest.mark.parametrize("how", ["setitem", "update", "ior", "add_param_group"])
+def test_numpy_scalars_set_later_are_stored_as_python_floats(how, rng):
+    """The same promise for values set after construction (``param_groups[i][k] = v``,
+    ``update``, ``|=``, ``add_param_group``): stored as Python floats, and the float64 run is
+    bit-identical to one given the same numbers as floats."""
+    differ = []
+    for rule, oid, opts in CASES:
+        cls = getattr(hwoptim, rule.name)
+        base = _as_float32_scalars(rule, opts, float)
+        for backend in HOST_NAMES:
+            p0 = [random_values(rng, SMALL, np.float64) for _ in range(2)]
+            ps = {kind: [a.copy() for a in p0] for kind in ("np", "float")}
+            changes = {"np": _as_float32_scalars(rule, opts, lambda v: v),
+                       "float": _as_float32_scalars(rule, opts, float)}
+            os = {}
+            for kind in ("np", "float"):
+                if how == "add_param_group":
+                    o = cls([ps[kind][0]], backend=backend, **base)
+                    o.add_param_group({"params": [ps[kind][1]], **changes[kind]})
+                else:
+                    o = cls([{"params": ps[kind]}], backend=backend, **base)
+                    g = o.param_groups[0]
+                    if how == "setitem":
+                        for k, v in changes[kind].items():
+                            g[k] = v
+                    elif how == "update":
+                        g.update(changes[kind])
+                    else:
+                        g |= changes[kind]
+                os[kind] = o
+            g = os["np"].param_groups[-1]
+            stored = {k: type(g[k]) for k in rule.hypers if not isinstance(g[k], tuple)}
+            assert set(stored.values()) == {float}, (oid, how, stored)
+            for _ in range(5):
+                gs = [random_values(rng, SMALL, np.float64) for _ in range(2)]
+                os["np"].step(gs)
+                os["float"].step([a.copy() for a in gs])
+            if not all(np.array_equal(a, b) for a, b in zip(ps["np"], ps["float"])):
+                differ.append(f"{oid}-{backend}-{how}")
+    assert not differ, "\n".join(differ)
