@@ -44,6 +44,8 @@ from hwoptim import codegen, testing
 from hwoptim.backends.cupy import NVRTC_OPTIONS
 from hwoptim.spec import host_scalars
 
+from every_op import RULE as EVERY_OP   # every element operation, for the printers
+
 DTYPES = ("float32", "float64")
 ARCHS = ("80", "90")
 STEPS = 50                  # steps per C++ run (the brief: >= 50)
@@ -85,7 +87,7 @@ class Case(types.SimpleNamespace):
 
 def _cases():
     out = []
-    for rule in hwoptim.RULES.values():
+    for rule in [*hwoptim.RULES.values(), EVERY_OP]:
         for cid, kwargs in testing.option_sets(rule):
             h, opt, flags = _split(rule, kwargs)
             out.append(Case(id=cid, rule=rule, kwargs=kwargs, h=h, flags=flags,
@@ -375,6 +377,11 @@ def _check_module(res, k: codegen.CudaKernels, plan, dtype, what):
         assert loads >= len(used) and stores >= len(plan.outputs), (
             f"{what}: {name} has {loads} 16-byte loads and {stores} 16-byte stores; expected "
             f"at least {len(used)} and {len(plan.outputs)} (one per array)")
+    # and none in the kernel for misaligned arrays: a vector access there faults on the GPU
+    body = entries[k.unaligned][1]
+    wide = re.findall(r"(?:ld|st)\.global\S*\.v\d\.\w+", body)
+    assert not wide, (f"{what}: {k.unaligned} (for arrays not on a 16-byte boundary) makes "
+                      f"vector accesses {sorted(set(wide))}; expected element-wise ones only")
 
 
 @pytest.mark.parametrize("case,dtype,arch", CASE_DTYPE_ARCH)

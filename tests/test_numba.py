@@ -214,3 +214,51 @@ def test_a_new_process_reuses_the_disk_cache(tmp_path, observed):
           f"(cache hits); before them, import {cold['import_s']:.2f} / {warm['import_s']:.2f} s "
           f"and Numba's one-time set-up {cold['numba_init_s']:.2f} / "
           f"{warm['numba_init_s']:.2f} s")
+
+
+@pytest.mark.skipif(bool(os.environ.get("HWOPTIM_SERIAL_WORK")),
+                    reason="HWOPTIM_SERIAL_WORK overrides the cutoff")
+@pytest.mark.parametrize("dtype", ["float32", "float64"])
+def test_small_arrays_run_serial_large_ones_parallel(dtype):
+    """The serial/parallel cutoff of every kernel sits where it was measured to pay off
+    (bench/NOTES.md: crossovers of 1e4 to 6e4 elements with 2 to 16 threads): a 1000-element
+    array runs the serial kernel, a 65536-element one the parallel kernel, and with one
+    thread every size runs serial."""
+    for rule in RULES.values():
+        for oid, opts in option_sets(rule):
+            h = {n: opts.get(n, hy.default) for n, hy in rule.hypers.items()}
+            o = {n: opts.get(n, v) for n, v in rule.options.items()}
+            k = NB.kernel(codegen.plan(rule, rule.static_flags(h, o)), dtype)
+            serial = k.launcher(0, 1)
+            for t in (2, 4, 16):
+                below = k.serial_below(t)
+                assert 4_000 <= below <= 65_536, (oid, dtype, t, below)
+                assert k.launcher(1_000, t) is serial, (oid, dtype, t)
+                assert k.launcher(65_536, t) is not serial, (oid, dtype, t)
+            assert k.launcher(10 ** 9, 1) is serial, (oid, dtype)
+
+
+@pytest.mark.parametrize("parallel", [False, True])
+def test_every_operation_prints_right(parallel, rng):
+    """The Numba printer on every element operation of the spec language (tests/every_op.py,
+    including those no shipped rule uses yet): float64 kernels equal the NumPy reference,
+    which runs the rule's own Python, bit for bit over 20 steps."""
+    from every_op import RULE
+    from hwoptim.backends import numpy as ref_backend
+    plan = codegen.plan(RULE, RULE.static_flags({}, {}))
+    h = {"lr": 0.03, "eps": 1e-3, "decay": 0.97}
+    k = NB.kernel(plan, "float64")
+    ref = ref_backend.kernel(plan, "float64")
+    n = 70_000 if parallel else 999
+    assert (k.launcher(n, 2) is k.launcher(0, 1)) != parallel     # the kernel meant
+    ours = [random_values(rng, (n,)), None, np.full(n, 0.5)]
+    start = ours[0].copy()
+    theirs = [a.copy() if a is not None else None for a in ours]
+    for t in range(1, 21):
+        g = random_values(rng, (n,))
+        ours[1], theirs[1] = g, g.copy()
+        k.launcher(n, 2)(*ours, *k.prepare_unchecked(h, t))
+        ref(theirs, ref.prepare(h, t))
+        for name, a, b in zip(plan.arrays, ours, theirs):
+            assert np.array_equal(a, b), (t, name, np.flatnonzero(a != b)[:5])
+    assert np.isfinite(ours[0]).all() and (ours[0] != start).mean() > 0.9
