@@ -408,3 +408,26 @@ def test_numpy_scalars_set_later_are_stored_as_python_floats(how, rng):
             if not all(np.array_equal(a, b) for a, b in zip(ps["np"], ps["float"])):
                 differ.append(f"{oid}-{backend}-{how}")
     assert not differ, "\n".join(differ)
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_printed_host_scalars_are_float64_math_rounded_once(dtype, rng):
+    """The printed per-step scalar function (what the Numba and CuPy backends call each step)
+    gives the spec's scalars computed in float64 and rounded once to the dtype: bit for bit,
+    for random hyperparameters and step counts up to 10^6 (a float32 1 - β₂ᵗ would not)."""
+    for rule, oid, opts in CASES:
+        h0 = {n: opts.get(n, hy.default) for n, hy in rule.hypers.items()}
+        flags = rule.static_flags(h0, {n: opts.get(n, v) for n, v in rule.options.items()})
+        plan = codegen.plan(rule, flags)
+        boxed = codegen.host_scalar_function(plan, dtype)
+        plain = codegen.host_scalar_function(plan, dtype, boxed=False)
+        for _ in range(20):
+            h = {n: (tuple(float(b) * rng.uniform(0.9, 1.0) for b in v)
+                     if isinstance(v, tuple) else float(v) * rng.uniform(0.5, 2.0))
+                 for n, v in h0.items()}
+            t = int(rng.integers(1, 10 ** 6)) if rng.random() < 0.7 else int(rng.integers(1, 5))
+            want = [np.dtype(dtype).type(x)
+                    for x in plan.kernel_scalars(host_scalars(rule, h, t))]
+            got = boxed(h, t)
+            assert [type(x) for x in got] == [np.dtype(dtype).type] * len(want), oid
+            assert np.array_equal(np.array(got), np.array(want)), (oid, t, h, got, want)
+            assert np.array_equal(np.array(plain(h, t)).astype(dtype), np.array(want)), oid

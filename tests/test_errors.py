@@ -465,6 +465,46 @@ def test_unavailable_backend(rng):
                             "backend='cupy'", "not available", why)
 
 
+def test_a_backend_of_another_family(rng, monkeypatch):
+    """backend= naming a usable backend for other arrays (a stand-in registered as a GPU
+    backend, so the check runs without a GPU): refused, naming both kinds."""
+    import sys
+    import types
+    mod = types.ModuleType("hwoptim_test_gpu_backend")
+    mod.FAMILY, mod.unavailable = "cuda", lambda: None
+    monkeypatch.setitem(sys.modules, mod.__name__, mod)
+    monkeypatch.setitem(backends._REGISTRY, "test-gpu", mod.__name__)
+    monkeypatch.setattr(backends, "_loaded", dict(backends._loaded))
+    monkeypatch.setattr(backends, "_why_not", dict(backends._why_not))
+    assert "test-gpu" in backends.available()
+    p = random_values(rng, (3,))
+    _no_change_on_construct(lambda: hwoptim.Adam(p, backend="test-gpu"), [p], TypeError,
+                            "backend='test-gpu'", "runs on CuPy arrays", "params are NumPy")
+
+
+def test_default_backend_is_the_fastest_here(rng):
+    """NumPy arrays get Numba where it runs (the reference only without it)."""
+    want = "numba" if "numba" in backends.available() else "numpy"
+    for rule in RULES.values():
+        opt = getattr(hwoptim, rule.name)(random_values(rng, (5,)))
+        assert opt.backend_name == want, (rule.name, opt.backend_name)
+
+
+def test_the_step_count_stops_at_2_to_the_53(rng):
+    """The step count travels to the kernels as a float64: 2**53 steps are allowed, the
+    next one is refused and changes nothing."""
+    opt = hwoptim.Adam(random_values(rng, (4,)))
+    opt.step(random_values(rng, (4,)))
+    sd = opt.state_dict()
+    sd["step"] = 2 ** 53 - 1
+    opt.load_state_dict(sd)
+    opt.step(random_values(rng, (4,)))
+    assert opt.step_count == 2 ** 53
+    before = snapshot(opt)
+    raises(ValueError, lambda: opt.step(random_values(rng, (4,))), "step count", "2**53")
+    assert snapshot(opt) == before
+
+
 def test_capturable_needs_the_cupy_backend(rng):
     p = random_values(rng, (3,))
     _no_change_on_construct(lambda: hwoptim.Adam(p, capturable=True), [p], ValueError,

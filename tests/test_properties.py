@@ -278,6 +278,32 @@ def test_the_step_check_can_fail(rng):
             check_step(*args, bad, "float32")
 
 
+def test_the_elementwise_bound_alone_can_fail(rng):
+    """One element off by three times the README's per-step bound (``2·u·C``), every other
+    element exact: too little for the norm-wise bound to see, so only the elementwise bound
+    can catch it, and it does. A looser bound in hwoptim.testing fails here."""
+    rule, kwargs = RULES["Adam"], {}
+    opt = hwoptim.Adam(random_values(rng, (256,), np.float32), backend="numpy")
+    opt.step(random_values(rng, (256,), np.float32))
+    before, g = _before(opt, 0), random_values(rng, (256,), np.float32)
+    opt.step(g)
+    flags, h = _flags(rule, kwargs), _hypers_options(rule, kwargs)[0]
+    plan = codegen.plan(rule, flags)
+    ref = reference_step(rule, flags, h, 2, before, g)
+    cond = condition(plan, before, g, plan.kernel_scalars(host_scalars(rule, h, 2)), "float32")
+    u = np.finfo(np.float32).eps / 2
+    got = {k: v.astype(np.float32) for k, v in ref.items()}
+    ok = np.isfinite(cond["param"]) & (np.abs(ref["param"]) > 1e-3)
+    j = int(np.flatnonzero(ok)[np.argmin(cond["param"][ok])])
+    got["param"][j] = np.float32(ref["param"][j] + 3 * 2.0 * u * cond["param"][j])
+    got = {k: v.astype(np.float64) for k, v in got.items()}
+    ((elem, norm),) = step_errors({"param": got["param"]}, {"param": ref["param"]},
+                                  "float32", {"param": cond["param"]}).values()
+    assert elem > 2 and norm < 1, (elem, norm)
+    with pytest.raises(AssertionError):
+        check_step(rule, flags, h, 2, before, g, got, "float32")
+
+
 @pytest.mark.xfail(strict=True, reason=(
     "the per-step bound is first order: when g*g underflows to 0 in float32 (1e-46 in "
     "float64), sqrt(s) + eps is eps = 1e-30 instead of 1e-23 and the step is 1e7 times the "
