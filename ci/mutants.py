@@ -1,0 +1,398 @@
+#!/usr/bin/env python3
+"""Mutation check: plant plausible bugs, one at a time, and see whether the tests notice.
+
+Each mutant below replaces one piece of text in one file of a temporary copy of the
+checkout, then runs the tests that should catch it there (``python -m pytest -x``, with the
+copy first on ``sys.path``). A mutant is *killed* when those tests fail, *survives* when they
+pass. Every mutant's text must occur in its file exactly as written (``nth`` picks among
+repeats), so a refactor that moves the code makes the script fail loudly instead of
+planting nothing. Before the mutants, each test selection runs once on the unchanged copy:
+a selection that fails there would "kill" every mutant and prove nothing.
+
+    python ci/mutants.py            # every CPU mutant (about 15-25 minutes on 2 cores)
+    python ci/mutants.py --quick    # a fixed sample, under 3 minutes: what .ci/run runs
+    python ci/mutants.py --gpu      # the GPU-only mutants, against tests/test_gpu.py
+    python ci/mutants.py --list     # the table, nothing run
+    python ci/mutants.py --only adam-bc2-beta1,sgd-nesterov-b -j 2
+
+Exit status: 0 when every mutant run was killed (equivalent mutants are listed with the
+reason and not run), 1 when one survived, 2 when the setup failed (a mutant's text not
+found, or a selection failing on the unchanged code).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+TIMEOUT = 600               # seconds per mutant run; a run past it counts as killed
+
+
+@dataclass(frozen=True)
+class Mutant:
+    id: str
+    area: str
+    file: str
+    old: str
+    new: str
+    tests: tuple            # pytest arguments, relative to the checkout
+    why: str = ""           # the bug it stands for
+    nth: int | None = None  # which occurrence of ``old`` (None: it must be unique)
+    gpu: bool = False       # only a real GPU can tell: run by --gpu (ci/gpu-check)
+    equivalent: str = ""    # the reason it cannot change any result; not run
+    quick: bool = False     # in the --quick sample
+
+
+ORACLE = ("tests/test_oracle.py",)
+STATE = ("tests/test_state.py",)
+LAUNCH = ("tests/test_cuda_launch.py",)
+CPP = ("tests/test_cuda_source.py", "-k", "cpp")
+ERRORS = ("tests/test_errors.py",)
+GPU = ("tests/test_gpu.py",)
+
+MUTANTS = [
+    # ---------------------------------------------------------------- rule math
+    Mutant("adam-bc2-beta1", "rule math", "hwoptim/rules/adam.py",
+           "ops.sqrt(1 - beta2 ** t)", "ops.sqrt(1 - beta1 ** t)", ORACLE,
+           "Adam's second bias correction with β₁ for β₂", quick=True),
+    Mutant("adam-amsgrad-min", "rule math", "hwoptim/rules/adam.py",
+           "ops.maximum(x.max_exp_avg_sq, v)", "ops.minimum(x.max_exp_avg_sq, v)", ORACLE,
+           "AMSGrad keeps the running minimum"),
+    Mutant("adam-decoupled-no-lr", "rule math", "hwoptim/rules/adam.py",
+           "p * (1 - k.lr * k.weight_decay)", "p * (1 - k.weight_decay)", ORACLE,
+           "decoupled weight decay not scaled by the learning rate"),
+    Mutant("adam-m-lerp-beta", "rule math", "hwoptim/rules/adam.py",
+           "x.exp_avg + (1 - k.beta1) * (g - x.exp_avg)", "x.exp_avg + k.beta1 * (g - x.exp_avg)",
+           ORACLE, "first moment weighted by β₁ instead of 1-β₁"),
+    Mutant("sgd-nesterov-b", "rule math", "hwoptim/rules/sgd.py",
+           "g = g + k.momentum * buf if opt.nesterov else buf", "g = buf", ORACLE,
+           "Nesterov steps with b instead of g + μb", quick=True),
+    Mutant("sgd-dampened-first-step", "rule math", "hwoptim/rules/sgd.py",
+           "ops.where(first, 1.0, 1 - h.dampening)", "1 - h.dampening", ORACLE,
+           "the first momentum buffer dampened (torch: b₁ = g)"),
+    Mutant("sgd-maximize-ignored", "rule math", "hwoptim/rules/sgd.py",
+           "g = -x.grad if opt.maximize else x.grad", "g = x.grad", ORACLE,
+           "SGD ignores maximize"),
+    Mutant("adagrad-lr-decay-t", "rule math", "hwoptim/rules/adagrad.py",
+           "(t - 1) * h.lr_decay", "t * h.lr_decay", ORACLE,
+           "Adagrad's lr_decay one step off", quick=True),
+    Mutant("adagrad-eps-in-root", "rule math", "hwoptim/rules/adagrad.py",
+           "ops.sqrt(s) + k.eps", "ops.sqrt(s + k.eps)", ORACLE,
+           "Adagrad's eps inside the root"),
+    Mutant("adadelta-eps-outside", "rule math", "hwoptim/rules/adadelta.py",
+           "ops.sqrt(x.acc_delta + k.eps)", "ops.sqrt(x.acc_delta) + k.eps", ORACLE,
+           "Adadelta's eps outside the root"),
+    Mutant("adadelta-old-delta", "rule math", "hwoptim/rules/adadelta.py",
+           "(1 - k.rho) * delta * delta", "(1 - k.rho) * g * g", ORACLE,
+           "Adadelta accumulates g² where Δ² belongs"),
+    Mutant("rmsprop-maximize-ignored", "rule math", "hwoptim/rules/rmsprop.py",
+           "g = -x.grad if opt.maximize else x.grad", "g = x.grad", ORACLE,
+           "RMSprop ignores maximize"),
+    Mutant("rmsprop-centered-no-mean", "rule math", "hwoptim/rules/rmsprop.py",
+           "ops.maximum(v - m * m, 0.0)", "ops.maximum(v, 0.0)", ORACLE,
+           "centered RMSprop forgets to subtract the squared mean"),
+    Mutant("rmsprop-momentum-lr", "rule math", "hwoptim/rules/rmsprop.py",
+           "out[\"param\"] = x.param - k.lr * buf", "out[\"param\"] = x.param - buf", ORACLE,
+           "RMSprop with momentum steps without the learning rate"),
+    Mutant("adamw-wd-default", "rule math", "hwoptim/rules/adamw.py",
+           'Hyper(1e-2, doc="decoupled weight decay λ")',
+           'Hyper(1e-3, doc="decoupled weight decay λ")', ("tests/test_oracle.py",),
+           "AdamW's default weight decay differs from torch's 1e-2"),
+    # ---------------------------------------------------------------- code printers
+    Mutant("cuda-max-as-min", "code printer (C/CUDA)", "hwoptim/codegen.py",
+           'cmp = ">" if e.op == "max" else "<"', 'cmp = "<" if e.op == "max" else "<"', CPP,
+           "the C printer writes min for max (the NVRTC compile still passes)", quick=True),
+    Mutant("c-operands-swapped", "code printer (C/CUDA)", "hwoptim/codegen.py",
+           'return f"{a[0]} {_ARITH[e.op]} {a[1]}"', 'return f"{a[1]} {_ARITH[e.op]} {a[0]}"',
+           CPP, "the C printer swaps the operands of - and /", nth=0),
+    Mutant("c-sign-inverted", "code printer (C/CUDA)", "hwoptim/codegen.py",
+           "(TC)(({a[0]} > (TC)0) - ({a[0]} < (TC)0))",
+           "(TC)(({a[0]} < (TC)0) - ({a[0]} > (TC)0))", ("tests/test_cuda_source.py", "-k",
+                                                          "sign"),
+           "the C printer's sign() is inverted",
+           equivalent="no rule uses sign() yet (Lion and Rprop will): nothing can see it"),
+    Mutant("cuda-unaligned-kernel-vectorised", "code printer (C/CUDA)", "hwoptim/codegen.py",
+           'kernel(base + "_unaligned", False, False)', 'kernel(base + "_unaligned", True, False)',
+           ("tests/test_cuda_source.py", "-k", "test_rule_kernels_compile"),
+           "the kernel for misaligned arrays makes 16-byte loads"),
+    Mutant("cuda-tail-from-zero", "code printer (C/CUDA)", "hwoptim/codegen.py",
+           'start = f"nv * {vec} + tid"', 'start = f"tid"', GPU,
+           "the scalar tail loop starts at 0 and updates vectorised elements twice", gpu=True),
+    Mutant("cuda-stride-one-block", "code printer (C/CUDA)", "hwoptim/codegen.py",
+           "const long long stride = (long long)gridDim.x * blockDim.x;",
+           "const long long stride = (long long)blockDim.x;", GPU,
+           "the grid-stride loop strides by one block: elements updated several times",
+           gpu=True),
+    Mutant("numba-fastmath-parallel", "code printer (Numba)", "hwoptim/codegen.py",
+           "@njit(parallel={par}, cache={bool(cache)}, error_model='numpy', nogil=True)",
+           "@njit(parallel={par}, fastmath={par}, cache={bool(cache)}, error_model='numpy', "
+           "nogil=True)", ("tests/test_backends.py", "-k", "parallel_kernel_equals_serial"), "the parallel kernel compiled with fastmath", quick=True),
+    Mutant("numba-where-swapped", "code printer (Numba)", "hwoptim/codegen.py",
+           'return f"{a[1]} if {a[0]} else {a[2]}"', 'return f"{a[2]} if {a[0]} else {a[1]}"',
+           ("tests/test_backends.py", "-k", "SGD"), "the Numba printer swaps where()'s branches"),
+    Mutant("numba-untyped-constants", "code printer (Numba)", "hwoptim/codegen.py",
+           'head += [f"{name} = np.{dtype}({v!r})" for v, name in consts.items()]',
+           'head += [f"{name} = {v!r}" for v, name in consts.items()]',
+           ("tests/test_numba.py", "-k", "fpext"),
+           "bare Python constants promote float32 kernels to float64 math"),
+    # ---------------------------------------------------------------- host scalars
+    Mutant("host-scalars-in-dtype", "host scalars", "hwoptim/codegen.py",
+           'lines.append(f"k_{n} = h[{n!r}]")', 'lines.append(f"k_{n} = _T(h[{n!r}])")',
+           ("tests/test_backends.py", "-k", "rounded_once"), "per-step scalars computed in float32 for float32 params"),
+    Mutant("param-groups-raw-values", "host scalars", "hwoptim/optim.py",
+           "        for k, v in checked.items():\n            dict.__setitem__(group, k, v)",
+           "        for k, v in changes.items():\n            dict.__setitem__(group, k, v)",
+           ("tests/test_backends.py", "-k", "python_floats or float64"),
+           "param_groups[i][k] = v stores NumPy scalars raw (float32 host math)", quick=True),
+    Mutant("step-count-lags", "host scalars", "hwoptim/optim.py",
+           "scal.append(self._prepare[gi](h, t))", "scal.append(self._prepare[gi](h, t - 1 or 1))",
+           ORACLE, "the per-step scalars use the previous step's count"),
+    # ---------------------------------------------------------------- validation order
+    Mutant("step-advances-before-check", "validation order", "hwoptim/optim.py",
+           "        flat = self._check_grads(grads)\n        entries = self._launchers()\n"
+           "        t = self._step + 1\n",
+           "        self._step += 1\n        flat = self._check_grads(grads)\n"
+           "        entries = self._launchers()\n        t = self._step\n",
+           ERRORS, "a rejected step() still advances the step count"),
+    Mutant("load-state-before-check", "validation order", "hwoptim/optim.py",
+           "        new_groups = []\n        for gi, (mine, theirs)",
+           "        self._step = int(step)\n        new_groups = []\n        for gi, (mine, theirs)",
+           ERRORS + ("tests/test_groups.py",),
+           "a rejected load_state_dict() still sets the step count"),
+    Mutant("grad-dtype-unchecked", "validation order", "hwoptim/optim.py",
+           "                    or g.dtype != p.dtype or g.shape != p.shape or not "
+           "g.flags.c_contiguous\n",
+           "                    or g.shape != p.shape or not g.flags.c_contiguous\n",
+           ERRORS, "grads of another dtype are not refused"),
+    # ---------------------------------------------------------------- state copies
+    Mutant("state-dict-views", "state copies", "hwoptim/backends/numpy.py",
+           "return np.array(a, copy=True)", "return np.asarray(a)", STATE,
+           "state_dict() returns views: a later step rewrites a checkpoint", quick=True),
+    Mutant("load-adopts-arrays", "state copies", "hwoptim/optim.py",
+           "                self.backend.copy_from_host(mine[k], np.asarray(v))",
+           "                dict.__setitem__(mine, k, np.asarray(v))", STATE,
+           "load_state_dict() keeps the caller's arrays instead of copying into its buffers"),
+    # ---------------------------------------------------------------- overlap checks
+    Mutant("overlap-never", "overlap checks", "hwoptim/optim.py",
+           "        if dev in end and s < end[dev]:\n            return owner[dev], label",
+           "        if dev in end and s < end[dev] and False:\n            return owner[dev], label",
+           ERRORS, "overlapping params or grads are never refused"),
+    Mutant("overlap-touching", "overlap checks", "hwoptim/optim.py",
+           "if dev in end and s < end[dev]:", "if dev in end and s <= end[dev]:", ERRORS,
+           "arrays that merely touch (one ends where the next starts) count as overlapping"),
+    Mutant("overlap-cache-ignores-spans", "overlap checks", "hwoptim/optim.py",
+           "if spans != self._checked_spans:", "if self._checked_spans is None:", ERRORS,
+           "grads that moved onto a param after the first step are not re-checked"),
+    # ---------------------------------------------------------------- backend choice
+    Mutant("prefer-numpy", "backend choice", "hwoptim/backends/__init__.py",
+           '_PREFERENCE = {"host": ("numba", "numpy")', '_PREFERENCE = {"host": ("numpy", "numba")',
+           ("tests/test_errors.py", "-k", "backend"),
+           "NumPy arrays get the slow reference backend by default"),
+    Mutant("family-mismatch-allowed", "backend choice", "hwoptim/backends/__init__.py",
+           "        if mod.FAMILY != fam:\n", "        if mod.FAMILY != fam and False:\n",
+           ("tests/test_errors.py", "-k", "backend"),
+           "backend='cupy' accepted for NumPy arrays"),
+    # ---------------------------------------------------------------- streams
+    Mutant("cupy-null-stream", "streams", "hwoptim/backends/cupy.py",
+           "        if all(a.data.ptr % 16 == 0 for a in args):\n            fn(k.main)",
+           "        if all(a.data.ptr % 16 == 0 for a in args):\n"
+           "          with cupy.cuda.Stream.null:\n            fn(k.main)", LAUNCH,
+           "the CuPy backend launches on the null stream, not the current one", quick=True),
+    Mutant("cupy-alignment-8", "streams", "hwoptim/backends/cupy.py",
+           "if all(a.data.ptr % 16 == 0 for a in args):",
+           "if all(a.data.ptr % 8 == 0 for a in args):", LAUNCH,
+           "8-byte aligned arrays get the 16-byte vector kernel"),
+    Mutant("cupy-ew-null-stream", "streams", "hwoptim/backends/cupy_elementwise.py",
+           "        ek(*[arrays[i] for i in i_in], *scalars, *[arrays[i] for i in i_out])",
+           "        with cupy.cuda.Stream.null:\n"
+           "            ek(*[arrays[i] for i in i_in], *scalars, *[arrays[i] for i in i_out])",
+           LAUNCH, "the ElementwiseKernel backend launches on the null stream"),
+    Mutant("cupy-fmad-on", "streams", "hwoptim/backends/cupy.py",
+           'NVRTC_OPTIONS = ("--fmad=false",)', "NVRTC_OPTIONS = ()", GPU,
+           "FMA contraction on: GPU results differ from the host's by an ulp", gpu=True),
+    # ---------------------------------------------------------------- thresholds
+    Mutant("serial-cutoff-zero", "thresholds", "hwoptim/backends/numba.py",
+           'SERIAL_WORK_BY_LAYER = {"omp": 128_000, "tbb": 512_000, "workqueue": 512_000}',
+           'SERIAL_WORK_BY_LAYER = {"omp": 0, "tbb": 0, "workqueue": 0}',
+           ("tests/test_numba.py", "-k", "small_arrays"),
+           "every size runs the parallel kernel (small steps pay a pool wake-up)"),
+    Mutant("test-tolerance-loose", "thresholds", "hwoptim/testing.py",
+           "K_STEP = 2.0", "K_STEP = 2.0e6",
+           ("tests/test_properties.py", "-k", "can_fail or bound_alone"),
+           "the per-step tolerance loosened a millionfold: tests stop seeing real errors"),
+    Mutant("max-step-off", "thresholds", "hwoptim/optim.py",
+           "if t > _MAX_STEP:", "if t > _MAX_STEP + 1:", ERRORS,
+           "one step past 2**53 allowed (the step count no longer exact as a float64)"),
+    Mutant("cache-mode-group-write", "thresholds", "hwoptim/backends/diskcache.py",
+           "    if st.st_mode & 0o022:\n        return f\"it is writable by",
+           "    if st.st_mode & 0o002:\n        return f\"it is writable by",
+           ("tests/test_cache.py",), "a group-writable kernel cache folder is trusted"),
+]
+
+
+def _find(text: str, m: Mutant) -> int:
+    """Index of the mutant's occurrence of ``old`` in ``text``; raises if not as stated."""
+    hits, i = [], text.find(m.old)
+    while i >= 0:
+        hits.append(i)
+        i = text.find(m.old, i + 1)
+    if not hits:
+        raise SystemExit(f"mutant {m.id}: text not found in {m.file}:\n{m.old}")
+    if m.nth is None and len(hits) > 1:
+        raise SystemExit(f"mutant {m.id}: text occurs {len(hits)} times in {m.file}; "
+                         f"set nth or make it unique")
+    if (m.nth or 0) >= len(hits):
+        raise SystemExit(f"mutant {m.id}: occurrence {m.nth} of {len(hits)} in {m.file}")
+    return hits[m.nth or 0]
+
+
+def _copy_tree(dst: Path) -> None:
+    files = subprocess.run(["git", "ls-files", "-co", "--exclude-standard"], cwd=ROOT,
+                           check=True, capture_output=True, text=True).stdout.split("\n")
+    for f in files:
+        if not f or f.startswith("bench/results/") or not (ROOT / f).is_file():
+            continue
+        (dst / f).parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy2(ROOT / f, dst / f)
+
+
+def _env(copy: Path, cache: Path) -> dict:
+    env = dict(os.environ)
+    env["PYTHONPATH"] = str(copy) + os.pathsep + env.get("PYTHONPATH", "")
+    env["HWOPTIM_CACHE_DIR"] = str(cache)     # shared: kernel files are named by their source
+    env.setdefault("HYPOTHESIS_PROFILE", "ci")
+    env.pop("PYTEST_ADDOPTS", None)
+    return env
+
+
+def _pytest(copy: Path, cache: Path, tests, timeout=TIMEOUT) -> tuple[str, float, str]:
+    cmd = [sys.executable, "-m", "pytest", "-x", "-q", "-p", "no:cacheprovider",
+           "--no-header", "-o", "addopts=", *tests]
+    t0 = time.time()
+    try:
+        r = subprocess.run(cmd, cwd=copy, env=_env(copy, cache), capture_output=True,
+                           text=True, timeout=timeout)
+    except subprocess.TimeoutExpired:
+        return "timeout", time.time() - t0, ""
+    tail = (r.stdout + r.stderr).strip().splitlines()
+    status = {0: "passed", 1: "failed"}.get(r.returncode, f"error (pytest exit {r.returncode})")
+    if status == "passed" and not re.search(r"\b\d+ passed\b", r.stdout):
+        status = "error (no test ran: all skipped?)"      # a pass that tested nothing
+    return status, time.time() - t0, "\n".join(tail[-15:])
+
+
+def run_one(m: Mutant, work: Path, cache: Path, tests=None) -> dict:
+    copy = work / m.id
+    _copy_tree(copy)
+    path = copy / m.file
+    text = path.read_text()
+    i = _find(text, m)
+    path.write_text(text[:i] + m.new + text[i + len(m.old):])
+    tests = tests or m.tests
+    status, secs, tail = _pytest(copy, cache, tests)
+    shutil.rmtree(copy, ignore_errors=True)
+    verdict = {"failed": "killed", "timeout": "killed (timeout)",
+               "passed": "SURVIVED"}.get(status, status)
+    return {"id": m.id, "area": m.area, "verdict": verdict, "seconds": round(secs, 1),
+            "why": m.why, "tests": " ".join(tests), "tail": tail if verdict != "killed" else ""}
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--quick", action="store_true", help="the fixed sample (.ci/run)")
+    ap.add_argument("--gpu", action="store_true", help="the GPU-only mutants (with --only: "
+                    "let GPU-only ones in)")
+    ap.add_argument("--list", action="store_true", help="print the table and stop")
+    ap.add_argument("--only", help="comma-separated mutant ids")
+    ap.add_argument("--tests", help="run the chosen mutants against these pytest arguments "
+                    "(space-separated, e.g. 'tests') instead of their own selections")
+    ap.add_argument("-j", "--jobs", type=int, default=1, help="mutants run side by side")
+    ap.add_argument("--json", help="write the results here")
+    a = ap.parse_args(argv)
+
+    for m in MUTANTS:                                   # every mutant still applies
+        _find((ROOT / m.file).read_text(), m)
+    equivalent = [m for m in MUTANTS if m.equivalent]
+    if a.list:
+        for m in MUTANTS:
+            tag = ("equivalent" if m.equivalent else "gpu" if m.gpu else
+                   "quick" if m.quick else "")
+            print(f"{m.id:34} {m.area:24} {tag:10} {m.why}")
+        print(f"{len(MUTANTS)} mutants: {sum(not m.gpu and not m.equivalent for m in MUTANTS)} "
+              f"CPU, {sum(m.gpu for m in MUTANTS)} GPU-only, {len(equivalent)} equivalent")
+        return 0
+    if a.only:
+        ids = a.only.split(",")
+        unknown = set(ids) - {m.id for m in MUTANTS}
+        if unknown:
+            raise SystemExit(f"unknown mutant ids: {', '.join(sorted(unknown))}")
+        chosen = [m for m in MUTANTS if m.id in ids and (a.gpu or not m.gpu)]
+    elif a.gpu:
+        chosen = [m for m in MUTANTS if m.gpu]
+    else:
+        chosen = [m for m in MUTANTS if not m.gpu and (m.quick or not a.quick)]
+    run = [m for m in chosen if not m.equivalent]
+
+    t0 = time.time()
+    with tempfile.TemporaryDirectory(prefix="hwoptim-mutants-") as tmp:
+        work, cache = Path(tmp), Path(tmp) / "cache"
+        cache.mkdir(mode=0o700)
+        base = work / "unchanged"
+        _copy_tree(base)
+        where = subprocess.run([sys.executable, "-c", "import hwoptim; print(hwoptim.__file__)"],
+                               cwd=base, env=_env(base, cache), capture_output=True, text=True)
+        if not where.stdout.strip().startswith(str(base)):
+            print(f"the copy's hwoptim is not the one imported: {where.stdout}{where.stderr}")
+            return 2
+        override = tuple(a.tests.split()) if a.tests else None
+        selections = [override] if override else sorted({m.tests for m in run})
+        print(f"{len(run)} mutants ({len(chosen) - len(run)} equivalent, not run); first the "
+              f"{len(selections)} test selections on the unchanged code", flush=True)
+        bad = []
+        with ThreadPoolExecutor(max(1, a.jobs)) as pool:
+            for sel, (status, secs, tail) in zip(selections, pool.map(
+                    lambda s: _pytest(base, cache, s), selections)):
+                print(f"  {status:8} {secs:6.1f} s  {' '.join(sel)}", flush=True)
+                if status != "passed":
+                    bad.append((sel, tail))
+        if bad:
+            for sel, tail in bad:
+                print(f"\n{' '.join(sel)} fails on the unchanged code:\n{tail}")
+            return 2
+        results = []
+        with ThreadPoolExecutor(max(1, a.jobs)) as pool:
+            for r in pool.map(lambda m: run_one(m, work, cache, override), run):
+                print(f"  {r['verdict']:16} {r['seconds']:6.1f} s  {r['id']}", flush=True)
+                results.append(r)
+
+    killed = sum(r["verdict"].startswith("killed") for r in results)
+    survivors = [r for r in results if not r["verdict"].startswith("killed")]
+    print(f"\n{'area':24} {'mutant':34} {'verdict':16} seconds")
+    for r in results:
+        print(f"{r['area']:24} {r['id']:34} {r['verdict']:16} {r['seconds']:7.1f}")
+    for m in chosen:
+        if m.equivalent:
+            print(f"{m.area:24} {m.id:34} {'equivalent':16}     -   ({m.equivalent})")
+    print(f"\nscore: {killed}/{len(results)} killed "
+          f"({100 * killed / max(1, len(results)):.0f}%) in {time.time() - t0:.0f} s"
+          + (f"; {len(chosen) - len(run)} equivalent, not counted" if len(chosen) > len(run)
+             else ""))
+    for r in survivors:
+        print(f"\n{r['verdict']}: {r['id']} ({r['why']}); tests: {r['tests']}\n{r['tail']}")
+    if a.json:
+        Path(a.json).write_text(json.dumps(results, indent=1))
+    return 1 if survivors else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
