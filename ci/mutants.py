@@ -117,10 +117,13 @@ MUTANTS = [
            CPP, "the C printer swaps the operands of - and /", nth=0),
     Mutant("c-sign-inverted", "code printer (C/CUDA)", "hwoptim/codegen.py",
            "(TC)(({a[0]} > (TC)0) - ({a[0]} < (TC)0))",
-           "(TC)(({a[0]} < (TC)0) - ({a[0]} > (TC)0))", ("tests/test_cuda_source.py", "-k",
-                                                          "sign"),
-           "the C printer's sign() is inverted",
-           equivalent="no rule uses sign() yet (Lion and Rprop will): nothing can see it"),
+           "(TC)(({a[0]} < (TC)0) - ({a[0]} > (TC)0))", CPP,
+           "the C printer's sign() is inverted (no shipped rule uses sign yet: "
+           "tests/every_op.py does)"),
+    Mutant("numba-min-as-max", "code printer (Numba)", "hwoptim/codegen.py",
+           '"min": "np.minimum",', '"min": "np.maximum",',
+           ("tests/test_numba.py", "-k", "every_operation"),
+           "the Numba printer writes maximum for minimum (no shipped rule uses minimum)"),
     Mutant("cuda-unaligned-kernel-vectorised", "code printer (C/CUDA)", "hwoptim/codegen.py",
            'kernel(base + "_unaligned", False, False)', 'kernel(base + "_unaligned", True, False)',
            ("tests/test_cuda_source.py", "-k", "test_rule_kernels_compile"),
@@ -136,7 +139,8 @@ MUTANTS = [
     Mutant("numba-fastmath-parallel", "code printer (Numba)", "hwoptim/codegen.py",
            "@njit(parallel={par}, cache={bool(cache)}, error_model='numpy', nogil=True)",
            "@njit(parallel={par}, fastmath={par}, cache={bool(cache)}, error_model='numpy', "
-           "nogil=True)", ("tests/test_backends.py", "-k", "parallel_kernel_equals_serial"), "the parallel kernel compiled with fastmath", quick=True),
+           "nogil=True)", ("tests/test_backends.py", "-k", "parallel_kernel_equals_serial"),
+           "the parallel kernel compiled with fastmath", quick=True),
     Mutant("numba-where-swapped", "code printer (Numba)", "hwoptim/codegen.py",
            'return f"{a[1]} if {a[0]} else {a[2]}"', 'return f"{a[2]} if {a[0]} else {a[1]}"',
            ("tests/test_backends.py", "-k", "SGD"), "the Numba printer swaps where()'s branches"),
@@ -148,7 +152,8 @@ MUTANTS = [
     # ---------------------------------------------------------------- host scalars
     Mutant("host-scalars-in-dtype", "host scalars", "hwoptim/codegen.py",
            'lines.append(f"k_{n} = h[{n!r}]")', 'lines.append(f"k_{n} = _T(h[{n!r}])")',
-           ("tests/test_backends.py", "-k", "rounded_once"), "per-step scalars computed in float32 for float32 params"),
+           ("tests/test_backends.py", "-k", "rounded_once"),
+           "per-step scalars computed in float32 for float32 params", quick=True),
     Mutant("param-groups-raw-values", "host scalars", "hwoptim/optim.py",
            "        for k, v in checked.items():\n            dict.__setitem__(group, k, v)",
            "        for k, v in changes.items():\n            dict.__setitem__(group, k, v)",
@@ -163,7 +168,7 @@ MUTANTS = [
            "        t = self._step + 1\n",
            "        self._step += 1\n        flat = self._check_grads(grads)\n"
            "        entries = self._launchers()\n        t = self._step\n",
-           ERRORS, "a rejected step() still advances the step count"),
+           ERRORS, "a rejected step() still advances the step count", quick=True),
     Mutant("load-state-before-check", "validation order", "hwoptim/optim.py",
            "        new_groups = []\n        for gi, (mine, theirs)",
            "        self._step = int(step)\n        new_groups = []\n        for gi, (mine, theirs)",
@@ -186,7 +191,7 @@ MUTANTS = [
     Mutant("overlap-never", "overlap checks", "hwoptim/optim.py",
            "        if dev in end and s < end[dev]:\n            return owner[dev], label",
            "        if dev in end and s < end[dev] and False:\n            return owner[dev], label",
-           ERRORS, "overlapping params or grads are never refused"),
+           ERRORS, "overlapping params or grads are never refused", quick=True),
     Mutant("overlap-touching", "overlap checks", "hwoptim/optim.py",
            "if dev in end and s < end[dev]:", "if dev in end and s <= end[dev]:", ERRORS,
            "arrays that merely touch (one ends where the next starts) count as overlapping"),
@@ -197,7 +202,7 @@ MUTANTS = [
     Mutant("prefer-numpy", "backend choice", "hwoptim/backends/__init__.py",
            '_PREFERENCE = {"host": ("numba", "numpy")', '_PREFERENCE = {"host": ("numpy", "numba")',
            ("tests/test_errors.py", "-k", "backend"),
-           "NumPy arrays get the slow reference backend by default"),
+           "NumPy arrays get the slow reference backend by default", quick=True),
     Mutant("family-mismatch-allowed", "backend choice", "hwoptim/backends/__init__.py",
            "        if mod.FAMILY != fam:\n", "        if mod.FAMILY != fam and False:\n",
            ("tests/test_errors.py", "-k", "backend"),
@@ -225,11 +230,11 @@ MUTANTS = [
            'SERIAL_WORK_BY_LAYER = {"omp": 128_000, "tbb": 512_000, "workqueue": 512_000}',
            'SERIAL_WORK_BY_LAYER = {"omp": 0, "tbb": 0, "workqueue": 0}',
            ("tests/test_numba.py", "-k", "small_arrays"),
-           "every size runs the parallel kernel (small steps pay a pool wake-up)"),
+           "every size runs the parallel kernel (small steps pay a pool wake-up)", quick=True),
     Mutant("test-tolerance-loose", "thresholds", "hwoptim/testing.py",
            "K_STEP = 2.0", "K_STEP = 2.0e6",
            ("tests/test_properties.py", "-k", "can_fail or bound_alone"),
-           "the per-step tolerance loosened a millionfold: tests stop seeing real errors"),
+           "the per-step tolerance loosened a millionfold: tests stop seeing real errors", quick=True),
     Mutant("max-step-off", "thresholds", "hwoptim/optim.py",
            "if t > _MAX_STEP:", "if t > _MAX_STEP + 1:", ERRORS,
            "one step past 2**53 allowed (the step count no longer exact as a float64)"),
@@ -314,6 +319,9 @@ def main(argv=None) -> int:
                     "let GPU-only ones in)")
     ap.add_argument("--list", action="store_true", help="print the table and stop")
     ap.add_argument("--only", help="comma-separated mutant ids")
+    ap.add_argument("--skip-baseline", action="store_true",
+                    help="do not run the selections on the unchanged code first (when the "
+                    "caller has just run them: ci/gpu-check)")
     ap.add_argument("--tests", help="run the chosen mutants against these pytest arguments "
                     "(space-separated, e.g. 'tests') instead of their own selections")
     ap.add_argument("-j", "--jobs", type=int, default=1, help="mutants run side by side")
@@ -347,6 +355,10 @@ def main(argv=None) -> int:
     with tempfile.TemporaryDirectory(prefix="hwoptim-mutants-") as tmp:
         work, cache = Path(tmp), Path(tmp) / "cache"
         cache.mkdir(mode=0o700)
+        mine = os.environ.get("HWOPTIM_CACHE_DIR", "")
+        if mine and mine.lower() != "off":
+            cache = Path(mine)      # kernel files are named by a hash of their source: the
+            # mutated kernels get files of their own, the unchanged ones are reused
         base = work / "unchanged"
         _copy_tree(base)
         where = subprocess.run([sys.executable, "-c", "import hwoptim; print(hwoptim.__file__)"],
@@ -361,7 +373,7 @@ def main(argv=None) -> int:
         bad = []
         with ThreadPoolExecutor(max(1, a.jobs)) as pool:
             for sel, (status, secs, tail) in zip(selections, pool.map(
-                    lambda s: _pytest(base, cache, s), selections)):
+                    lambda s: _pytest(base, cache, s), [] if a.skip_baseline else selections)):
                 print(f"  {status:8} {secs:6.1f} s  {' '.join(sel)}", flush=True)
                 if status != "passed":
                     bad.append((sel, tail))
