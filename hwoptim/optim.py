@@ -18,7 +18,7 @@ from types import SimpleNamespace
 import numpy as np
 
 from . import backends as _backends
-from . import codegen
+from . import codegen, interop
 from .spec import Rule
 
 _DTYPES = (np.dtype(np.float32), np.dtype(np.float64))
@@ -47,6 +47,11 @@ def _describe(a) -> str:
     if fam is None:
         return f"a {type(a).__module__}.{type(a).__name__}"
     return f"a {_KIND[fam]} array of shape {tuple(a.shape)} and dtype {a.dtype}"
+
+
+def _is_array(a) -> bool:
+    """A NumPy or CuPy array, or an array of another library that exports DLPack."""
+    return _backends.family(a) is not None or interop.foreign(a)
 
 
 def _device(a, fam) -> str:
@@ -251,6 +256,7 @@ class Optimizer:
                                  if _backends._loaded.get(n) is self.backend)
         self.dtype = str(arrays[0].dtype)
         self._family = fam
+        self._stream = interop.torch_stream([a for g in groups for a in g["_given"]])
         if not isinstance(capturable, (bool, np.bool_)):
             raise TypeError(f"capturable={capturable!r}: expected True or False")
         if capturable and self.backend_name != "cupy":
@@ -282,7 +288,7 @@ class Optimizer:
             where = f"param_groups[{gi}]: "
             merged = dict(self._defaults)
             for k, v in g.items():
-                if k == "params":
+                if k in ("params", "_given"):
                     continue
                 merged[k] = (self._check_value(k, v, where) if k in self._known
                              else self._extra_key(k, v, where))
@@ -295,12 +301,12 @@ class Optimizer:
         # everything is checked: now allocate and record
         for g, (merged, flags) in zip(groups, merged_all):
             gi = len(self.param_groups)
-            ps = _Frozen(g["params"], f"param_groups[{gi}]['params'] cannot be changed; "
-                                      f"add params with opt.add_param_group(...), or make a "
-                                      f"new optimizer")
+            ps = _Frozen(g.get("_given", g["params"]),
+                         f"param_groups[{gi}]['params'] cannot be changed; add params with "
+                         f"opt.add_param_group(...), or make a new optimizer")
             self._flags.append(flags)
             list.append(self.param_groups, ParamGroup(self, {"params": ps, **merged}))
-            for p in ps:
+            for p in g["params"]:
                 i = len(self.state)
                 st = {}
                 for s in rule.active_states(flags):
@@ -501,7 +507,19 @@ class Optimizer:
 
     @staticmethod
     def _normalize_params(params, first: int = 0) -> list:
-        if _backends.family(params) is not None:
+        """Groups as dicts whose ``"params"`` are NumPy or CuPy arrays (DLPack arrays taken as
+        views of the same memory), with the objects the caller gave under ``"_given"``."""
+        groups = Optimizer._groups(params, first)
+        for gi, g in enumerate(groups, first):
+            given = g["params"]
+            g["params"] = [interop.as_array(a, f"param_groups[{gi}]['params'][{j}]")
+                           if interop.foreign(a) else a for j, a in enumerate(given)]
+            g["_given"] = given
+        return groups
+
+    @staticmethod
+    def _groups(params, first: int) -> list:
+        if _is_array(params):
             return [{"params": [params]}]
         if isinstance(params, dict):
             params = [params]
@@ -520,7 +538,7 @@ class Optimizer:
                 if "params" not in g:
                     raise ValueError(f"param_groups[{gi}] has no 'params' key")
                 ps = g["params"]
-                if _backends.family(ps) is not None:
+                if _is_array(ps):
                     ps = [ps]
                 else:
                     try:
@@ -584,7 +602,7 @@ class Optimizer:
         params = self._params
         n = len(params)
         if type(grads) is not list and type(grads) is not tuple:
-            if _backends.family(grads) is not None:
+            if _is_array(grads):
                 if n != 1:
                     raise ValueError(f"step() got one array but the optimizer has {n} params; "
                                      f"expected a list of {n} grads")
@@ -596,6 +614,9 @@ class Optimizer:
                                 f"{n} arrays matching params")
         if len(grads) != n:
             raise ValueError(f"step() got {len(grads)} grads; expected {n}, one per param")
+        if n and type(grads[0]) is not self._array_type:     # DLPack arrays: their views
+            grads = [interop.as_array(g, f"grads[{i}]") if interop.foreign(g) else g
+                     for i, g in enumerate(grads)]
         last = self._checked
         if len(last) == n:
             # The same array objects as last step: their memory has not moved (a weak
@@ -696,6 +717,9 @@ class Optimizer:
         if self.capturable:
             self._check_aligned(flat)        # the device kernels need it: check before any
             self._step = t                   # launch, so a rejected step changes nothing
+            if self._stream is not None:
+                with self._stream():
+                    return self._step_device(self._kern, flat)
             return self._step_device(self._kern, flat)
         scal = []
         for gi, g in enumerate(self.param_groups):
@@ -703,6 +727,12 @@ class Optimizer:
             h = {**g, "lr": self._call_lr(gi, lr, t)} if callable(lr) else g
             scal.append(self._prepare[gi](h, t))
         self._step = t                       # everything is checked: from here on, update
+        if self._stream is not None:         # torch CUDA tensors: on torch's current stream
+            with self._stream():
+                return self._launch_all(entries, flat, scal)
+        self._launch_all(entries, flat, scal)
+
+    def _launch_all(self, entries, flat, scal):
         if entries is not None:
             for views, gi, gr, e in zip(self._views, self._group_of, flat, entries):
                 e(views[0], gr, *views[1:], *scal[gi])
@@ -721,7 +751,7 @@ class Optimizer:
 
     def _init_device_scalars(self):
         import cupy
-        with self.param_groups[0]["params"][0].device:
+        with self._params[0].device:
             self._hyper_dev = [cupy.asarray(self._hyper_vector(g)) for g in self.param_groups]
             self._step_dev = [cupy.zeros(1, dtype=np.float64) for _ in self.param_groups]
             self._k_dev = [cupy.zeros(len(_plan(self.rule, f).scalars), dtype=self.dtype)
