@@ -112,6 +112,31 @@ def _refuse_subclass(what: str, a):
                     f"the mask is not used)")
 
 
+def check_value(rule: Rule, name, value, where: str):
+    """``value`` as stored (Python bools and floats, so per-step host arithmetic stays
+    float64 whatever NumPy scalars came in), or an error naming what was expected."""
+    if name in rule.options:
+        if not isinstance(value, (bool, np.bool_)):
+            raise TypeError(f"{where}{name}={value!r}: expected True or False")
+        return bool(value)
+    if name == "lr" and callable(value):
+        return value
+    hy = rule.hypers[name]
+    if isinstance(hy.default, tuple):
+        bad = hy.check(tuple(value) if isinstance(value, (list, tuple)) else value)
+        if bad:
+            raise ValueError(f"{where}{name}={value!r} is invalid: expected {bad}")
+        return tuple(_finite(b, f"{where}{name}={_short(value)}", "finite numbers")
+                     for b in value)
+    if isinstance(value, (bool, np.bool_)) or not isinstance(value, numbers.Real):
+        raise TypeError(f"{where}{name}={value!r}: expected a real number")
+    x = _finite(value, f"{where}{name}={_short(value)}", "a finite number")
+    bad = hy.check(x)
+    if bad:
+        raise ValueError(f"{where}{name}={value!r} is invalid: expected {bad}")
+    return x
+
+
 class _Frozen(list):
     """A list that refuses changes with a message saying what to do instead."""
 
@@ -381,29 +406,7 @@ class Optimizer:
 
     # ------------------------------------------------------------------ validation helpers
     def _check_value(self, name, value, where):
-        """``value`` as stored (Python bools and floats, so per-step host arithmetic stays
-        float64 whatever NumPy scalars came in), or an error naming what was expected."""
-        rule = self.rule
-        if name in rule.options:
-            if not isinstance(value, (bool, np.bool_)):
-                raise TypeError(f"{where}{name}={value!r}: expected True or False")
-            return bool(value)
-        if name == "lr" and callable(value):
-            return value
-        hy = rule.hypers[name]
-        if isinstance(hy.default, tuple):
-            bad = hy.check(tuple(value) if isinstance(value, (list, tuple)) else value)
-            if bad:
-                raise ValueError(f"{where}{name}={value!r} is invalid: expected {bad}")
-            return tuple(_finite(b, f"{where}{name}={_short(value)}", "finite numbers")
-                         for b in value)
-        if isinstance(value, (bool, np.bool_)) or not isinstance(value, numbers.Real):
-            raise TypeError(f"{where}{name}={value!r}: expected a real number")
-        x = _finite(value, f"{where}{name}={_short(value)}", "a finite number")
-        bad = hy.check(x)
-        if bad:
-            raise ValueError(f"{where}{name}={value!r} is invalid: expected {bad}")
-        return x
+        return check_value(self.rule, name, value, where)
 
     def _extra_key(self, key, value, where):
         """A key that is no hyperparameter (``name``, ``initial_lr``, a scheduler's): kept

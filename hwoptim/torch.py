@@ -1,0 +1,311 @@
+"""Drop-in ``torch.optim`` optimizers: ``from hwoptim.torch import AdamW`` and train as with
+``torch.optim.AdamW``. One class per rule spec (every rule with a torch twin has torch's
+name, signature, defaults and state layout), each a real ``torch.optim.Optimizer`` subclass,
+so ``zero_grad``, ``add_param_group``, ``state_dict``/``load_state_dict`` (interchangeable with
+torch's own optimizers), step hooks, LR schedulers and ``torch.amp.GradScaler`` work unchanged.
+
+``step()`` runs hwoptim's generated kernels on the tensors' memory, zero-copy: the Numba
+backend (or NumPy, ``backend="numpy"``) for CPU tensors, CuPy for CUDA tensors, on torch's
+current stream. The one extra argument is ``backend=``. torch's ``foreach`` and ``fused``
+are accepted and change nothing (hwoptim's kernels are always fused); ``capturable=True`` and
+``differentiable=True`` are refused.
+
+What follows torch exactly: params whose ``.grad`` is ``None`` are skipped and their state is
+neither created nor advanced; state is created where torch creates it (Adagrad: in the
+constructor, for every param; the others: at a param's first step with a grad); the step
+count is per param (a 0-d float tensor ``state[p]["step"]``, as torch keeps it; SGD keeps
+none); sparse grads are refused.
+"""
+from __future__ import annotations
+
+import inspect
+from types import SimpleNamespace
+
+import torch
+from torch.optim import Optimizer as _TorchOptimizer
+
+from . import backends as _backends
+from . import interop
+from .optim import _kernel, _plan, check_value
+from .rules import RULES
+
+__all__ = []
+
+# torch facts per rule (not math): where torch creates state, and whether it counts steps
+_EAGER_STATE = {"Adagrad"}          # state for every param in the constructor
+_NO_STEP = {"SGD"}                  # no state["step"]; the first step is the buffer's first
+_TORCH_ONLY = ("foreach", "fused", "capturable", "differentiable")   # accepted torch args
+_DTYPES = {torch.float32: "float32", torch.float64: "float64"}
+
+
+def _scalar_dtype():
+    """The dtype torch gives ``state["step"]``: float64 under a float64 default dtype."""
+    return torch.float64 if torch.get_default_dtype() == torch.float64 else torch.float32
+
+
+def _host(v):
+    """A hyperparameter as a host number (0-d tensors and tuples of them included)."""
+    if isinstance(v, torch.Tensor):
+        if v.numel() != 1:
+            raise ValueError(f"expected a number or a one-element tensor, got shape "
+                             f"{tuple(v.shape)}")
+        return float(v.item())
+    if isinstance(v, (tuple, list)):
+        return tuple(_host(b) for b in v)
+    return v
+
+
+def _view(t):
+    """A NumPy (CPU) or CuPy (CUDA) view of tensor ``t``'s memory."""
+    t = t.detach()
+    if t.device.type == "cpu":
+        return t.numpy()
+    return interop.as_array(t, "tensor")
+
+
+class Optimizer(_TorchOptimizer):
+    """Base class of the drop-in optimizers; see :mod:`hwoptim.torch`."""
+
+    rule = None
+    _torch_defaults: dict = {}
+
+    def __init__(self, params, *args, backend: str | None = None, **kwargs):
+        rule = self.rule
+        names = [n for n in self._signature_names() if n != "params"]
+        if len(args) > len(self._positional):
+            raise TypeError(f"{type(self).__name__}() takes at most {len(self._positional)} "
+                            f"positional arguments after params; got {len(args)}")
+        for n, v in zip(self._positional, args):
+            if n in kwargs:
+                raise TypeError(f"{type(self).__name__}() got {n!r} both by position and by "
+                                f"name")
+            kwargs[n] = v
+        unknown = [k for k in kwargs if k not in names]
+        if unknown:
+            raise TypeError(f"{type(self).__name__}() got an unexpected argument "
+                            f"{unknown[0]!r}; expected one of {', '.join(names)}, backend")
+        defaults = {n: p.default for n, p in self._parameters.items() if n != "params"}
+        defaults.update(kwargs)
+        for k in ("capturable", "differentiable"):
+            if defaults.get(k):
+                raise ValueError(f"{type(self).__name__}({k}=True) is not supported by "
+                                 f"hwoptim.torch; use torch.optim for it, or hwoptim's native "
+                                 f"classes (capturable=True with CuPy arrays)")
+        self._check_group(defaults, f"{type(self).__name__}(): ")
+        if backend is not None and backend not in _backends.names():
+            raise ValueError(f"backend={backend!r} is unknown; expected None or one of "
+                             f"{', '.join(repr(n) for n in _backends.names())}")
+        self._backend_request = backend
+        self._checked_groups = {}
+        super().__init__(params, defaults)      # calls add_param_group for each group
+
+    # ------------------------------------------------------------------ signature
+    @classmethod
+    def _signature_names(cls):
+        return list(cls._parameters)
+
+    # ------------------------------------------------------------------ checks
+    def _check_group(self, group, where):
+        """The group's hyperparameters and options, checked (as hwoptim's native classes
+        check them): a dict of host values, or an error naming the bad one."""
+        rule = self.rule
+        out = {}
+        for n in list(rule.hypers) + list(rule.options):
+            if n not in group:
+                continue
+            v = group[n]
+            try:
+                v = _host(v)
+            except ValueError as e:
+                raise ValueError(f"{where}{n}: {e}") from None
+            out[n] = check_value(rule, n, v, where)
+        h = SimpleNamespace(**{n: out[n] for n in rule.hypers})
+        o = SimpleNamespace(**{n: out[n] for n in rule.options})
+        if rule.check is not None:
+            for arg, value, expected in rule.check(h, o):
+                raise ValueError(f"{where}{arg}={value!r} is invalid: expected {expected}")
+        return out
+
+    def _flags(self, group, where):
+        """(host hyperparameters, static flags) of ``group``, checked when they changed."""
+        rule = self.rule
+        key = tuple(_host(group[n]) if isinstance(group[n], torch.Tensor) else group[n]
+                    for n in self._keys)
+        hit = self._checked_groups.get(id(group))
+        if hit is not None and hit[0] == key:
+            return hit[1], hit[2]
+        vals = self._check_group(group, where)
+        h = {n: vals[n] for n in rule.hypers}
+        flags = rule.static_flags(h, {n: vals[n] for n in rule.options})
+        self._checked_groups[id(group)] = (key, h, flags)
+        return h, flags
+
+    def add_param_group(self, param_group):
+        merged = {**self.defaults, **{k: v for k, v in param_group.items() if k != "params"}}
+        where = f"param_groups[{len(self.param_groups)}]: "
+        self._check_group(merged, where)
+        super().add_param_group(param_group)
+        if self.rule.name in _EAGER_STATE and hasattr(self, "_checked_groups"):
+            group = self.param_groups[-1]
+            for p in group["params"]:
+                self._init_state(p, group, self._flags(group, where))
+
+    def __setstate__(self, state):
+        """Also what ``load_state_dict`` ends with: groups saved by torch.optim lack
+        hwoptim's own options (RMSprop's eps_in_sqrt); they get this optimizer's defaults."""
+        super().__setstate__(state)
+        for group in self.param_groups:
+            for k, v in self.defaults.items():
+                group.setdefault(k, v)
+        self.__dict__.setdefault("_checked_groups", {})
+        self.__dict__.setdefault("_backend_request", None)
+
+    # ------------------------------------------------------------------ state
+    def _init_state(self, p, group, hf):
+        """torch's state for ``p``: the step count and the rule's buffers."""
+        h, flags = hf
+        state = self.state[p]
+        if self.rule.name not in _NO_STEP and "step" not in state:
+            state["step"] = torch.tensor(0.0, dtype=_scalar_dtype())
+        for s in self.rule.active_states(flags):
+            if s.name not in state:
+                init = h[s.init] if isinstance(s.init, str) else s.init
+                state[s.name] = torch.full_like(p, init, memory_format=torch.preserve_format)
+
+    # ------------------------------------------------------------------ stepping
+    @torch.no_grad()
+    def step(self, closure=None):
+        """One update of every param that has a grad; ``closure`` re-evaluates the loss
+        (with grad enabled) and its value is returned, as in torch."""
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        work = []
+        for gi, group in enumerate(self.param_groups):     # check everything first
+            where = f"param_groups[{gi}]: "
+            hf = self._flags(group, where)
+            items = []
+            for j, p in enumerate(group["params"]):
+                g = p.grad
+                if g is None:
+                    continue
+                if g.is_sparse:
+                    raise RuntimeError(f"{where}params[{j}] has a sparse grad; "
+                                       f"{type(self).__name__} does not support sparse "
+                                       f"gradients (torch.optim.SparseAdam does)")
+                if p.dtype not in _DTYPES:
+                    raise TypeError(f"{where}params[{j}] is {p.dtype}; hwoptim.torch updates "
+                                    f"float32 and float64 params")
+                if g.dtype != p.dtype or g.shape != p.shape or g.device != p.device:
+                    raise ValueError(f"{where}params[{j}].grad is {g.dtype} {tuple(g.shape)} "
+                                     f"on {g.device}; expected {p.dtype} {tuple(p.shape)} on "
+                                     f"{p.device} like the param")
+                if not (p.is_contiguous() and g.is_contiguous()):
+                    raise ValueError(f"{where}params[{j}] or its grad is not contiguous "
+                                     f"(channels_last?); hwoptim's kernels update contiguous "
+                                     f"memory: model.to(memory_format=torch.contiguous_format)")
+                items.append((p, g))
+            work.append((group, hf, items))
+        for group, hf, items in work:
+            if items:
+                self._step_group(group, hf, items)
+        return loss
+
+    def _step_group(self, group, hf, items):
+        rule = self.rule
+        h, flags = hf
+        h = dict(h)
+        plan = _plan(rule, flags)
+        names = plan.arrays[2:]
+        by_kernel = {}
+        for p, g in items:
+            state = self.state[p]
+            first = rule.name in _NO_STEP and any(n not in state for n in names)
+            self._init_state(p, group, hf)
+            if rule.name in _NO_STEP:
+                t = 1 if first else 2
+            else:
+                st = state["step"]
+                t = int(st.item()) + 1
+                st.fill_(t)
+            dev = p.device
+            key = (dev, _DTYPES[p.dtype])
+            by_kernel.setdefault(key, {}).setdefault(t, []).append(
+                [_view(p).reshape(-1), _view(g).reshape(-1)]
+                + [_view(state[n]).reshape(-1) for n in names])
+        for (dev, dtype), by_t in by_kernel.items():
+            fam = "host" if dev.type == "cpu" else "cuda"
+            backend = _backends.pick(fam, self._backend_request)
+            k = _kernel(backend, plan, dtype)
+            stream = None
+            if fam == "cuda":
+                import cupy
+                stream = cupy.cuda.ExternalStream(
+                    torch.cuda.current_stream(dev).cuda_stream, dev.index)
+            with (stream if stream is not None else _nullcontext()):
+                for t, arrays in by_t.items():
+                    if hasattr(k, "unchecked"):
+                        scal = k.prepare_unchecked(h, t)
+                        for a in arrays:
+                            k.unchecked(a, scal)
+                    else:
+                        scal = k.prepare(h, t)
+                        for a in arrays:
+                            k(a, scal)
+
+
+class _nullcontext:
+    def __enter__(self):
+        return None
+
+    def __exit__(self, *exc):
+        return False
+
+
+def _make(rule):
+    twin = getattr(torch.optim, rule.torch, None) if rule.torch else None
+    params = [inspect.Parameter("params", inspect.Parameter.POSITIONAL_OR_KEYWORD)]
+    if twin is not None:
+        tsig = inspect.signature(twin)
+        for n, p in tsig.parameters.items():
+            if n == "params" or n in _TORCH_ONLY or n in rule.hypers or n in rule.options:
+                if n != "params":
+                    params.append(p.replace(annotation=inspect.Parameter.empty,
+                                            default=_torch_default(rule, n, p.default)))
+        have = {p.name for p in params}
+        extra = [n for n in list(rule.hypers) + list(rule.options) if n not in have]
+    else:
+        extra = list(rule.hypers) + list(rule.options)
+        params += [inspect.Parameter(n, inspect.Parameter.KEYWORD_ONLY,
+                                     default=_torch_default(rule, n, None))
+                   for n in ("foreach", "fused")]
+    kind = inspect.Parameter.KEYWORD_ONLY
+    for n in extra:           # hwoptim's own options (RMSprop's eps_in_sqrt)
+        params.append(inspect.Parameter(n, kind, default=_torch_default(rule, n, None)))
+    positional = [p.name for p in params[1:]
+                  if p.kind == inspect.Parameter.POSITIONAL_OR_KEYWORD]
+    sig = inspect.Signature(params + [inspect.Parameter("backend", kind, default=None)])
+    doc = (f"{rule.doc.strip()}\n\nA drop-in for torch.optim.{rule.torch or rule.name} "
+           f"(hwoptim.torch): torch's signature and state, hwoptim's kernels.\n\n"
+           f"Update: {rule.formula}\n")
+    cls = type(rule.name, (Optimizer,), {
+        "rule": rule, "__doc__": doc, "__module__": __name__,
+        "_parameters": {p.name: p for p in params}, "_positional": positional,
+        "_keys": tuple(list(rule.hypers) + list(rule.options))})
+    cls.__signature__ = sig
+    return cls
+
+
+def _torch_default(rule, name, torch_default):
+    if name in rule.hypers:
+        return rule.hypers[name].default
+    if name in rule.options:
+        return rule.options[name]
+    return torch_default
+
+
+for _rule in RULES.values():
+    globals()[_rule.name] = _make(_rule)
+    __all__.append(_rule.name)
+del _rule
