@@ -38,6 +38,9 @@ class _Stream:
     def __exit__(self, *exc):
         _FakeCupy.current = self._prev.pop()
 
+    def synchronize(self):
+        _FakeCupy.syncs.append(self)
+
     def __repr__(self):
         return f"<stream {self.name}>"
 
@@ -57,9 +60,20 @@ class _Array:
         return f"<array n={self.size} at {self.data.ptr:#x}>"
 
 
+class _Upload(_Array):
+    """What ``cupy.asarray(host_array)`` gives: a device array holding a copy of the host
+    data, made on the stream current at the time."""
+
+    def __init__(self, host, ptr, stream):
+        super().__init__(host.size, ptr)
+        self.host, self.stream = host.copy(), stream
+
+
 class _FakeCupy(types.ModuleType):
     current = None
     launches: list = []
+    uploads: list = []
+    syncs: list = []
 
     def __init__(self):
         super().__init__("cupy")
@@ -96,9 +110,28 @@ class _FakeCupy(types.ModuleType):
             get_current_stream=lambda: _FakeCupy.current)
         runtime = types.SimpleNamespace(
             getDevice=lambda: 0, getDeviceCount=lambda: 1,
-            getDeviceProperties=lambda dev: {"multiProcessorCount": SM})
-        self.cuda = types.SimpleNamespace(runtime=runtime, **vars(stream_mod))
+            getDeviceProperties=lambda dev: {"multiProcessorCount": SM},
+            deviceSynchronize=lambda: _FakeCupy.syncs.append("device"))
+        self.cuda = types.SimpleNamespace(runtime=runtime, Device=_Device, **vars(stream_mod))
         self.RawModule, self.ElementwiseKernel = RawModule, ElementwiseKernel
+
+    @staticmethod
+    def asarray(a):
+        assert isinstance(a, np.ndarray), f"only host arrays are uploaded here, got {type(a)}"
+        up = _Upload(a, 0x7E0000000000 + (len(_FakeCupy.uploads) << 24), _FakeCupy.current)
+        _FakeCupy.uploads.append(up)
+        return up
+
+
+class _Device:
+    def __init__(self, dev):
+        assert dev == 0, dev
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        pass
 
 
 @pytest.fixture
@@ -106,6 +139,8 @@ def fake_cupy(monkeypatch):
     fake = _FakeCupy()
     _FakeCupy.current = fake.cuda.Stream.null
     _FakeCupy.launches = []
+    _FakeCupy.uploads = []
+    _FakeCupy.syncs = []
     monkeypatch.setitem(sys.modules, "cupy", fake)
     return fake
 
@@ -213,3 +248,130 @@ def test_device_scalar_kernels(fake_cupy):
     run.advance(_Array(8, 0x20), _Array(1, 0x30), _Array(4, 0x40))
     (launch,) = _FakeCupy.launches
     assert launch["kernel"] == src.advance and launch["grid"] == (1,) == launch["block"]
+
+
+# ----------------------------------------------------------------------------- many arrays
+
+def _group(plan, rng, sizes, base=0x7F0000000000):
+    """(ptrs, sizes, rows, scalars) for a group of tensors: distinct 16-byte aligned device
+    addresses (one misaligned tensor), rows at different steps."""
+    n = len(sizes)
+    ptrs = np.array([[base + (i << 36) + (j << 30) + (4 if i == 1 else 0)
+                      for j in range(len(plan.arrays))] for i in range(n)], np.int64)
+    rows = rng.integers(0, 3, n).astype(np.int64)
+    return ptrs, np.asarray(sizes, np.int64), rows
+
+
+def _scalar_rows(run, h, dtype, steps=(1, 2, 3)):
+    return np.array([run.prepare(h, t) for t in steps], dtype=dtype)
+
+
+@pytest.mark.parametrize("rule_name, opts", CASES, ids=[f"{r}{o or ''}" for r, o in CASES])
+def test_many_launches_once_on_the_current_stream(rule_name, opts, fake_cupy, rng):
+    """``run.many``: one launch for the whole group, and every upload (the chunk table the
+    first time, the packed pointer table every time) on the caller's current stream."""
+    mod = _backend("cupy")
+    plan, h = _plan(rule_name, **opts)
+    run = mod.kernel(plan, "float32")
+    sizes = [5000, 0, 3, 70_000, 1]
+    ptrs, sizes, rows = _group(plan, rng, sizes)
+    scalars = _scalar_rows(run, h, "float32")
+    for stream in (fake_cupy.cuda.ExternalStream(0xABC0), fake_cupy.cuda.ExternalStream(0xDEF0)):
+        _FakeCupy.launches.clear()
+        _FakeCupy.uploads.clear()
+        with stream:
+            run.many(ptrs, sizes, rows, scalars)
+        assert [L["stream"] for L in _FakeCupy.launches] == [stream], (
+            f"launched on {[L['stream'] for L in _FakeCupy.launches]}; expected one launch on "
+            f"the caller's current stream {stream}")
+        assert _FakeCupy.uploads and all(u.stream is stream for u in _FakeCupy.uploads), (
+            f"uploads on {[u.stream for u in _FakeCupy.uploads]}; expected {stream}")
+
+
+@pytest.mark.parametrize("dtype", ["float32", "float64"])
+def test_many_launch_configuration(dtype, fake_cupy, rng):
+    """The multi-tensor kernel of ``codegen.cuda_multi_source`` (its own module, hwoptim's
+    NVRTC options), one block of 256 threads per chunk; arguments: the packed table (the
+    pointers exactly as passed, then the rows, then the scalars in ``dtype``), the chunk
+    table, then n_tensors and n_chunks as 64-bit integers. The chunk table is uploaded
+    (and the stream synchronised) once per distinct sizes; the packed table every call."""
+    mod = _backend("cupy")
+    plan, h = _plan("Adam", amsgrad=True)
+    run = mod.kernel(plan, dtype)
+    src = codegen.cuda_multi_source(plan, dtype)
+    chunk = mod.MULTI_CHUNK_BYTES // np.dtype(dtype).itemsize
+    sizes = [int(x) for x in np.exp(rng.uniform(0, np.log(40_000), 30))] + [0, chunk, chunk + 1]
+    ptrs, sizes, rows = _group(plan, rng, sizes)
+    scalars = _scalar_rows(run, h, dtype)
+    want_chunks = codegen.chunk_table(sizes, chunk)
+    n_chunks = want_chunks.shape[0]
+    for call in range(3):
+        _FakeCupy.launches.clear()
+        _FakeCupy.uploads.clear()
+        _FakeCupy.syncs.clear()
+        rows = rng.integers(0, len(scalars), len(sizes)).astype(np.int64)
+        run.many(ptrs, sizes, rows, scalars)
+        (launch,) = _FakeCupy.launches
+        multi = [m for m in fake_cupy.modules if m.code == src.source]
+        assert len(multi) == 1 and set(mod.NVRTC_OPTIONS) <= set(multi[0].options)
+        assert launch["kernel"] == src.name
+        assert launch["block"] == (mod.THREADS,) and launch["grid"] == (n_chunks,)
+        table, chunks_dev, n, nc = launch["args"]
+        assert type(n) is np.int64 and n == len(sizes)
+        assert type(nc) is np.int64 and nc == n_chunks
+        assert isinstance(table, _Upload) and table in _FakeCupy.uploads
+        words = table.host
+        assert words.dtype == np.int64
+        na = len(plan.arrays)
+        assert np.array_equal(words[:len(sizes) * na].reshape(len(sizes), na), ptrs), (
+            "the uploaded pointer table differs from ptrs")
+        assert np.array_equal(words[len(sizes) * na:len(sizes) * (na + 1)], rows)
+        got = words[len(sizes) * (na + 1):].view(dtype)[:scalars.size]
+        assert np.array_equal(got.reshape(scalars.shape).view(np.uint8),
+                              scalars.astype(dtype).view(np.uint8))
+        assert np.array_equal(chunks_dev.host, want_chunks)
+        if call == 0:
+            assert _FakeCupy.uploads == [chunks_dev, table], "expected two uploads at first"
+            assert _FakeCupy.syncs == [_FakeCupy.current], (
+                "the first upload of a chunk table must be synchronised on the current stream")
+        else:
+            assert _FakeCupy.uploads == [table], "the chunk table was uploaded again"
+            assert _FakeCupy.syncs == []
+
+
+def test_many_refuses_bad_input_before_anything_runs(fake_cupy, rng):
+    mod = _backend("cupy")
+    plan, h = _plan("Adam")
+    run = mod.kernel(plan, "float32")
+    ptrs, sizes, rows = _group(plan, rng, [10, 20, 30])
+    scalars = _scalar_rows(run, h, "float32")
+    bad = [(ptrs[:, :2], sizes, rows, scalars, ValueError),
+           (ptrs, sizes, rows[:2], scalars, ValueError),
+           (ptrs, sizes, rows, scalars[:, :2], ValueError),
+           (ptrs, sizes, np.array([0, 3, 1]), scalars, IndexError),
+           (ptrs, sizes, np.array([0, -1, 1]), scalars, IndexError)]
+    for args in bad:
+        with pytest.raises(args[-1]):
+            run.many(*args[:-1])
+    assert _FakeCupy.launches == [] and _FakeCupy.uploads == []
+    run.many(ptrs, np.zeros(3, np.int64), rows, scalars)        # all empty: nothing to do
+    run.many(ptrs[:0], sizes[:0], rows[:0], scalars)
+    assert _FakeCupy.launches == [] and _FakeCupy.uploads == []
+
+
+def test_many_drops_old_chunk_tables_only_when_the_device_is_done(fake_cupy, rng):
+    """Chunk tables are kept for the last few distinct size lists; dropping one (its device
+    copy may still be read by a kernel queued on another stream) synchronises the device."""
+    mod = _backend("cupy")
+    plan, h = _plan("SGD")
+    run = mod.kernel(plan, "float32")
+    scalars = _scalar_rows(run, h, "float32")
+    keep = run.many_tables.keep
+    for i in range(keep):
+        ptrs, sizes, rows = _group(plan, rng, [100 + i, 7])
+        run.many(ptrs, sizes, rows, scalars)
+    assert "device" not in _FakeCupy.syncs
+    ptrs, sizes, rows = _group(plan, rng, [99, 7])
+    run.many(ptrs, sizes, rows, scalars)
+    assert _FakeCupy.syncs.count("device") == 1
+    assert len(_FakeCupy.launches) == keep + 1

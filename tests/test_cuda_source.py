@@ -243,6 +243,10 @@ def _floor_source(case, dtype):
     return codegen.cuda_source(codegen.floor_plan(case.plan), dtype)
 
 
+def _multi_source(case, dtype):
+    return codegen.cuda_multi_source(case.plan, dtype)
+
+
 def _capture_elementwise(plan, dtype):
     """The arguments ``backends.cupy_elementwise.kernel`` gives ``cupy.ElementwiseKernel``
     (captured by a stand-in class, so no GPU is needed)."""
@@ -321,6 +325,9 @@ def compiler(nvrtc, request):
             case, dtype, arch = (spec.params[k] for k in ("case", "dtype", "arch"))
             src = (_rule_source if fn.startswith("test_rule") else _floor_source)(case, dtype)
             c.submit(src.source, (f"-arch=sm_{arch}",) + CUPY_OPTIONS)
+        elif fn == "test_multi_kernel_compiles":
+            case, dtype, arch = (spec.params[k] for k in ("case", "dtype", "arch"))
+            c.submit(_multi_source(case, dtype).source, (f"-arch=sm_{arch}",) + CUPY_OPTIONS)
         elif fn == "test_elementwise_update_compiles":
             case, dtype, arch = (spec.params[k] for k in ("case", "dtype", "arch"))
             c.submit(_elementwise_wrapper(case.plan, dtype)[0],
@@ -400,6 +407,40 @@ def test_floor_kernels_compile(compiler, case, dtype, arch):
     k = _floor_source(case, dtype)
     res = compiler.result(k.source, (f"-arch=sm_{arch}",) + CUPY_OPTIONS)
     _check_module(res, k, fp, dtype, f"floor of {case.id} {dtype} sm_{arch}")
+
+
+@pytest.mark.parametrize("case,dtype,arch", CASE_DTYPE_ARCH)
+def test_multi_kernel_compiles(compiler, case, dtype, arch):
+    """The multi-tensor kernel (``codegen.cuda_multi_source``, what ``run.many`` launches):
+    it compiles to a cubin; it is the module's only kernel, with the parameters
+    backends/cupy.py passes (the packed table and the chunk table as pointers, then
+    n_tensors and n_chunks as 64-bit integers); it runs the very update function
+    ``cuda_source`` prints (the one the C++ tests run); and its aligned path makes 16-byte
+    loads and stores of every array it uses."""
+    k = _multi_source(case, dtype)
+    what = f"multi-tensor kernel of {case.id} {dtype} sm_{arch}"
+    assert codegen.c_update_function(case.plan) in k.source, (
+        f"{what}: expected the update function of cuda_source verbatim in the source")
+    assert k.source.count(f"{case.plan.key}_update(") == 3, (
+        f"{what}: expected the update function defined once and called twice (vector loop, "
+        f"element loop)")
+    res = compiler.result(k.source, (f"-arch=sm_{arch}",) + CUPY_OPTIONS)
+    assert res.ok, (f"{what}: NVRTC failed ({res.status}) with options {res.options}; "
+                    f"expected the source to compile. Log:\n{res.log}")
+    assert res.cubin and k.name.encode() in res.cubin, f"{what}: {k.name} missing from the cubin"
+    entries = _entries(res.ptx)
+    assert set(entries) == {k.name}, f"{what}: PTX kernels are {sorted(entries)}"
+    assert entries[k.name][0] == ["u64"] * 4, (f"{what}: takes PTX parameters "
+                                               f"{entries[k.name][0]}; expected 4 x u64")
+    used = codegen._c_used(case.plan)
+    v = {"float32": r"v4\.f32", "float64": r"v2\.f64"}[dtype]
+    body = entries[k.name][1]
+    loads = len(re.findall(rf"ld\.global(?:\.nc)?(?:\.L\w+::\w+)*\.{v}", body))
+    stores = len(re.findall(rf"st\.global(?:\.L\w+::\w+)*\.{v}", body))
+    assert loads >= len(used) and stores >= len(case.plan.outputs), (
+        f"{what}: {loads} 16-byte loads and {stores} 16-byte stores; expected at least "
+        f"{len(used)} and {len(case.plan.outputs)} (one per array)")
+    assert k.vec == 16 // np.dtype(dtype).itemsize
 
 
 @pytest.mark.parametrize("case,dtype,arch", CASE_DTYPE_ARCH)

@@ -99,6 +99,38 @@ def test_float32_kernels_have_no_fpext(rule, opts, rng):
         assert not bad, f"{name}: float32 promoted to float64:\n" + "\n".join(bad[:5])
 
 
+@pytest.mark.parametrize("rule, opts", _cases())
+def test_float32_multi_kernels_have_no_fpext(rule, opts, rng):
+    """The same check for the multi-tensor kernels (``Kernel.many``): both, as ``many`` ran
+    them (a group below the serial cutoff, one above it), compute in float32; the parallel
+    one's prange body is in the IR."""
+    h = {n: opts.get(n, hy.default) for n, hy in rule.hypers.items()}
+    o = {n: opts.get(n, v) for n, v in rule.options.items()}
+    k = NB.kernel(codegen.plan(rule, rule.static_flags(h, o)), "float32")
+    for sizes, n_threads in (([SMALL, 3], 1), ([LARGE, SMALL], 2)):
+        bufs = [[random_values(rng, (n,), np.float32) for _ in k.plan.arrays] for n in sizes]
+        for b in bufs:
+            for x in b[2:]:
+                np.abs(x, out=x)                  # states: no square roots of negatives
+        ptrs = np.array([[x.ctypes.data for x in b] for b in bufs], np.int64)
+        k.many(ptrs, np.array(sizes), np.zeros(len(sizes), np.int64),
+               np.array([k.prepare(h, 1)], np.float32), n_threads=n_threads)
+    mod = k.multi_module()
+    for name in ("parallel", "serial"):
+        d = getattr(mod, name)
+        assert len(d.signatures) == 1, (name, d.signatures)
+        sig = d.signatures[0]
+        assert [str(t) for t in sig] == ["array(int64, 2d, C)", "array(int64, 2d, C)",
+                                         "array(int64, 1d, C)", "array(int64, 1d, C)",
+                                         "array(float32, 2d, C)"], sig
+        ir = fresh_ir(d, sig)
+        if name == "parallel":
+            assert "__numba_parfor_gufunc" in ir, "the prange loop body is not in the IR"
+        assert FLOAT_MATH.search(ir), f"multi {name}: no float32 arithmetic found in the IR"
+        bad = [ln.strip() for ln in ir.splitlines() if FPEXT.search(ln)]
+        assert not bad, f"multi {name}: float32 promoted to float64:\n" + "\n".join(bad[:5])
+
+
 # -- the check can fail: a float64 literal in float32 code shows up as fpext, serial and in
 #    the parfor gufunc (source written to a file: Numba's parfors need real source lines)
 

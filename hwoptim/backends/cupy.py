@@ -6,6 +6,11 @@ misaligned arrays, a variant that reads its per-step scalars from device memory 
 graph capture) and a one-thread kernel that advances those scalars on the device. Kernels
 run on CuPy's current device and stream. The same source is compiled with NVRTC and the
 update function run as C++ in every CI run (tests/test_cuda_source.py).
+
+``run.many`` updates a list of separate arrays with one launch of a second module's kernel
+(``codegen.cuda_multi_source``: the same update function, one block per chunk of any
+tensor), from a device pointer table uploaded per call and a chunk table cached per list
+of sizes.
 """
 import numpy as np
 
@@ -18,6 +23,10 @@ THREADS = 256
 # where the compiler inlined the update (vector loop or tail: seen to differ by an ulp
 # with contraction on an H100), and float64 results equal the NumPy reference bit for bit.
 NVRTC_OPTIONS = ("--fmad=false",)
+# Multi-tensor launches (run.many): one block per chunk of MULTI_CHUNK_BYTES per array
+# (4096 float32 / 2048 float64 elements: four 16-byte vectors per thread, so each block's
+# table look-ups are spread over four loads per array). Not yet measured on a GPU.
+MULTI_CHUNK_BYTES = 16_384
 _sm_count = {}
 
 
@@ -83,8 +92,80 @@ def kernel(plan, dtype):
         """On the device: step += 1, then the per-step scalars from the hyperparameters."""
         fn(k.advance)((1,), (1,), (hyper_dev, step_dev, k_dev))
 
+    multi = {}
+
+    def multi_fn():
+        if "module" not in multi:
+            m = codegen.cuda_multi_source(plan, dtype)
+            multi["kernels"] = m
+            multi["module"] = cupy.RawModule(code=m.source, options=NVRTC_OPTIONS)
+        key = (cupy.cuda.runtime.getDevice(), "multi")
+        if key not in funcs:
+            funcs[key] = multi["module"].get_function(multi["kernels"].name)
+        return funcs[key]
+
+    def forget(entry):
+        # a dropped chunk table may still be read by a kernel queued on some stream
+        for dev in entry.extra:
+            with cupy.cuda.Device(dev):
+                cupy.cuda.runtime.deviceSynchronize()
+
+    tables = codegen.ChunkTables(MULTI_CHUNK_BYTES // np.dtype(dtype).itemsize,
+                                 on_evict=forget)
+    n_arrays, n_scalars = len(plan.arrays), len(plan.scalars)
+    itemsize = np.dtype(dtype).itemsize
+
+    def many(ptrs, sizes, rows, scalars, n_threads=None):
+        """Update many separate arrays with one kernel launch on CuPy's current stream.
+
+        ``ptrs``: int64, ``(n_tensors, len(plan.arrays))``, device addresses (on the current
+        device) of each tensor's buffers in ``plan.arrays`` order, each ``sizes[i]``
+        contiguous elements of ``dtype``; ``sizes``, ``rows`` (the row of ``scalars`` each
+        tensor uses): int64, ``(n_tensors,)``; ``scalars``: ``(n_rows, len(plan.scalars))``,
+        host values (converted to ``dtype``). ``n_threads`` is ignored (CPU only).
+
+        The chunk table (``codegen.chunk_table``) is built and uploaded once per distinct
+        ``sizes`` and device; every call uploads one packed host buffer (pointers, rows,
+        scalars: one host-to-device copy on the current stream), then launches one block
+        per chunk. Nothing is launched when every tensor is empty."""
+        ptrs = np.ascontiguousarray(ptrs, dtype=np.int64)
+        sizes = np.ascontiguousarray(sizes, dtype=np.int64)
+        rows = np.ascontiguousarray(rows, dtype=np.int64)
+        scalars = np.ascontiguousarray(scalars, dtype=dtype)
+        n = sizes.shape[0] if sizes.ndim == 1 else -1
+        if ptrs.shape != (n, n_arrays) or rows.shape != (n,) or scalars.ndim != 2 or \
+                scalars.shape[1] != n_scalars:
+            raise ValueError(
+                f"many(): expected sizes (n,), ptrs (n, {n_arrays}), rows (n,) and scalars "
+                f"(rows, {n_scalars}); got sizes {sizes.shape}, ptrs {ptrs.shape}, rows "
+                f"{rows.shape}, scalars {scalars.shape}")
+        if n and rows.view(np.uint64).max() >= scalars.shape[0]:    # negatives wrap: huge
+            raise IndexError(f"many(): rows must index the {scalars.shape[0]} rows of "
+                             f"scalars; got {rows.min()}..{rows.max()}")
+        chunks = tables.get(sizes)
+        if chunks.n_chunks == 0:
+            return
+        f = multi_fn()
+        dev = cupy.cuda.runtime.getDevice()
+        chunks_dev = chunks.extra.get(dev)
+        if chunks_dev is None:
+            chunks_dev = cupy.asarray(chunks.table)
+            # later calls may run on other streams: the table must be there before them
+            cupy.cuda.get_current_stream().synchronize()
+            chunks.extra[dev] = chunks_dev
+        words = n * (n_arrays + 1)
+        packed = np.empty(words + -(-scalars.size * itemsize // 8), dtype=np.int64)
+        packed[words:] = 0                     # the padding after an odd float32 count
+        packed[:n * n_arrays] = ptrs.reshape(-1)
+        packed[n * n_arrays:words] = rows
+        packed[words:].view(dtype)[:scalars.size] = scalars.reshape(-1)
+        table_dev = cupy.asarray(packed)
+        f((min(chunks.n_chunks, 2**31 - 1),), (THREADS,),
+          (table_dev, chunks_dev, np.int64(n), np.int64(chunks.n_chunks)))
+
     run.prepare = codegen.host_scalar_function(plan, dtype)   # (h, t) -> typed scalars
     run.device, run.advance, run.source = run_device, advance, k.source
+    run.many, run.many_tables = many, tables
     return run
 
 

@@ -15,6 +15,11 @@ threshold is ``serial_work() / element_work(plan)`` elements (the work a launch 
 on the threading layer), scaled for the thread count
 (:func:`thread_scale`) and at most ``MAX_SERIAL``; ``HWOPTIM_SERIAL_BELOW`` fixes one
 threshold for every kernel instead.
+
+:meth:`Kernel.many` updates a list of separate arrays in one call (multi-tensor apply): a
+table of their addresses, a cached chunk table over all of them, and a second generated
+module (``codegen.numba_multi_source``, through the same disk cache) whose kernels print the
+same per-element statements, so results are bit-identical to one call per array.
 """
 import math
 import os
@@ -39,6 +44,14 @@ _SERIAL_WORK_ENV = os.environ.get("HWOPTIM_SERIAL_WORK")
 # (SGD, the lightest, crossed at ~3·10^4 with 2 threads and ~6·10^4 with 16)
 MAX_SERIAL = 65_536
 _HEAVY = {"div": 5.0, "sqrt": 5.0, "pow": 20.0}   # units per element; other ops 0.3
+# The multi-tensor kernels (Kernel.many) cut every tensor at multiples of MULTI_CHUNK
+# elements; the parallel one runs a prange over groups of consecutive chunks holding about
+# MULTI_CHUNK elements of work each, a chunk costing MULTI_ROW_COST elements more than its
+# size (setting up its arrays and scalars: ~12 ns, about 30 Adam elements, on the 2-core
+# EPYC). Chunks of 4096 to 65536 elements measured the same there within noise
+# (bench/multitensor.py --chunks); 16384 float32 elements are 64 KB per array.
+MULTI_CHUNK = 16_384
+MULTI_ROW_COST = 32
 # a fixed threshold (elements) for every kernel, overriding the model; None: the model
 SERIAL_BELOW = (int(float(os.environ["HWOPTIM_SERIAL_BELOW"]))
                 if os.environ.get("HWOPTIM_SERIAL_BELOW") else None)
@@ -116,6 +129,9 @@ class Kernel:
         self._entries = {}                     # parallel? -> compiled entry point
         self._below = {}                       # thread count -> serial threshold
         self._lock = threading.RLock()
+        self._multi = None                     # the multi-tensor module, built at first use
+        self._many_entries = {}                # parallel? -> its compiled entry point
+        self._chunks = codegen.ChunkTables(MULTI_CHUNK, row_cost=MULTI_ROW_COST)
 
     def serial_below(self, n_threads: int | None = None) -> float:
         """Elements below which the serial kernel runs (calling thread's setting)."""
@@ -160,6 +176,81 @@ class Kernel:
     def unchecked(self, arrays, scalars):
         """``kernel(arrays, scalars)`` through the entry point (Python-float scalars)."""
         self.launcher(arrays[0].shape[0], threads.current_threads())(*arrays, *scalars)
+
+    # -- many arrays, one launch
+
+    def many(self, ptrs, sizes, rows, scalars, n_threads: int | None = None):
+        """Update many separate arrays in one kernel call (multi-tensor apply).
+
+        ``ptrs``: int64, ``(n_tensors, len(plan.arrays))``, the host address of each
+        tensor's buffers in ``plan.arrays`` order; every buffer of tensor ``i`` holds
+        ``sizes[i]`` contiguous elements of ``dtype`` (the caller checks; nothing here can).
+        ``sizes``: int64, ``(n_tensors,)``, zeros allowed. ``rows``: int64, ``(n_tensors,)``,
+        the row of ``scalars`` tensor ``i`` uses. ``scalars``: ``(n_rows,
+        len(plan.scalars))``, each row what :attr:`prepare` returns for it (converted to
+        ``dtype`` like ``numpy.float32(x)``). ``n_threads``: the calling thread's thread
+        count (default :func:`threads.current_threads`).
+
+        Below :meth:`serial_below` elements in all, the serial multi kernel runs, else the
+        parallel one: a prange over groups of chunks of every tensor (:data:`MULTI_CHUNK`
+        elements), built once per distinct ``sizes`` and cached. Results are bit-identical
+        to running this kernel on each array in turn. A row index out of range raises
+        ``IndexError`` before anything is written."""
+        ptrs = np.ascontiguousarray(ptrs, dtype=np.int64)
+        sizes = np.ascontiguousarray(sizes, dtype=np.int64)
+        rows = np.ascontiguousarray(rows, dtype=np.int64)
+        scalars = np.ascontiguousarray(scalars, dtype=self.dtype)
+        n = sizes.shape[0] if sizes.ndim == 1 else -1
+        if ptrs.shape != (n, len(self.plan.arrays)) or rows.shape != (n,) or \
+                scalars.ndim != 2 or scalars.shape[1] != len(self.plan.scalars):
+            raise ValueError(
+                f"many(): expected sizes (n,), ptrs (n, {len(self.plan.arrays)}), rows (n,) "
+                f"and scalars (rows, {len(self.plan.scalars)}); got sizes {sizes.shape}, "
+                f"ptrs {ptrs.shape}, rows {rows.shape}, scalars {scalars.shape}")
+        chunks = self._chunks.get(sizes)
+        if chunks.n_chunks == 0:
+            return
+        if n_threads is None:
+            n_threads = threads.current_threads()
+        self.many_launcher(chunks.total, n_threads)(ptrs, chunks.table, chunks.groups, rows,
+                                                    scalars)
+
+    def many_launcher(self, total: int, n_threads: int):
+        """The compiled multi-tensor entry point for ``total`` elements at ``n_threads``
+        threads: ``f(ptrs, chunks, groups, rows, scalars)`` with exactly the types
+        :meth:`many` passes (``chunks``: :func:`codegen.chunk_table`, ``groups``:
+        :func:`codegen.chunk_groups` of it). Built before it is returned."""
+        par = total >= self.serial_below(n_threads)
+        e = self._many_entries.get(par)
+        return e if e is not None else self._build_many(par)
+
+    def multi_module(self):
+        """The module of multi-tensor kernels (``parallel``, ``serial``), built at first use."""
+        if self._multi is None:
+            with self._lock:
+                if self._multi is None:
+                    plan, dtype = self.plan, self.dtype
+                    self._multi = diskcache.load_module(
+                        lambda cache: codegen.numba_multi_source(plan, dtype, cache=cache),
+                        f"{plan.key}_{dtype}_multi")
+        return self._multi
+
+    def _build_many(self, par: bool):
+        with self._lock:
+            e = self._many_entries.get(par)
+            if e is not None:
+                return e
+            mod = self.multi_module()
+            f = mod.parallel if par else mod.serial
+            args = [np.empty((0, len(self.plan.arrays)), np.int64), np.empty((0, 3), np.int64),
+                    np.zeros(1, np.int64), np.empty(0, np.int64),
+                    np.empty((0, len(self.plan.scalars)), self.dtype)]
+            diskcache.first_call(mod, f, args)
+            e = _many_entry_point(f, self.dtype) or f
+            if par:
+                e = _guarded(e, self._build_many(False))
+            self._many_entries[par] = e
+            return e
 
 
 def _guarded(parallel_entry, serial_entry):
@@ -208,5 +299,19 @@ def _entry_point(dispatcher, dtype):
         arrays = [a for a in sig if isinstance(a, types.Array)]
         if all(a.layout == "C" and a.ndim == 1 and a.dtype == want for a in arrays) and \
                 all(a == want for a in sig if not isinstance(a, types.Array)):
+            return cres.entry_point
+    return None
+
+
+def _many_entry_point(dispatcher, dtype):
+    """The compiled multi-tensor function for C-contiguous (int64 2-D, int64 2-D, int64 1-D,
+    int64 1-D, ``dtype`` 2-D) arrays."""
+    from numba import types
+    want = [(types.int64, 2), (types.int64, 2), (types.int64, 1), (types.int64, 1),
+            (getattr(types, dtype), 2)]
+    for sig, cres in dispatcher.overloads.items():
+        if len(sig) == len(want) and all(
+                isinstance(a, types.Array) and a.layout == "C" and a.mutable
+                and (a.dtype, a.ndim) == w for a, w in zip(sig, want)):
             return cres.entry_point
     return None
