@@ -18,12 +18,16 @@ from types import SimpleNamespace
 import numpy as np
 
 from . import backends as _backends
-from . import codegen, interop
+from . import _fastcheck, codegen, interop
 from .spec import Rule
 
 _DTYPES = (np.dtype(np.float32), np.dtype(np.float64))
 _KIND = {"host": "NumPy", "cuda": "CuPy"}
 _MAX_STEP = 2 ** 53                  # the step count travels as a float64 (bias corrections)
+# From this many host arrays on, step() checks grads in one compiled pass over their headers
+# and launches one multi-tensor kernel per group (backends with ``many``); below it, the
+# per-array path (measured: bench/NOTES.md, "Many arrays").
+FAST_MIN = 16
 _plans: dict = {}
 _kernels: dict = {}
 
@@ -68,6 +72,25 @@ def _overlaps(items) -> tuple | None:
         if e > end.get(dev, -1):
             end[dev], owner[dev] = e, label
     return None
+
+
+def _pointer_overlap(start, nbytes, own_start, own_end) -> bool:
+    """Whether any of the byte ranges ``[start, start + nbytes)`` (non-empty ones) overlaps
+    another, or one of the sorted, disjoint ranges ``[own_start, own_end)``; vectorised."""
+    keep = nbytes > 0
+    s, e = start[keep], start[keep] + nbytes[keep]
+    order = np.argsort(s, kind="stable")
+    s, e = s[order], e[order]
+    if s.size > 1 and np.any(s[1:] < e[:-1]):
+        return True
+    if own_start.size == 0 or s.size == 0:
+        return False
+    j = np.searchsorted(own_start, s, side="right")        # first owned range after s
+    before = j - 1
+    if np.any((before >= 0) & (own_end[np.maximum(before, 0)] > s)):
+        return True
+    inside = j < own_start.size
+    return bool(np.any(inside & (own_start[np.minimum(j, own_start.size - 1)] < e)))
 
 
 def _fits_float(v) -> bool:
@@ -301,6 +324,7 @@ class Optimizer:
         self._checked = ()
         self._kern = None
         self._launch_key, self._entries = None, None
+        self._fast, self._tables = None, None
         self._step = 0
         self._add_groups(groups, 0, states)
         if self.capturable:
@@ -354,6 +378,7 @@ class Optimizer:
     def _refresh_views(self, gi: int):
         """Flat views of each param of group ``gi`` and its state, in its kernel's order."""
         plan = _plan(self.rule, self._flags[gi])
+        self._tables = None                  # pointer tables of the multi-tensor launch
         for i, g in enumerate(self._group_of):
             if g == gi:
                 st = self.state[i]
@@ -362,6 +387,7 @@ class Optimizer:
 
     def _refresh_owned(self):
         """The byte ranges that grads must not overlap: every param and state buffer."""
+        self._fast, self._tables = None, None      # the fast check's tables, rebuilt lazily
         addr = self.backend.address
         self._owned = [(addr(a), f"state[{i}][{k!r}]")
                        for i, st in enumerate(self.state) for k, a in st.items()]
@@ -620,6 +646,10 @@ class Optimizer:
         if n and type(grads[0]) is not self._array_type:     # DLPack arrays: their views
             grads = [interop.as_array(g, f"grads[{i}]") if interop.foreign(g) else g
                      for i, g in enumerate(grads)]
+        if n >= FAST_MIN and self._family == "host":
+            ptrs = self._grad_pointers(grads)
+            if ptrs is not None:
+                return ptrs
         last = self._checked
         if len(last) == n:
             # The same array objects as last step: their memory has not moved (a weak
@@ -648,6 +678,59 @@ class Optimizer:
             self._checked_spans = spans
         self._checked = tuple(_ref(g) for g in grads)
         return [g.reshape(-1) for g in grads]
+
+    def _grad_pointers(self, grads):
+        """The fast check (hwoptim/_fastcheck.py): the grads' data addresses as an int64
+        array when every grad passes and none overlaps params, state or another grad;
+        ``None`` to let the per-array path check (and name the problem)."""
+        read = _fastcheck.reader()
+        if read is None or not self._multi_ok():
+            return None
+        fc = self._fast
+        if fc is None:
+            shapes = [p.shape for p in self._params]
+            nd = np.array([len(s) for s in shapes], np.int64)
+            ptr = np.concatenate([[0], np.cumsum(nd)[:-1]]).astype(np.int64)
+            vals = np.array([d for s in shapes for d in s] or [0], np.int64)
+            nbytes = np.array([p.nbytes for p in self._params], np.int64)
+            own = sorted((a[1], a[2]) for a, _ in self._owned if a[2] > a[1])
+            fc = self._fast = SimpleNamespace(
+                nd=nd, ptr=ptr, vals=vals, nbytes=nbytes, last=None,
+                own_start=np.array([a for a, _ in own], np.int64),
+                own_end=np.array([b for _, b in own], np.int64),
+                descr=id(np.dtype(self.dtype)))
+        n = len(grads)
+        out = np.empty(n, np.int64)
+        ids = np.fromiter(map(id, grads), np.int64, n)
+        if read(ids, id(np.ndarray), fc.descr, fc.ptr, fc.nd, fc.vals, out) != -1:
+            return None
+        if fc.last is not None and np.array_equal(out, fc.last):
+            return out                    # the same memory as last step: overlap checked
+        if _pointer_overlap(out, fc.nbytes, fc.own_start, fc.own_end):
+            return None
+        fc.last = out
+        return out
+
+    def _multi_ok(self) -> bool:
+        """Whether this optimizer's kernels take a multi-tensor launch."""
+        return not self.capturable and all(hasattr(k, "many") for k in self._kernels())
+
+    def _multi_tables(self):
+        """Per group: (kernel, pointer table with the grad column to fill, sizes, rows,
+        the group's param indices), built once per set of buffers."""
+        if self._tables is None:
+            tabs = []
+            for gi, k in enumerate(self._kernels()):
+                idx = np.array([i for i, g in enumerate(self._group_of) if g == gi], np.int64)
+                cols = [[v.__array_interface__["data"][0] for v in self._views[i]]
+                        for i in idx]
+                tab = np.zeros((len(idx), len(cols[0]) + 1), np.int64)
+                for r, c in enumerate(cols):
+                    tab[r, 0], tab[r, 2:] = c[0], c[1:]
+                sizes = np.array([self._views[i][0].shape[0] for i in idx], np.int64)
+                tabs.append((k, tab, sizes, np.zeros(len(idx), np.int64), idx))
+            self._tables = tabs
+        return self._tables
 
     def _explain_bad_grad(self, i, g, p):
         fam = _backends.family(g)
@@ -712,7 +795,7 @@ class Optimizer:
         either updates every param and advances the step count, or raises and changes
         nothing."""
         flat = self._check_grads(grads)
-        entries = self._launchers()
+        entries = None if isinstance(flat, np.ndarray) else self._launchers()
         t = self._step + 1
         if t > _MAX_STEP:
             raise ValueError(f"step count {self._step} is at its limit (2**53: the step "
@@ -729,10 +812,16 @@ class Optimizer:
             lr = g["lr"]
             h = {**g, "lr": self._call_lr(gi, lr, t)} if callable(lr) else g
             scal.append(self._prepare[gi](h, t))
+        tables = self._multi_tables() if isinstance(flat, np.ndarray) else None
         self._step = t                       # everything is checked: from here on, update
         if self._stream is not None:         # torch CUDA tensors: on torch's current stream
             with self._stream():
                 return self._launch_all(entries, flat, scal)
+        if tables is not None:               # grad addresses: one launch per group
+            for (k, tab, sizes, rows, idx), sc in zip(tables, scal):
+                tab[:, 1] = flat[idx]
+                k.many(tab, sizes, rows, np.array([sc], dtype=self.dtype))
+            return
         self._launch_all(entries, flat, scal)
 
     def _launch_all(self, entries, flat, scal):
