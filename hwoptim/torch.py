@@ -21,6 +21,7 @@ from __future__ import annotations
 import inspect
 from types import SimpleNamespace
 
+import numpy as np
 import torch
 from torch.optim import Optimizer as _TorchOptimizer
 
@@ -213,46 +214,56 @@ class Optimizer(_TorchOptimizer):
         return loss
 
     def _step_group(self, group, hf, items):
+        """Update ``items`` ((param, grad) pairs, checked) of one group: state created where
+        missing, step counts advanced, then per (device, dtype) one multi-tensor launch
+        (backends with ``many``; the arrays' addresses go straight from the tensors) or one
+        launch per array."""
         rule = self.rule
         h, flags = hf
-        h = dict(h)
         plan = _plan(rule, flags)
         names = plan.arrays[2:]
+        if rule.name in _NO_STEP:            # SGD: the first step is the one creating state
+            ts = [1 if any(n not in self.state[p] for n in names) else 2 for p, _ in items]
+            for p, _ in items:
+                self._init_state(p, group, hf)
+        else:
+            for p, _ in items:
+                self._init_state(p, group, hf)
+            steps = [self.state[p]["step"] for p, _ in items]
+            ts = [int(v) + 1 for v in torch.stack(steps).tolist()]
+            torch._foreach_add_(steps, 1)
         by_kernel = {}
-        for p, g in items:
-            state = self.state[p]
-            first = rule.name in _NO_STEP and any(n not in state for n in names)
-            self._init_state(p, group, hf)
-            if rule.name in _NO_STEP:
-                t = 1 if first else 2
-            else:
-                st = state["step"]
-                t = int(st.item()) + 1
-                st.fill_(t)
-            dev = p.device
-            key = (dev, _DTYPES[p.dtype])
-            by_kernel.setdefault(key, {}).setdefault(t, []).append(
-                [_view(p).reshape(-1), _view(g).reshape(-1)]
-                + [_view(state[n]).reshape(-1) for n in names])
-        for (dev, dtype), by_t in by_kernel.items():
+        for (p, g), t in zip(items, ts):
+            by_kernel.setdefault((p.device, _DTYPES[p.dtype]), []).append((p, g, t))
+        for (dev, dtype), work in by_kernel.items():
             fam = "host" if dev.type == "cpu" else "cuda"
-            backend = _backends.pick(fam, self._backend_request)
-            k = _kernel(backend, plan, dtype)
+            k = _kernel(_backends.pick(fam, self._backend_request), plan, dtype)
             stream = None
             if fam == "cuda":
                 import cupy
                 stream = cupy.cuda.ExternalStream(
                     torch.cuda.current_stream(dev).cuda_stream, dev.index)
             with (stream if stream is not None else _nullcontext()):
-                for t, arrays in by_t.items():
-                    if hasattr(k, "unchecked"):
-                        scal = k.prepare_unchecked(h, t)
-                        for a in arrays:
-                            k.unchecked(a, scal)
-                    else:
-                        scal = k.prepare(h, t)
-                        for a in arrays:
-                            k(a, scal)
+                self._launch(k, h, names, work, dtype)
+
+    def _launch(self, k, h, names, work, dtype):
+        distinct = sorted({t for _, _, t in work})
+        if hasattr(k, "many"):
+            row_of = {t: r for r, t in enumerate(distinct)}
+            ptrs = np.array([[p.data_ptr(), g.data_ptr()]
+                             + [self.state[p][n].data_ptr() for n in names]
+                             for p, g, _ in work], np.int64)
+            sizes = np.array([p.numel() for p, _, _ in work], np.int64)
+            rows = np.array([row_of[t] for _, _, t in work], np.int64)
+            scalars = np.array([k.prepare(h, t) for t in distinct], dtype=dtype)
+            k.many(ptrs, sizes, rows, scalars)
+            return
+        for t in distinct:
+            scal = k.prepare(h, t)
+            for p, g, tt in work:
+                if tt == t:
+                    k([_view(p).reshape(-1), _view(g).reshape(-1)]
+                      + [_view(self.state[p][n]).reshape(-1) for n in names], scal)
 
 
 class _nullcontext:

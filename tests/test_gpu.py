@@ -616,3 +616,61 @@ def test_launches_per_step(mode):
             assert c_flat[k.advance] == 1 and c_flat[k.device] == 1, dict(c_flat)
     for i, (v, p) in enumerate(zip(flat.views, per)):
         _assert_same({"p": v.get()}, {"p": p.get()}, f"{mode}: FlatParams view {i} vs array")
+
+
+# ----------------------------------------------------------------------------- torch CUDA
+
+def _torch_cuda():
+    try:
+        import torch
+    except ImportError:
+        pytest.skip("torch is not installed")
+    if not torch.cuda.is_available():
+        pytest.skip("torch has no CUDA here")
+    return torch
+
+
+def test_torch_cuda_tensors_zero_copy_on_torchs_stream():
+    """torch CUDA tensors in a native class: updated in place (same address), equal to the
+    same run on CuPy arrays, and enqueued on torch's current stream (a side stream here):
+    the result is only visible after that stream is synchronised with."""
+    torch = _torch_cuda()
+    rng = np.random.default_rng(3)
+    p0 = testing.random_values(rng, (N,), np.float32)
+    g0 = testing.random_values(rng, (N,), np.float32)
+    t = torch.from_numpy(p0.copy()).cuda()
+    ptr = t.data_ptr()
+    ref = cupy.asarray(p0)
+    hwoptim.Adam(ref).step(cupy.asarray(g0))
+    opt = hwoptim.Adam(t)
+    side = torch.cuda.Stream()
+    with torch.cuda.stream(side):
+        torch.cuda._sleep(200_000_000)               # keeps the side stream busy
+        opt.step(torch.from_numpy(g0).to("cuda", non_blocking=False))
+    side.synchronize()
+    assert t.data_ptr() == ptr
+    assert np.array_equal(t.cpu().numpy(), cupy.asnumpy(ref))
+
+
+def test_torch_dropin_on_cuda_equals_cpu():
+    """hwoptim.torch.AdamW on CUDA tensors trains a small MLP like on the CPU (float64,
+    1e-12), and like torch.optim.AdamW on CUDA."""
+    torch = _torch_cuda()
+    import hwoptim.torch as ht
+    x = torch.randn(64, 12, dtype=torch.float64)
+    y = torch.randn(64, 3, dtype=torch.float64)
+    out = []
+    for dev, cls in (("cpu", ht.AdamW), ("cuda", ht.AdamW), ("cuda", torch.optim.AdamW)):
+        torch.manual_seed(0)
+        m = torch.nn.Sequential(torch.nn.Linear(12, 32), torch.nn.Tanh(),
+                                torch.nn.Linear(32, 3)).double().to(dev)
+        opt = cls(m.parameters(), lr=1e-2)
+        xd, yd = x.to(dev), y.to(dev)
+        for _ in range(50):
+            opt.zero_grad()
+            ((m(xd) - yd) ** 2).mean().backward()
+            opt.step()
+        out.append([p.detach().cpu() for p in m.parameters()])
+    for other in out[1:]:
+        for a, b in zip(out[0], other):
+            assert float((a - b).abs().max() / b.abs().max()) <= 1e-12

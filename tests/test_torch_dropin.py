@@ -180,8 +180,10 @@ def test_schedulers(name, sched):
             loss = _loss(model, x, y)
             loss.backward()
             opt.step()
-            s.step(float(loss) if sched == "ReduceLROnPlateau" else None) \
-                if sched == "ReduceLROnPlateau" else s.step()
+            if sched == "ReduceLROnPlateau":
+                s.step(float(loss.detach()))
+            else:
+                s.step()
             lrs.append(opt.param_groups[0]["lr"])
         out.append((model, lrs))
     assert out[0][1] == out[1][1]
