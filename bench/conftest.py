@@ -19,11 +19,14 @@ Environment (each optional):
 * ``HWOPTIM_BENCH_RULES``: rule names (default all); ``HWOPTIM_BENCH_OPTIONS``:
   ``default``, ``heavy`` or ``all`` (default)
 * ``HWOPTIM_BENCH_MODELS``: ``small,large`` (default), ``small`` or ``none``
+* ``HWOPTIM_BENCH_REAL``: real models' tensors (``test_bench_real_models.py``):
+  ``cnn-1m,resnet50,gpt2-small`` (default), any of them, or ``none``
 * ``HWOPTIM_BENCH_SECONDS``: time budget per test (default 0.4); at least 15 rounds
 * ``HWOPTIM_BENCH_THREADS``: threads for Numba and torch (default: Numba's pool)
 * ``HWOPTIM_BENCH_NUMPY_MAX``: largest size for the numpy backend (default 1e7)
 * ``HWOPTIM_BENCH_SMOKE=1``: defaults become 1e3,1e4 / float32 / Adam,SGD default /
-  small model / 0.05 s per test, and the subprocess tests (cold compile, first step) skip
+  small model / cnn-1m only / 0.05 s per test, and the subprocess tests (cold compile,
+  first step) skip
 """
 from __future__ import annotations
 

@@ -4,6 +4,8 @@
     hwoptim bench                          # every rule, default and heaviest options,
                                            # float32 and float64, 1e3 ... 5e7 elements
     hwoptim bench --rules Adam,SGD --sizes 1e4,1e7 --dtypes float32 --threads 2
+    hwoptim bench --models real --sizes none   # AdamW on GPT-2 small, ResNet-50 and a
+                                           # 1e6-parameter CNN's tensors, nothing else
     hwoptim bench --contention             # steps while other processes keep cores busy
     hwoptim bench --interleaved            # steps between NumPy/torch matrix products
 
@@ -20,6 +22,12 @@ medians shown, and times show their interquartile range. A figure whose spread i
 of its median, or whose median of per-round ratios differs from the ratio of the medians by
 over 10%, is marked (noisy), and the report says the run was. On a GPU machine (CuPy
 usable) ``hwoptim.bench.gpu`` adds the CUDA results.
+
+--models real adds the parameter tensors of real models (``hwoptim.bench.real_models``:
+GPT-2 small, ResNet-50, a ~1e6-parameter CNN; built with torch.nn on the meta device and
+checked against the published counts), float32 AdamW: hwoptim.torch.AdamW (default
+backend), torch.optim.AdamW fused and foreach, hwoptim.AdamW over one flat vector, and the
+floor over the same bytes, interleaved on shared memory (``impls.build_real_model``).
 
 Writes <out>/<machine>-<date>.json (raw per-round timings, the machine, library versions),
 .md (the tables) and -*.png (GB/s against size; speedups over torch).
@@ -47,6 +55,7 @@ from .machine import machine_info
 from .progress import Progress
 from .report_plots import plots
 from .report_text import markdown, noisy_note, summary_text
+from .real_models import REAL_MODELS
 from .workload import DTYPES, MODELS, SIZES, cases
 
 QUICK = dict(rules=("Adam", "SGD", "RMSprop"), sizes=(10_000, 1_000_000, 10_000_000),
@@ -68,7 +77,8 @@ def add_arguments(parser) -> None:
     parser.add_argument("--backends", help="comma-separated backends (default: every "
                         "available one; cupy runs the GPU benchmark, hwoptim.bench.gpu)")
     parser.add_argument("--sizes", help="comma-separated element counts, e.g. 1e4,1e7 "
-                        "(default 1e3,1e4,1e5,1e6,1e7,5e7)")
+                        "(default 1e3,1e4,1e5,1e6,1e7,5e7), or none: no single-array "
+                        "cases (only the models)")
     parser.add_argument("--dtypes", help="float32,float64 (default both)")
     parser.add_argument("--quick", action="store_true",
                         help="Adam, SGD, RMSprop; float32; 1e4, 1e6, 1e7; the small model "
@@ -88,7 +98,9 @@ def add_arguments(parser) -> None:
                         help="model-like 200-tensor lists (Adam, float32): small "
                              "(1e6 elements), large (5e7), both, or none (default: both "
                              "in a full run, small with --quick, none with --sizes or "
-                             "--rules)")
+                             "--rules); and real models' tensors (AdamW, float32, needs "
+                             "torch): real (all of " + ", ".join(REAL_MODELS) + ") or "
+                             "any of them by name")
     parser.add_argument("--no-torch", action="store_true", help="skip PyTorch")
     parser.add_argument("--no-plots", action="store_true", help="skip the PNG plots")
     parser.add_argument("--contention", action="store_true",
@@ -107,6 +119,8 @@ def _csv(text):
 
 
 def parse_sizes(text: str) -> tuple:
+    if text.strip().lower() == "none":
+        return ()
     out = []
     for s in text.split(","):
         s = s.strip()
@@ -123,6 +137,7 @@ def parse_sizes(text: str) -> tuple:
 
 
 def _models(args, quick: bool) -> tuple:
+    """(model-like lists, real models) named by --models."""
     if args.models is not None:
         models = _csv(args.models)
     elif quick:
@@ -132,12 +147,19 @@ def _models(args, quick: bool) -> tuple:
     else:
         models = tuple(MODELS)
     models = tuple(m for m in models or () if m != "none")
+    real = []
+    for m in models:
+        for r in (REAL_MODELS if m == "real" else (m,) if m in REAL_MODELS else ()):
+            if r not in real:
+                real.append(r)
+    models = tuple(m for m in models if m != "real" and m not in REAL_MODELS)
     if "both" in models:
         models = tuple(MODELS)
     for m in models:
         if m not in MODELS:
-            raise UsageError(f"--models: {m!r}; expected small, large or none")
-    return models
+            raise UsageError(f"--models: {m!r}; expected small, large, both, none, real "
+                             f"or one of {', '.join(REAL_MODELS)}")
+    return models, tuple(real)
 
 
 def _host_backends(args, notes: list) -> tuple:
@@ -170,6 +192,7 @@ class Plan:
     host: tuple
     want_gpu: bool
     notes: list = field(default_factory=list)
+    real: tuple = ()
 
 
 def plan_from(args) -> Plan:
@@ -192,9 +215,10 @@ def plan_from(args) -> Plan:
     sample_s = (args.sample_ms / 1e3 if args.sample_ms else
                 QUICK["sample_s"] if quick else FULL_SAMPLE_S)
     notes = []
-    models = _models(args, quick)
+    models, real = _models(args, quick)
     host, want_gpu = _host_backends(args, notes)
-    return Plan(quick, case_list, sizes, dtypes, sample_s, models, host, want_gpu, notes)
+    return Plan(quick, case_list, sizes, dtypes, sample_s, models, host, want_gpu, notes,
+                real)
 
 
 def fix_threads(requested, host, torch) -> int:
@@ -360,9 +384,10 @@ def run(args) -> int:
                         sample_s=plan.sample_s, numpy_max=int(args.numpy_max),
                         threads=nthreads)
     groups = [(c, d, n) for c in plan.cases for d in plan.dtypes for n in plan.sizes]
-    progress = Progress(len(groups) + len(plan.models) + (1 if plan.want_gpu else 0))
-    records, model_records, compile_s = measure_all(settings, groups, plan.models,
-                                                    progress, notes)
+    progress = Progress(len(groups) + len(plan.models) + len(plan.real)
+                        + (1 if plan.want_gpu else 0))
+    records, model_records, real_records, compile_s = measure_all(
+        settings, groups, plan.models, progress, notes, plan.real, torch)
     gpu = None
     if plan.want_gpu:
         progress.start("GPU")
@@ -373,7 +398,7 @@ def run(args) -> int:
     else:
         notes.append("no GPU: cupy not in --backends")
     progress.close()
-    noisy = noisy_note(records + model_records)
+    noisy = noisy_note(records + model_records + real_records)
     if noisy:
         notes.insert(0, noisy)
 
@@ -395,6 +420,7 @@ def run(args) -> int:
                    "the median or the two ratios differing by over 10%"),
         "records": records,
         "models": model_records,
+        "real_models": real_records,
         "compile_or_load_s": compile_s,
         "gpu": ({k: v for k, v in gpu.items() if k not in ("records", "models", "_markdown")}
                 if gpu else None),

@@ -10,7 +10,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from .workload import MODEL_TENSORS, MODELS, bytes_moved, group_bytes, plan_of
-from .impls import build, build_model, kernel_kinds
+from .impls import build, build_model, build_real_model, kernel_kinds, real_model_bytes
 from .machine import mem_available
 from .timing import compare, count_launches, measure, records_from
 
@@ -102,10 +102,65 @@ def measure_model(s: Settings, name: str, notes: list) -> list:
     return recs
 
 
-def measure_all(s: Settings, groups: list, models: list, progress, notes: list):
-    """``(records, model records, compile or load seconds)`` of every (case, dtype, n) in
-    ``groups`` and every model name in ``models``."""
-    records, model_records, compile_s = [], [], {}
+def measure_real_model(s: Settings, name: str, torch, notes: list) -> list:
+    """Records of one real model's parameter tensors (``real_models``), AdamW float32:
+    hwoptim.torch.AdamW, hwoptim.AdamW over the flat vector, torch.optim.AdamW fused and
+    foreach, and the floor, interleaved; [] (and a note) if it would not fit or torch is
+    missing."""
+    from . import real_models
+    if torch is None:
+        notes.append(f"real model {name}: skipped, needs torch (torch.nn builds its "
+                     f"shapes; hwoptim.torch and torch.optim step them)")
+        return []
+    try:
+        shapes = real_models.shapes(name, torch)
+    except Exception as e:       # a torch too old for the meta device, or a count mismatch
+        notes.append(f"real model {name}: skipped, {type(e).__name__}: {e}")
+        return []
+    n = sum(int(np.prod(sh)) for sh in shapes)
+    need = real_model_bytes(n)
+    ok, avail = _fits(need)
+    if not ok:
+        notes.append(f"real model {name}: skipped, needs ~{need / 2**30:.1f} GiB of "
+                     f"{avail / 2**30:.1f} GiB available")
+        return []
+    fns, skipped, n, nbytes, count, sharing = build_real_model(shapes, torch, s.rng)
+    if not sharing:
+        notes.append(f"real model {name}: an optimizer did not keep the shared state "
+                     f"buffers and holds its own (more memory than the ~{need / 2**30:.1f} "
+                     f"GiB planned; the timings stand)")
+    launches = {k: count_launches(f) for k, f in fns.items() if k.startswith("hwoptim")}
+    timings = measure(fns, s.pairs, s.sample_s)
+    published = real_models.PUBLISHED[name]
+    recs = records_from(timings, device=s.device, rule="AdamW", options="default",
+                        dtype="float32", n=n, nbytes=nbytes,
+                        extra={"model": name, "tensors": count, "threads": s.threads,
+                               "published": {"params": published[0],
+                                             "tensors": published[1]},
+                               "description": real_models.DESCRIPTION[name],
+                               "shared_state": sharing})
+    for r in recs:
+        r["launches"] = launches.get(r["impl"])
+        for v in ("fused", "foreach"):
+            other = f"torch-{v}"
+            if other in timings:
+                c = compare(timings[other]["samples"], r["samples_s"])
+                r[f"vs_torch_{v}"], r[f"vs_torch_{v}_paired"] = c["ratio"], c["paired"]
+                if c["noisy"]:
+                    r["noisy"].append(f"vs_torch_{v}")
+    for impl, why in skipped.items():
+        recs.append({"device": s.device, "rule": "AdamW", "options": "default",
+                     "impl": impl, "dtype": "float32", "n": n, "model": name,
+                     "tensors": count, "skipped": why})
+    return recs
+
+
+def measure_all(s: Settings, groups: list, models: list, progress, notes: list,
+                real: tuple = (), torch=None):
+    """``(records, model records, real-model records, compile or load seconds)`` of every
+    (case, dtype, n) in ``groups``, every model name in ``models`` and every real model in
+    ``real``."""
+    records, model_records, real_records, compile_s = [], [], [], {}
     for case, dtype, n in groups:
         progress.start(f"{case.label} {dtype} n={n:.0e}")
         records += measure_case(s, case, dtype, n, notes, compile_s)
@@ -116,4 +171,9 @@ def measure_all(s: Settings, groups: list, models: list, progress, notes: list):
         model_records += measure_model(s, m, notes)
         gc.collect()
         progress.advance()
-    return records, model_records, compile_s
+    for m in real:
+        progress.start(f"real model {m}")
+        real_records += measure_real_model(s, m, torch, notes)
+        gc.collect()
+        progress.advance()
+    return records, model_records, real_records, compile_s

@@ -145,3 +145,103 @@ def adam_step(n: int, rng):
     g = ((rng.random(n, dtype=np.float64) - 0.5) * 1e-2).astype(np.float32)
     opt = hwoptim.Adam(w)
     return lambda: opt.step(g)
+
+
+REAL_CASE = Case("AdamW", "default", {})
+REAL_IMPLS = ("floor", "hwoptim-torch", "hwoptim-flat", "torch-fused", "torch-foreach")
+
+
+def real_model_bytes(n: int, dtype: str = "float32") -> int:
+    """Memory :func:`build_real_model` holds for ``n`` parameters: the shared param, grad and
+    two state vectors, the floor's own param and state, hwoptim's flat optimizer's state
+    until it is replaced (built before the floor), and a state-sized temporary of torch's
+    foreach step."""
+    return int(n) * np.dtype(dtype).itemsize * 8
+
+
+def build_real_model(shapes, torch, rng, dtype: str = "float32"):
+    """One AdamW step over a real model's parameter tensors, five ways, on shared memory.
+
+    The params, grads and both state buffers live once, in flat vectors (a
+    ``FlatParams`` buffer and two like it); every implementation steps that memory:
+
+    * ``hwoptim-torch``: ``hwoptim.torch.AdamW`` (default backend) over the list of tensors
+      (``torch.from_numpy`` views of the flat vectors), as a training script would use it;
+    * ``torch-fused`` and ``torch-foreach``: ``torch.optim.AdamW(fused=True)`` and
+      ``(foreach=True)`` over the same tensors;
+    * ``hwoptim-flat``: ``hwoptim.AdamW`` over the flat vector (one launch per step: what
+      hwoptim does with a ``FlatParams`` model);
+    * ``floor``: the benchmark's floor kernel (the rule's reads and writes, one add per
+      element) over a flat vector of the same size, with its own param and state (its adds
+      would overflow the others' values) and the shared grad.
+
+    Each optimizer gets the shared ``exp_avg`` and ``exp_avg_sq`` tensors as its state
+    before its first step (torch's and hwoptim.torch's optimizers create state only where
+    it is missing), so the three torch-facing implementations hold one copy of the model's
+    memory, not three: GPT-2 small is ~2 GB, not ~6. They keep their own step counts.
+    Sharing changes no timing: the same bytes are read and written, in the same places.
+
+    Returns ``(fns, skipped, elements, bytes per step, tensors, sharing)``; ``sharing`` says
+    whether every torch-facing optimizer really kept the shared buffers (checked after a
+    first step)."""
+    plan = plan_of(REAL_CASE)
+    flat = hwoptim.FlatParams(shapes, dtype)
+    rng.random(out=flat.params, dtype=flat.params.dtype)
+    flat.params -= 0.5
+    rng.random(out=flat.grads, dtype=flat.grads.dtype)
+    flat.grads -= 0.5
+    flat.grads *= 1e-2
+    state = {"exp_avg": np.zeros(flat.size, dtype), "exp_avg_sq": np.zeros(flat.size, dtype)}
+    views = {k: [v[o:o + int(np.prod(sh))].reshape(sh)
+                 for o, sh in zip(flat.offsets, flat.shapes)] for k, v in state.items()}
+    tensors = []
+    for pv, gv in zip(flat.views, flat.grad_views):
+        t = torch.from_numpy(pv)
+        t.grad = torch.from_numpy(gv)
+        tensors.append(t)
+    n = int(sum(int(np.prod(s)) for s in shapes))
+    fns, skipped, opts = {}, {}, {}
+
+    def share(opt):
+        for i, t in enumerate(tensors):
+            opt.state[t].update({k: torch.from_numpy(v[i]) for k, v in views.items()})
+        return opt
+
+    try:
+        import hwoptim.torch as ht
+        opts["hwoptim-torch"] = share(ht.AdamW(tensors))
+    except Exception as e:          # an import or construction failure: say so, go on
+        skipped["hwoptim-torch"] = f"hwoptim.torch.AdamW failed: {type(e).__name__}: {e}"
+    flat_opt = hwoptim.AdamW(flat.params)
+    for k, v in state.items():      # its own zeros are dropped before the floor allocates
+        flat_opt.state[0][k] = v
+    _floor_step(plan, dtype, flat.params, flat.grads, flat.size, fns, skipped)
+    for v in ("fused", "foreach"):
+        try:
+            opts[f"torch-{v}"] = share(torch.optim.AdamW(tensors, **{v: True}))
+        except Exception as e:      # a torch without this variant
+            skipped[f"torch-{v}"] = f"n/a in torch {torch.__version__}: {e}"
+            continue
+        # torch.optim creates a param's state only when it is empty: give it the step
+        # count it would have made (a 0-d float32 tensor, fused or not)
+        for t in tensors:
+            opts[f"torch-{v}"].state[t].setdefault("step", torch.tensor(0.0,
+                                                                        dtype=torch.float32))
+    sharing = True
+    for k, opt in list(opts.items()):   # a first step each; check that the state is shared
+        try:
+            opt.step()
+        except Exception as e:
+            skipped[k] = f"its first step failed: {type(e).__name__}: {e}"
+            del opts[k]
+            continue
+        for i, t in enumerate(tensors):
+            st = opt.state[t]
+            if any(st[s].data_ptr() != views[s][i].ctypes.data for s in views):
+                sharing = False
+    for k in ("hwoptim-torch", "hwoptim-flat", "torch-fused", "torch-foreach"):
+        if k == "hwoptim-flat":
+            fns[k] = lambda o=flat_opt, g=flat.grads: o.step(g)
+        elif k in opts:
+            fns[k] = opts[k].step
+    return fns, skipped, n, bytes_moved(plan, dtype, n), len(shapes), sharing

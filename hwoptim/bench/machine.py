@@ -72,10 +72,12 @@ def _serial_below() -> str:
     """Where the Numba backend switches from its one-thread kernel to the parallel one."""
     try:
         from hwoptim.backends import numba as nb
-        return (f"{nb.SERIAL_BELOW} elements (HWOPTIM_SERIAL_BELOW)"
-                if getattr(nb, "SERIAL_BELOW", None) else
-                f"SERIAL_WORK/work(rule) elements, SERIAL_WORK="
-                f"{getattr(nb, 'SERIAL_WORK', '?'):g}")
+        if getattr(nb, "SERIAL_BELOW", None):
+            return f"{nb.SERIAL_BELOW} elements (HWOPTIM_SERIAL_BELOW)"
+        work = nb.serial_work() if hasattr(nb, "serial_work") else getattr(nb, "SERIAL_WORK",
+                                                                             None)
+        return (f"SERIAL_WORK/work(rule) elements, SERIAL_WORK="
+                + (f"{work:g}" if isinstance(work, (int, float)) else "?"))
     except Exception as e:
         return f"? ({e})"
 

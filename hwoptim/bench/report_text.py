@@ -88,6 +88,91 @@ SUMMARY_HEAD = ["rule", "options", "dtype", "n", "hwoptim", "µs/step [IQR]", "G
                 "floor µs/step [IQR]", "floor GB/s", "× floor", "× torch best", "× numpy"]
 
 
+def fmt_ms(s) -> str:
+    """Seconds as milliseconds, three significant figures or so."""
+    if s is None:
+        return "—"
+    ms = s * 1e3
+    return f"{ms:.3f}" if ms < 1 else f"{ms:.2f}" if ms < 10 else f"{ms:.1f}" if ms < 100 \
+        else f"{ms:,.0f}"
+
+
+def fmt_time_ms(rec) -> str:
+    """A record's median ms per step with its interquartile range: ``125 [123–128]``."""
+    if rec is None:
+        return "—"
+    t = fmt_ms(rec.get("time_s"))
+    if rec.get("time_q1_s") is not None and rec.get("time_q3_s") is not None:
+        t += f" [{fmt_ms(rec['time_q1_s'])}–{fmt_ms(rec['time_q3_s'])}]"
+    return t + flag(rec, "time_s")
+
+
+REAL_IMPL = "hwoptim-torch"      # the implementation the real-model summary is about
+REAL_HEAD = ["model", "tensors", "params", "hwoptim.torch ms [IQR]", "torch fused ms [IQR]",
+             "torch foreach ms [IQR]", "floor ms [IQR]", "× floor", "× torch fused",
+             "× torch foreach", "hwoptim flat ms [IQR]"]
+REAL_DETAIL_HEAD = ["model", "impl", "launches/step", "ms/step [IQR]", "spread", "GB/s",
+                    "× floor", "× torch fused", "× torch foreach"]
+
+
+def real_by_model(records) -> dict:
+    """{model: {impl: record}} of the timed real-model records, in first-seen order."""
+    out = {}
+    for r in timed(records):
+        out.setdefault(r["model"], {})[r["impl"]] = r
+    return out
+
+
+def real_rows(records) -> list:
+    """One row per real model: hwoptim.torch.AdamW against torch's and the floor.
+    × floor = floor time / hwoptim.torch's (the fraction of the floor's speed it reaches);
+    × torch = torch's time / hwoptim.torch's (> 1: hwoptim.torch is faster)."""
+    rows = []
+    for model, by in real_by_model(records).items():
+        hw = by.get(REAL_IMPL)
+        any_r = next(iter(by.values()))
+        rows.append([model, any_r.get("tensors", "—"), f"{any_r['n']:,}",
+                     fmt_time_ms(hw), fmt_time_ms(by.get("torch-fused")),
+                     fmt_time_ms(by.get("torch-foreach")), fmt_time_ms(by.get("floor")),
+                     (fmt_x(hw.get("frac_floor")) + flag(hw, "frac_floor")) if hw else "—",
+                     (fmt_x(hw.get("vs_torch_fused")) + flag(hw, "vs_torch_fused"))
+                     if hw else "—",
+                     (fmt_x(hw.get("vs_torch_foreach")) + flag(hw, "vs_torch_foreach"))
+                     if hw else "—",
+                     fmt_time_ms(by.get("hwoptim-flat"))])
+    return rows
+
+
+def real_detail_rows(records) -> list:
+    from .timing import spread
+    rows = []
+    for model, by in real_by_model(records).items():
+        for impl, r in by.items():
+            rows.append([model, impl, r.get("launches") if r.get("launches") is not None
+                         else "—", fmt_time_ms(r), f"{spread(r['samples_s']):.1%}",
+                         f"{r['gbps']:.1f}",
+                         fmt_x(r.get("frac_floor")) + flag(r, "frac_floor"),
+                         fmt_x(r.get("vs_torch_fused")) + flag(r, "vs_torch_fused"),
+                         fmt_x(r.get("vs_torch_foreach")) + flag(r, "vs_torch_foreach")])
+    return rows
+
+
+REAL_METHOD = (
+    "AdamW (torch's defaults: lr 1e-3, weight decay 1e-2), float32, random params and "
+    "grads, over the parameter tensors of real models (`hwoptim.bench.real_models`: built "
+    "with torch.nn on the meta device, counts checked against the published ones). "
+    "**hwoptim.torch** is `hwoptim.torch.AdamW(params)` (default backend) stepping the list "
+    "of tensors as a training script would; **torch fused** / **foreach** are "
+    "`torch.optim.AdamW(params, fused=True)` / `(foreach=True)` over the same tensors; "
+    "**hwoptim flat** is `hwoptim.AdamW` over the one flat vector the tensors are views "
+    "of (one launch per step); the **floor** is the benchmark's floor kernel (AdamW's reads "
+    "and writes, one add per element) over a vector of the same size. Params, grads and "
+    "both state buffers are shared by the four optimizers (the floor has its own), so a "
+    "model's memory is held once. × floor = floor time / hwoptim.torch time; × torch = "
+    "torch's time / hwoptim.torch's (> 1: hwoptim.torch is faster); all ratios of the "
+    "medians shown.")
+
+
 def summary_text(report) -> str:
     out = []
     info = report["machine"]
@@ -95,11 +180,16 @@ def summary_text(report) -> str:
     out.append(f"{info['cpu_model']}, {info['cpus_usable']} CPUs; numba "
                f"{th.get('layer')} x{th.get('threads')}; "
                f"{report['pairs']} interleaved rounds per number")
-    out.append(table(SUMMARY_HEAD, summary_rows(report["records"], info["cpu_model"],
-                                             report.get("torch_missing"))))
+    rows = summary_rows(report["records"], info["cpu_model"], report.get("torch_missing"))
+    if rows:
+        out.append(table(SUMMARY_HEAD, rows))
     if report["models"]:
         out.append("")
         out.append(table(MODEL_HEAD, model_rows(report["models"], info["cpu_model"])))
+    if report.get("real_models"):
+        out.append("")
+        out.append("Real models' tensors, AdamW float32 (ms per step, median [IQR]):")
+        out.append(table(REAL_HEAD, real_rows(report["real_models"])))
     for n in report["notes"]:
         out.append(f"note: {n}")
     return "\n".join(out)
@@ -170,8 +260,9 @@ def markdown(report, pngs=()) -> str:
     noisy = next((n for n in report["notes"] if n.startswith("noisy run")), None)
     if noisy:
         lines += [f"**{noisy[0].upper()}{noisy[1:]}**", ""]
-    lines += [table(SUMMARY_HEAD, summary_rows(report["records"], info["cpu_model"],
-                                             report.get("torch_missing"))), ""]
+    summary = summary_rows(report["records"], info["cpu_model"], report.get("torch_missing"))
+    if summary:
+        lines += [table(SUMMARY_HEAD, summary), ""]
     impls = []
     for r in timed(report["records"]):
         if r["impl"] not in impls:
@@ -180,8 +271,14 @@ def markdown(report, pngs=()) -> str:
     for (dev, rule, opts, dtype, n), by in groups(report["records"]).items():
         rows.append([rule, opts, dtype, fmt_n(n)] + [fmt_time(by[i]) if i in by else "—"
                                                       for i in impls])
-    lines += ["## Every implementation (µs per step, median [interquartile range])", "",
-              table(["rule", "options", "dtype", "n"] + impls, rows), ""]
+    if rows:
+        lines += ["## Every implementation (µs per step, median [interquartile range])", "",
+                  table(["rule", "options", "dtype", "n"] + impls, rows), ""]
+    if report.get("real_models") and timed(report["real_models"]):
+        lines += ["## Real models' parameter tensors (AdamW, float32)", "", REAL_METHOD, "",
+                  table(REAL_HEAD, real_rows(report["real_models"])), "",
+                  "Every implementation (spread: interquartile range over median):", "",
+                  table(REAL_DETAIL_HEAD, real_detail_rows(report["real_models"])), ""]
     if report["models"]:
         lines += ["## Model-like parameter lists (Adam, float32)", "",
                   "hwoptim over one flat vector (`hwoptim.FlatParams`), hwoptim over the list "
@@ -205,7 +302,8 @@ def markdown(report, pngs=()) -> str:
                   "With a warm disk cache (`~/.cache/hwoptim`) this is a load.", "",
                   table(["kernels", "s"], [[k, f"{v:.2f}"] for k, v in
                                            report["compile_or_load_s"].items()]), ""]
-    skipped = [r for r in report["records"] + report["models"] if "skipped" in r]
+    skipped = [r for r in report["records"] + report["models"]
+               + list(report.get("real_models") or ()) if "skipped" in r]
     whys = {}
     for r in skipped:
         whys.setdefault(f"{r['impl']}: {r['skipped']}", 0)
