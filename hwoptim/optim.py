@@ -28,6 +28,9 @@ _MAX_STEP = 2 ** 53                  # the step count travels as a float64 (bias
 # and launches one multi-tensor kernel per group (backends with ``many``); below it, the
 # per-array path (measured: bench/NOTES.md, "Many arrays").
 FAST_MIN = 16
+# CuPy: from this many arrays in a step, one multi-tensor launch (pointer table uploaded per
+# step) instead of one launch per array; a single array keeps the vectorised grid kernel.
+CUDA_MULTI_MIN = 2
 _plans: dict = {}
 _kernels: dict = {}
 
@@ -110,6 +113,38 @@ def _finite(v, what: str, expected: str) -> float:
 def _short(v) -> str:
     r = repr(v)
     return r if len(r) <= 40 else f"{r[:18]}...{r[-8:]} ({len(r)} characters)"
+
+
+def _data_address(a) -> int:
+    """The address of a NumPy or CuPy array's first element."""
+    data = getattr(a, "__array_interface__", None)
+    return data["data"][0] if data is not None else a.data.ptr
+
+
+def _device_pointers(grads) -> np.ndarray:
+    """CuPy grads' addresses as int64: the grad column of the multi-tensor launch."""
+    return np.fromiter([g.data.ptr for g in grads], np.int64, len(grads))
+
+
+class _Seen:
+    """The CuPy grads of the last fully checked step: their ids and addresses, and whether
+    any of them has died since (weak references with a callback; a type without weak
+    references is held strongly, so it cannot die)."""
+
+    def __init__(self, grads):
+        self.died = False
+        self.ids = list(map(id, grads))
+        self.ptrs = _device_pointers(grads)
+        me = weakref.ref(self)
+
+        def died(_r):
+            s = me()
+            if s is not None:
+                s.died = True
+        try:
+            self.refs = [weakref.ref(g, died) for g in grads]
+        except TypeError:
+            self.refs = list(grads)
 
 
 def _ref(a):
@@ -321,7 +356,7 @@ class Optimizer:
         self._params = []
         self._array_type = np.ndarray if fam == "host" else type(arrays[0])
         self._checked_spans = None
-        self._checked = ()
+        self._checked, self._seen = (), None
         self._kern = None
         self._launch_key, self._entries = None, None
         self._fast, self._tables = None, None
@@ -392,7 +427,7 @@ class Optimizer:
         self._owned = [(addr(a), f"state[{i}][{k!r}]")
                        for i, st in enumerate(self.state) for k, a in st.items()]
         self._owned += [(addr(p), f"params[{i}]") for i, p in enumerate(self._params)]
-        self._checked_spans = None
+        self._checked_spans, self._seen = None, None
 
     def add_param_group(self, param_group: dict) -> None:
         """Add a group of params (a dict with ``"params"``, and any hyperparameters, options
@@ -421,7 +456,7 @@ class Optimizer:
             with self._params[0].device:
                 step_dev = cupy.full(1, float(self.step_count), dtype=np.float64)
         self._add_groups(groups, gi)
-        self._kern, self._launch_key, self._checked = None, None, ()
+        self._kern, self._launch_key, self._checked, self._seen = None, None, (), None
         if self.capturable:
             g, f = self.param_groups[gi], self._flags[gi]
             with self._params[0].device:
@@ -650,6 +685,15 @@ class Optimizer:
             ptrs = self._grad_pointers(grads)
             if ptrs is not None:
                 return ptrs
+        cuda = self._family == "cuda"
+        many = cuda and n >= CUDA_MULTI_MIN and self._multi_ok()
+        seen = self._seen
+        if many and seen is not None and not seen.died and list(map(id, grads)) == seen.ids:
+            # The same CuPy arrays as last step, every one still alive (a death would have
+            # set ``died``, so no id can belong to a new array): their memory, dtype and
+            # strides cannot change in place (a shape set in place keeps the size and the
+            # contiguity, all that a flat update reads), so last step's addresses hold.
+            return seen.ptrs
         last = self._checked
         if len(last) == n:
             # The same array objects as last step: their memory has not moved (a weak
@@ -660,8 +704,7 @@ class Optimizer:
                         or not g.flags.c_contiguous):
                     break
             else:
-                return [g.reshape(-1) for g in grads]
-        cuda = self._family == "cuda"
+                return _device_pointers(grads) if many else [g.reshape(-1) for g in grads]
         for i, g in enumerate(grads):
             p = params[i]
             if ((not _plain_host(g) if not cuda else not isinstance(g, self._array_type))
@@ -677,6 +720,9 @@ class Optimizer:
                                  f"memory, apart from params, state and each other")
             self._checked_spans = spans
         self._checked = tuple(_ref(g) for g in grads)
+        if many:
+            self._seen = _Seen(grads)
+            return self._seen.ptrs
         return [g.reshape(-1) for g in grads]
 
     def _grad_pointers(self, grads):
@@ -722,8 +768,7 @@ class Optimizer:
             tabs = []
             for gi, k in enumerate(self._kernels()):
                 idx = np.array([i for i, g in enumerate(self._group_of) if g == gi], np.int64)
-                cols = [[v.__array_interface__["data"][0] for v in self._views[i]]
-                        for i in idx]
+                cols = [[_data_address(v) for v in self._views[i]] for i in idx]
                 tab = np.zeros((len(idx), len(cols[0]) + 1), np.int64)
                 for r, c in enumerate(cols):
                     tab[r, 0], tab[r, 2:] = c[0], c[1:]
@@ -816,15 +861,15 @@ class Optimizer:
         self._step = t                       # everything is checked: from here on, update
         if self._stream is not None:         # torch CUDA tensors: on torch's current stream
             with self._stream():
-                return self._launch_all(entries, flat, scal)
+                return self._launch_all(entries, flat, scal, tables)
+        self._launch_all(entries, flat, scal, tables)
+
+    def _launch_all(self, entries, flat, scal, tables=None):
         if tables is not None:               # grad addresses: one launch per group
             for (k, tab, sizes, rows, idx), sc in zip(tables, scal):
                 tab[:, 1] = flat[idx]
                 k.many(tab, sizes, rows, np.array([sc], dtype=self.dtype))
             return
-        self._launch_all(entries, flat, scal)
-
-    def _launch_all(self, entries, flat, scal):
         if entries is not None:
             for views, gi, gr, e in zip(self._views, self._group_of, flat, entries):
                 e(views[0], gr, *views[1:], *scal[gi])

@@ -13,7 +13,9 @@ fail.
 * state on the params' device; work enqueued on CuPy's current stream;
 * CUDA graphs: one captured step replayed N times == N eager capturable steps, bitwise,
   with ``step_count`` read from the device;
-* unaligned views run the element-wise kernel and are still correct; launches per step.
+* unaligned views run the element-wise kernel and are still correct; launches per step;
+* a list of separate arrays: one multi-tensor launch per step, each array within the
+  reference's tolerances.
 """
 from __future__ import annotations
 
@@ -351,6 +353,74 @@ def test_unaligned_views(case, dtype, which):
         f"arrays")
 
 
+# ----------------------------------------------------------------------------- many arrays
+
+MANY_SIZES = (1, 3, 4096, 4101, 10007, 70001)    # one chunk, a chunk and a bit, several
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("case", CASE_PARAMS)
+def test_many_arrays_one_launch_match_reference(case, dtype):
+    """A list of separate arrays (sizes across the chunk boundaries, one param and one grad
+    a misaligned view) steps with one multi-tensor launch per step, every array within the
+    reference's tolerances at every step."""
+    from hwoptim.bench.gpu import count_launches
+    rng = np.random.default_rng(_seed(case.id, dtype, "many"))
+    steps = 8
+    p0 = [testing.random_values(rng, (n,), dtype) for n in MANY_SIZES]
+
+    def offset(values):
+        v = cupy.empty(values.size + 1, dtype=values.dtype)[1:]
+        v.set(values)
+        return v
+    ws = [offset(x) if i == 3 else cupy.asarray(x) for i, x in enumerate(p0)]
+    opt = case.make(ws)
+    names = case.plan.arrays[2:]
+    for t in range(1, steps + 1):
+        gs = [testing.random_values(rng, (n,), dtype) for n in MANY_SIZES]
+        gd = [offset(g) if i == 4 else cupy.asarray(g) for i, g in enumerate(gs)]
+        before = [{"param": w.get(), **{k: opt.state[i][k].get() for k in names}}
+                  for i, w in enumerate(ws)]
+        if t == 1:
+            with count_launches(opt) as c:
+                opt.step(gd)
+            assert sum(c.values()) == 1, f"launches {dict(c)}; expected one multi-tensor launch"
+        else:
+            opt.step(gd)
+        for i, w in enumerate(ws):
+            got = {"param": w.get(), **{k: opt.state[i][k].get() for k in names}}
+            _check_step(case, dtype, t, before[i], got, gs[i],
+                        f"{case.id} {dtype} many arrays, array {i} (n={MANY_SIZES[i]})")
+    for w, x in zip(ws, p0):
+        assert not np.array_equal(w.get(), x), f"{case.id} {dtype}: an array never moved"
+
+
+def test_many_arrays_new_grads_checked_again():
+    """After steps with the same grad arrays (their addresses reused unchecked), a list with
+    one new array of the wrong shape or dtype is refused and nothing changes; a grad that
+    died and was replaced is checked again."""
+    rng = np.random.default_rng(_seed("many-recheck"))
+    ps = [cupy.asarray(testing.random_values(rng, (n,), "float32")) for n in MANY_SIZES]
+    gs = [cupy.asarray(testing.random_values(rng, (n,), "float32")) for n in MANY_SIZES]
+    opt = hwoptim.Adam(ps)
+    for _ in range(3):
+        opt.step(gs)
+    before = [p.get() for p in ps]
+    for bad, err in ((cupy.zeros(MANY_SIZES[2] + 1, cupy.float32), ValueError),
+                     (cupy.zeros(MANY_SIZES[2], cupy.float64), TypeError)):
+        with pytest.raises(err, match=r"grads\[2\]"):
+            opt.step(gs[:2] + [bad] + gs[3:])
+    assert all(np.array_equal(p.get(), b) for p, b in zip(ps, before))
+    assert opt.step_count == 3
+    gs[2] = None                              # dies; a new array takes its place
+    gs[2] = cupy.zeros((MANY_SIZES[2], 1), cupy.float32)
+    with pytest.raises(ValueError, match=r"grads\[2\]"):
+        opt.step(gs)
+    gs[2] = cupy.asarray(testing.random_values(rng, (MANY_SIZES[2],), "float32"))
+    opt.step(gs)
+    assert opt.step_count == 4
+
+
 # ----------------------------------------------------------------------------- checkpoints
 
 @pytest.mark.parametrize("mode", MODES)
@@ -583,9 +653,9 @@ def test_capturable_rejects_unaligned_grad_unchanged():
 
 @pytest.mark.parametrize("mode", MODES)
 def test_launches_per_step(mode):
-    """One launch per param array per step (plus one ``advance`` per group when
-    capturable); a FlatParams buffer is one array, so one launch, with results bitwise equal
-    to stepping the arrays one by one."""
+    """A list of arrays: one multi-tensor launch per step (capturable: one launch per array,
+    plus one ``advance`` per group); a FlatParams buffer is one array, so one launch, with
+    results bitwise equal to stepping the arrays in a list."""
     from hwoptim.bench.gpu import count_launches
     case = next(c for c in CASES if c.id == "Adam[default]")
     shapes = [(33, 7), (64,), (5, 5, 5), (1,)]
@@ -609,9 +679,11 @@ def test_launches_per_step(mode):
             o_per.step(g_per)
         assert sum(c_flat.values()) == 1 + extra, (
             f"{mode}: FlatParams step made launches {dict(c_flat)}; expected {1 + extra}")
-        assert sum(c_per.values()) == len(shapes) + extra, (
-            f"{mode}: per-array step made launches {dict(c_per)}; expected "
-            f"{len(shapes) + extra}")
+        # separate arrays: one multi-tensor launch (capturable and element-wise kernels:
+        # one launch per array)
+        want = 1 if mode == "cupy" else len(shapes) + extra
+        assert sum(c_per.values()) == want, (
+            f"{mode}: per-array step made launches {dict(c_per)}; expected {want}")
         if mode == "cupy-capturable":
             assert c_flat[k.advance] == 1 and c_flat[k.device] == 1, dict(c_flat)
     for i, (v, p) in enumerate(zip(flat.views, per)):
