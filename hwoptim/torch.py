@@ -37,6 +37,7 @@ _EAGER_STATE = {"Adagrad"}          # state for every param in the constructor
 _NO_STEP = {"SGD"}                  # no state["step"]; the first step is the buffer's first
 _TORCH_ONLY = ("foreach", "fused", "capturable", "differentiable")   # accepted torch args
 _DTYPES = {torch.float32: "float32", torch.float64: "float64"}
+_STRIDED = torch.strided
 
 
 def _scalar_dtype():
@@ -98,6 +99,7 @@ class Optimizer(_TorchOptimizer):
                              f"{', '.join(repr(n) for n in _backends.names())}")
         self._backend_request = backend
         self._checked_groups = {}
+        self._steps, self._step_index, self._need = _StepBank(), {}, {}
         super().__init__(params, defaults)      # calls add_param_group for each group
 
     # ------------------------------------------------------------------ signature
@@ -160,6 +162,9 @@ class Optimizer(_TorchOptimizer):
                 group.setdefault(k, v)
         self.__dict__.setdefault("_checked_groups", {})
         self.__dict__.setdefault("_backend_request", None)
+        self.__dict__.setdefault("_steps", _StepBank())
+        self.__dict__.setdefault("_need", {})
+        self.__dict__["_step_index"] = {}
 
     # ------------------------------------------------------------------ state
     def _init_state(self, p, group, hf):
@@ -167,11 +172,36 @@ class Optimizer(_TorchOptimizer):
         h, flags = hf
         state = self.state[p]
         if self.rule.name not in _NO_STEP and "step" not in state:
-            state["step"] = torch.tensor(0.0, dtype=_scalar_dtype())
+            state["step"] = self._steps.new(_scalar_dtype())
         for s in self.rule.active_states(flags):
             if s.name not in state:
                 init = h[s.init] if isinstance(s.init, str) else s.init
                 state[s.name] = torch.full_like(p, init, memory_format=torch.preserve_format)
+
+    def _advance_steps(self, group, states) -> list:
+        """Each state's ``step`` advanced by one, as torch advances it; the new counts.
+
+        Counts this optimizer created are 0-d views of one buffer (``_StepBank``), so a
+        group's are advanced by one vectorised add; other step tensors (loaded from a
+        state_dict, or set by hand) are moved into the buffer first, keeping their value
+        and dtype."""
+        steps = [st["step"] for st in states]
+        ids = list(map(id, steps))
+        hit = self._step_index.get(id(group))
+        if hit is None or hit[0] != ids:
+            for st, t in zip(states, steps):
+                if not self._steps.owns(t):
+                    st["step"] = self._steps.new(t.dtype, float(t))
+            steps = [st["step"] for st in states]
+            hit = (list(map(id, steps)), self._steps.index(steps), steps)
+            self._step_index[id(group)] = hit
+        index = hit[1]
+        if index is None:                  # views of several buffers: one add per tensor
+            torch._foreach_add_(steps, 1)
+            return [int(v) for v in torch.stack(steps).tolist()]
+        values, idx = index
+        values[idx] += 1
+        return values[idx].astype(np.int64).tolist()
 
     # ------------------------------------------------------------------ stepping
     @torch.no_grad()
@@ -190,6 +220,11 @@ class Optimizer(_TorchOptimizer):
             for j, p in enumerate(group["params"]):
                 g = p.grad
                 if g is None:
+                    continue
+                if (g.layout is _STRIDED and g.dtype is p.dtype and p.dtype in _DTYPES
+                        and g.shape == p.shape and g.get_device() == p.get_device()
+                        and p.is_contiguous() and g.is_contiguous()):
+                    items.append((p, g))        # the common case, checked in one go
                     continue
                 if g.is_sparse:
                     raise RuntimeError(f"{where}params[{j}] has a sparse grad; "
@@ -222,19 +257,24 @@ class Optimizer(_TorchOptimizer):
         h, flags = hf
         plan = _plan(rule, flags)
         names = plan.arrays[2:]
+        need = self._need.get(id(plan))     # plans are cached: one object per flags
+        if need is None:                     # the keys of a complete state
+            need = self._need[id(plan)] = frozenset(names) | (
+                frozenset() if rule.name in _NO_STEP else {"step"})
+        state = self.state
+        states = [state[p] for p, _ in items]
+        fresh = [not need <= st.keys() for st in states]
+        if any(fresh):
+            for (p, _), new in zip(items, fresh):
+                if new:
+                    self._init_state(p, group, hf)
         if rule.name in _NO_STEP:            # SGD: the first step is the one creating state
-            ts = [1 if any(n not in self.state[p] for n in names) else 2 for p, _ in items]
-            for p, _ in items:
-                self._init_state(p, group, hf)
+            ts = [1 if new else 2 for new in fresh]
         else:
-            for p, _ in items:
-                self._init_state(p, group, hf)
-            steps = [self.state[p]["step"] for p, _ in items]
-            ts = [int(v) + 1 for v in torch.stack(steps).tolist()]
-            torch._foreach_add_(steps, 1)
+            ts = self._advance_steps(group, states)
         by_kernel = {}
-        for (p, g), t in zip(items, ts):
-            by_kernel.setdefault((p.device, _DTYPES[p.dtype]), []).append((p, g, t))
+        for (p, g), st, t in zip(items, states, ts):
+            by_kernel.setdefault((p.device, _DTYPES[p.dtype]), []).append((p, g, t, st))
         for (dev, dtype), work in by_kernel.items():
             fam = "host" if dev.type == "cpu" else "cuda"
             k = _kernel(_backends.pick(fam, self._backend_request), plan, dtype)
@@ -247,23 +287,67 @@ class Optimizer(_TorchOptimizer):
                 self._launch(k, h, names, work, dtype)
 
     def _launch(self, k, h, names, work, dtype):
-        distinct = sorted({t for _, _, t in work})
+        distinct = sorted({w[2] for w in work})
         if hasattr(k, "many"):
             row_of = {t: r for r, t in enumerate(distinct)}
-            ptrs = np.array([[p.data_ptr(), g.data_ptr()]
-                             + [self.state[p][n].data_ptr() for n in names]
-                             for p, g, _ in work], np.int64)
-            sizes = np.array([p.numel() for p, _, _ in work], np.int64)
-            rows = np.array([row_of[t] for _, _, t in work], np.int64)
+            ptrs = np.array([[p.data_ptr(), g.data_ptr(), *[st[n].data_ptr() for n in names]]
+                             for p, g, _, st in work], np.int64)
+            sizes = np.array([p.numel() for p, *_ in work], np.int64)
+            rows = (np.zeros(len(work), np.int64) if len(distinct) == 1 else
+                    np.array([row_of[w[2]] for w in work], np.int64))
             scalars = np.array([k.prepare(h, t) for t in distinct], dtype=dtype)
             k.many(ptrs, sizes, rows, scalars)
             return
         for t in distinct:
             scal = k.prepare(h, t)
-            for p, g, tt in work:
+            for p, g, tt, st in work:
                 if tt == t:
                     k([_view(p).reshape(-1), _view(g).reshape(-1)]
-                      + [_view(self.state[p][n]).reshape(-1) for n in names], scal)
+                      + [_view(st[n]).reshape(-1) for n in names], scal)
+
+
+class _StepBank:
+    """Where this optimizer's ``state["step"]`` tensors live: 0-d views of CPU buffers of
+    ``SIZE`` counts per dtype, so that one add advances a whole group's counts (one
+    ``torch._foreach_add_`` over separate CPU scalars costs microseconds per tensor). Each
+    view is its own count, a float tensor as torch keeps it; state_dict saves them as such."""
+
+    SIZE = 4096
+
+    def __init__(self):
+        self._cur = {}                     # dtype -> (buffer, its NumPy view, counts used)
+        self._bufs = {}                    # id(buffer) -> (buffer, its NumPy view)
+
+    def new(self, dtype, value=0.0):
+        buf, arr, used = self._cur.get(dtype, (None, None, self.SIZE))
+        if used == self.SIZE:
+            buf = torch.zeros(self.SIZE, dtype=dtype)
+            arr, used = buf.numpy(), 0
+            self._bufs[id(buf)] = (buf, arr)
+        self._cur[dtype] = (buf, arr, used + 1)
+        arr[used] = value
+        return buf[used]
+
+    def __deepcopy__(self, memo):
+        return _StepBank()       # a copied optimizer moves its (copied) counts into its own
+
+    def __reduce__(self):
+        return _StepBank, ()
+
+    def owns(self, t) -> bool:
+        base = t._base
+        return base is not None and id(base) in self._bufs and t.dim() == 0
+
+    def index(self, steps):
+        """(NumPy view of the one buffer holding every count, their indices), or ``None``
+        when they span several buffers."""
+        if not steps:
+            return None
+        bases = {id(t._base) for t in steps}
+        if len(bases) != 1:
+            return None
+        arr = self._bufs[bases.pop()][1]
+        return arr, np.array([t.storage_offset() for t in steps], np.int64)
 
 
 class _nullcontext:

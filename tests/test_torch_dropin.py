@@ -330,3 +330,40 @@ def test_address_unchanged_and_no_copies():
     opt.step()
     assert [opt.state[p]["momentum_buffer"].data_ptr() for p in m.parameters()] == bufs
     np.testing.assert_array_equal(np.isfinite(m[0].weight.detach().numpy()), True)
+
+
+@pytest.mark.torch
+def test_step_counts_advance_like_torchs_however_they_were_set():
+    """The step counts hwoptim.torch keeps (views of one buffer, advanced by one add) stay
+    per-param torch tensors: set by hand, loaded from torch.optim's state_dict, or in a deep
+    copy, each advances as torch.optim.Adam's does, and the copy is independent."""
+    x, y = _data()
+    ma, mb = _mlp(), _mlp()
+    a, b = ht.Adam(ma.parameters(), lr=1e-3), torch.optim.Adam(mb.parameters(), lr=1e-3)
+
+    def steps(opt, model):
+        for _ in range(3):
+            opt.zero_grad()
+            _loss(model, x, y).backward()
+            opt.step()
+    steps(a, ma)
+    steps(b, mb)
+    pa, pb = list(ma.parameters()), list(mb.parameters())
+    a.state[pa[0]]["step"] = torch.tensor(40.0)                  # by hand: a new tensor
+    b.state[pb[0]]["step"] = torch.tensor(40.0)
+    a.state[pa[1]]["step"].add_(5)                               # by hand: in place
+    b.state[pb[1]]["step"].add_(5)
+    c = copy.deepcopy(a)
+    steps(a, ma)
+    steps(b, mb)
+    got = [float(a.state[p]["step"]) for p in pa]
+    assert got == [float(b.state[q]["step"]) for q in pb] == [43.0, 11.0] + [6.0] * (len(pa) - 2)
+    assert _rel(pa, pb) < 1e-5, "the bias corrections did not follow the step counts"
+    assert [float(c.state[p]["step"]) for p in c.state] == [40.0, 8.0] + [3.0] * (len(pa) - 2)
+    b2 = torch.optim.Adam(mb.parameters(), lr=1e-3)
+    b2.load_state_dict(b.state_dict())
+    a.load_state_dict(copy.deepcopy(b.state_dict()))              # plain tensors come in
+    steps(a, ma)
+    steps(b2, mb)
+    assert [float(a.state[p]["step"]) for p in pa] == [46.0, 14.0] + [9.0] * (len(pa) - 2)
+    assert all(a.state[p]["step"].dtype == b2.state[q]["step"].dtype for p, q in zip(pa, pb))
