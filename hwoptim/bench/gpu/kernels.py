@@ -59,7 +59,7 @@ def count_launches(*optimizers):
     own = [(o, o.__dict__.get("_kern")) for o in optimizers]
     optim._kernels.clear()
     for o in optimizers:
-        o._kern = None
+        o._kern = o._tables = None      # the multi-tensor tables hold kernels too
     cupy.RawModule, cupy.ElementwiseKernel = CountedModule, CountedElementwise
     try:
         yield counts
@@ -68,7 +68,7 @@ def count_launches(*optimizers):
         optim._kernels.clear()
         optim._kernels.update(saved)
         for o, _ in own:
-            o._kern = None          # rebuilt from the restored cache at the next step
+            o._kern = o._tables = None      # rebuilt from the restored cache at the next step
 
 
 def prewarm(raw_jobs, elementwise_jobs=(), workers=None) -> dict:

@@ -7,6 +7,8 @@ intervals after warm-up.
 """
 from __future__ import annotations
 
+import time
+
 import numpy as np
 
 import hwoptim
@@ -126,9 +128,23 @@ def _torch_rule(ctx, rule, kwargs, dtype, n, impl, nbytes, rep):
     return time_steps(lambda i: opts[i].step(), len(opts), 3, rep, torch_timer())
 
 
+def host_time(step, n_sets, sync, repeats) -> float:
+    """Median seconds until ``step(i)`` returns, the GPU idle before each call: the host
+    work of a step, which a model's many small tensors make the cost that matters."""
+    out = []
+    for i in range(repeats):
+        sync()
+        t0 = time.perf_counter()
+        step(i % n_sets)
+        out.append(time.perf_counter() - t0)
+    sync()
+    return float(np.median(out))
+
+
 def model(ctx, label, shapes, rule, kwargs, dtype, impl) -> dict:
     """One record: a step of ``rule`` over tensors of ``shapes`` by ``impl`` (one
-    ``FlatParams`` vector, per tensor, the floor over the flat vector, or torch)."""
+    ``FlatParams`` vector, the list of separate arrays, ``hwoptim.torch`` over torch CUDA
+    tensors, the floor over the flat vector, or torch), with its host time per step."""
     cupy = ctx.cupy
     plan = plan_for(rule, kwargs)
     n = int(sum(int(np.prod(s)) for s in shapes))
@@ -136,7 +152,7 @@ def model(ctx, label, shapes, rule, kwargs, dtype, impl) -> dict:
     rec = {"device": ctx.name, "model": label, "rule": rule.name,
            "options": option_name(kwargs), "impl": impl, "dtype": dtype,
            "tensors": len(shapes), "n": n, "bytes": nbytes, "time_s": None,
-           "gbps": None, "launches": None}
+           "gbps": None, "launches": None, "host_s": None}
     rep = 10 if ctx.quick else 30
     try:
         sets = []
@@ -159,9 +175,12 @@ def model(ctx, label, shapes, rule, kwargs, dtype, impl) -> dict:
                 gs = [ctx.normal(s, dtype) for s in shapes]
                 opt = cls(ps, backend="cupy", **kwargs)
                 sets.append((opt, gs, ps))
+            elif impl == "hwoptim-torch":
+                opt = _torch_model(ctx, rule, kwargs, shapes, dtype, impl)
+                sets.append(opt)
             else:
                 sets.append(_torch_model(ctx, rule, kwargs, shapes, dtype, impl))
-            if impl.startswith("hwoptim"):
+            if impl in ("hwoptim-cupy-flat", "hwoptim-cupy-per-tensor"):
                 for st in opt.state:
                     for buf in st.values():
                         ctx.positive(buf)
@@ -170,16 +189,23 @@ def model(ctx, label, shapes, rule, kwargs, dtype, impl) -> dict:
             rec["time_s"] = time_steps(lambda i: run(sets[i][0], ()), len(sets), 3, rep,
                                        ctx.timer)
             rec["launches"] = 1
-        elif impl.startswith("hwoptim"):
+        elif impl in ("hwoptim-cupy-flat", "hwoptim-cupy-per-tensor"):
             step = lambda i: sets[i][0].step(sets[i][1])
             rec["time_s"] = time_steps(step, len(sets), 3, rep, ctx.timer)
+            rec["host_s"] = host_time(step, len(sets), ctx.stream.synchronize, rep)
             with count_launches(sets[0][0]) as c:
                 step(0)
             ctx.stream.synchronize()
             rec["launches"] = sum(c.values())
-        else:
-            rec["time_s"] = time_steps(lambda i: sets[i].step(), len(sets), 3, rep,
-                                       torch_timer())
+        else:                     # torch's tensors: hwoptim.torch or torch.optim
+            step = lambda i: sets[i].step()
+            rec["time_s"] = time_steps(step, len(sets), 3, rep, torch_timer())
+            rec["host_s"] = host_time(step, len(sets), ctx.torch.cuda.synchronize, rep)
+            if impl == "hwoptim-torch":
+                with count_launches() as c:
+                    step(0)
+                ctx.torch.cuda.synchronize()
+                rec["launches"] = sum(c.values())
         rec["gbps"] = nbytes / rec["time_s"] / 1e9
     except Exception as e:   # noqa: BLE001
         rec["error"] = error_text(e)
@@ -200,8 +226,12 @@ def _torch_model(ctx, rule, kwargs, shapes, dtype, impl):
         p.grad = torch.randn_like(p)
         ps.append(p)
     kw = {k: v for k, v in kwargs.items() if k not in rule.torch_skip}
-    kw["fused" if impl == "torch-fused" else "foreach"] = True
-    opt = getattr(torch.optim, rule.torch)(ps, **kw)
+    if impl == "hwoptim-torch":
+        import hwoptim.torch as hwoptim_torch
+        opt = getattr(hwoptim_torch, rule.name)(ps, **kw)
+    else:
+        kw["fused" if impl == "torch-fused" else "foreach"] = True
+        opt = getattr(torch.optim, rule.torch)(ps, **kw)
     opt.step()
     for p in ps:
         for v in opt.state[p].values():

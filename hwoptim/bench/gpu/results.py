@@ -89,6 +89,23 @@ def summary(result: dict) -> dict:
             "min": lo[0], "min_case": f"{lo[1]['rule']}[{lo[1]['options']}] {lo[1]['dtype']}",
             "max": hi[0], "max_case": f"{hi[1]['rule']}[{hi[1]['options']}] {hi[1]['dtype']}",
             "geomean": float(np.exp(np.mean([np.log(v) for v, _ in vs])))}
+    by_model = {}
+    for r in result.get("models", []):
+        if r.get("time_s"):
+            by_model.setdefault(f"{r['model']} {r['rule']}", {})[r["impl"]] = r
+    models = {}
+    for case, m in by_model.items():
+        flat, many, ht = (m.get(k) for k in ("hwoptim-cupy-flat", "hwoptim-cupy-per-tensor",
+                                             "hwoptim-torch"))
+        models[case] = {
+            "list_vs_flat": flat["time_s"] / many["time_s"] if flat and many else None,
+            "list_host_s": many["host_s"] if many else None,
+            "list_launches": many["launches"] if many else None,
+            "torch_frac_floor": ht["frac_floor"] if ht else None,
+            "torch_vs_fused": ht["vs_torch"] if ht else None,
+            "torch_host_s": ht["host_s"] if ht else None}
+    if models:
+        out["models"] = models
     return out
 
 
@@ -131,10 +148,10 @@ def format_markdown(result: dict) -> str:
     lines += ["", "## Models (one step over every tensor)", "",
               f"Shapes: {result.get('model_shapes', '?')}.", ""]
     lines += _md_table(
-        ["model", "rule", "impl", "tensors", "elements", "time (ms)", "GB/s", "of floor",
-         "vs torch", "launches/step"], result.get("models", []),
+        ["model", "rule", "impl", "tensors", "elements", "time (ms)", "host (us)", "GB/s",
+         "of floor", "vs torch", "launches/step"], result.get("models", []),
         lambda r: [r["model"], f"{r['rule']}[{r['options']}]", r["impl"], r["tensors"],
-                   r["n"], ms(r), fmt(r.get("gbps"), ".0f"),
+                   r["n"], ms(r), fmt_us(r.get("host_s")), fmt(r.get("gbps"), ".0f"),
                    fmt(r.get("frac_floor"), ".2f"), fmt(r.get("vs_torch"), ".2f"),
                    fmt(r.get("launches"))])
     lines += ["", "## Per-step overhead (small N)", "",
@@ -170,8 +187,9 @@ def format_table(result: dict) -> str:
                    f"{fmt(r.get('gbps'), '.0f'):>7} {fmt(r.get('frac_copy'), '.2f'):>5} "
                    f"{fmt(r.get('frac_floor'), '.2f'):>5} {fmt(r.get('vs_torch'), '.2f'):>5}")
     for r in result.get("models", []):
-        out.append(f"model {r['model']:<10} {r['rule']}[{r['options']}] {r['impl']:<22} "
+        out.append(f"model {r['model']:<10} {r['rule']}[{r['options']}] {r['impl']:<23} "
                    f"{fmt((r.get('time_s') or 0) * 1e3, '.3f')} ms  "
+                   f"host {fmt_us(r.get('host_s'))} us  "
                    f"launches {fmt(r.get('launches'))} {r.get('error', '')}")
     for r in result.get("overhead", []):
         out.append(f"overhead n={r['n']:<8} {r['impl']:<26} host {fmt_us(r.get('host_s'))} us "

@@ -19,8 +19,8 @@ RULE_IMPLS = ("hwoptim-cupy", "hwoptim-cupy-elementwise", "floor", "torch-fused"
               "torch-foreach")
 OVERHEAD_IMPLS = ("hwoptim-cupy", "hwoptim-cupy-capturable", "hwoptim-cupy-elementwise",
                   "torch-fused")
-MODEL_IMPLS = ("hwoptim-cupy-flat", "hwoptim-cupy-per-tensor", "floor", "torch-fused",
-               "torch-foreach")
+MODEL_IMPLS = ("hwoptim-cupy-flat", "hwoptim-cupy-per-tensor", "hwoptim-torch", "floor",
+               "torch-fused", "torch-foreach")
 
 
 def rule_cases(quick: bool, big: int) -> list:
@@ -116,11 +116,23 @@ def _graph_section(ctx, budget, quick, small_model, result, say):
 
 
 def _model_section(ctx, budget, quick, small_model, result, say):
-    models = [("small", small_model)]
+    """A step over a model's tensors by every implementation: the benchmark's model-like
+    lists (Adam; SGD with momentum) and, where torch is here, the real models' shapes
+    (AdamW)."""
+    models = [("small", small_model, [(RULES["Adam"], {})])]
     if not quick:
-        models.insert(0, ("large", model_shapes(MODELS["large"])))
-    model_rules = [(RULES["Adam"], {})] + ([] if quick else [(RULES["SGD"], {"momentum": 0.9})])
-    for label, shapes in models:
+        models.insert(0, ("large", model_shapes(MODELS["large"]),
+                          [(RULES["Adam"], {}), (RULES["SGD"], {"momentum": 0.9})]))
+        models[-1][2].append((RULES["SGD"], {"momentum": 0.9}))
+    if ctx.torch is not None:
+        from .. import real_models
+        for name in ("gpt2-small", "resnet50"):
+            try:
+                models.append((name, real_models.shapes(name, ctx.torch),
+                               [(RULES["AdamW"], {})]))
+            except Exception as e:   # noqa: BLE001 - the other models still run
+                say(f"model {name}: not built: {type(e).__name__}: {e}")
+    for label, shapes, model_rules in models:
         for rule, kw in model_rules:
             if budget.over(f"model {label} {rule.name}"):
                 continue
@@ -128,10 +140,13 @@ def _model_section(ctx, budget, quick, small_model, result, say):
             for impl in MODEL_IMPLS:
                 if impl.startswith("torch") and not ctx.torch_has(rule, impl):
                     continue
+                if impl == "hwoptim-torch" and (ctx.torch is None or rule.torch is None):
+                    continue
                 r = measure.model(ctx, label, shapes, rule, kw, "float32", impl)
                 recs.append(r)
                 say(f"model {label} {rule.name} {impl}: "
-                    + (f"{r['time_s'] * 1e3:.3f} ms, launches {r['launches']}"
+                    + (f"{r['time_s'] * 1e3:.3f} ms, host {fmt_us(r.get('host_s'))} us, "
+                       f"launches {r['launches']}"
                        if r.get("time_s") else r.get("error", "?")))
             result["models"] += finish_models(recs)
 
@@ -159,7 +174,8 @@ def run(quick: bool = False, out_dir: str | None = None, progress=None,
     _rule_section(ctx, budget, [c for c in cases if c[2] == "float32"], result, say)
     _overhead_section(ctx, budget, quick, result, say)
     small_model = model_shapes(MODELS["small"])   # the CPU report's tensors, as it times them
-    result["model_shapes"] = "hwoptim.bench.workload.model_shapes"
+    result["model_shapes"] = ("large, small: hwoptim.bench.workload.model_shapes; gpt2-small, "
+                              "resnet50: hwoptim.bench.real_models.shapes")
     _graph_section(ctx, budget, quick, small_model, result, say)
     _model_section(ctx, budget, quick, small_model, result, say)
     _rule_section(ctx, budget, [c for c in cases if c[2] != "float32"], result, say)
