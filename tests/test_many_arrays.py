@@ -131,3 +131,17 @@ def test_the_header_reader_is_verified_or_not_used():
         outs.append(r.stdout.split())
     assert outs[0][:2] == ["True", "True"] and outs[1][:2] == ["False", "False"]
     assert outs[0][2] == outs[1][2]
+
+
+def test_bad_grads_with_extra_dims_are_refused(rng):
+    """A grad with one more dimension than its param, whose extra size happens to equal
+    the next param's: the shape table must not be read past the param's own dims."""
+    shapes = [(4,), (1,)] + [(3,)] * 20
+    ps = [random_values(rng, s, "float32") for s in shapes]
+    opt = hwoptim.Adam(ps)
+    gs = [random_values(rng, s, "float32") for s in shapes]
+    gs[0] = gs[0].reshape(4, 1)
+    before = [p.copy() for p in ps]
+    with pytest.raises(ValueError, match=r"grads\[0\] has shape \(4, 1\); expected \(4,\)"):
+        opt.step(gs)
+    assert all(np.array_equal(a, b) for a, b in zip(ps, before)) and opt.step_count == 0
