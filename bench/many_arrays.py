@@ -1,7 +1,7 @@
 """Issue 9's targets for lists of separate arrays, measured side by side in one run:
 hwoptim.Adam (float32) over a list of arrays (one header pass + one multi-tensor launch per
 step) against the same elements in one FlatParams buffer and against torch.optim.Adam(fused=
-True) over the same list; interleaved rounds, medians.
+True) over the same list; interleaved rounds (the order rotating), medians.
 
     python bench/many_arrays.py [--rounds 31]
 """
@@ -50,8 +50,13 @@ def case(name, sizes, rounds, new_grads):
             f(i)
     times = {k: [] for k in fns}
     reps = max(1, int(2e6 // max(1, sum(sizes))))
+    order = list(fns)
     for r in range(rounds):
-        for k, f in fns.items():
+        # each implementation goes first after torch's as often as the others: on a small
+        # machine whatever runs right after torch's step shares the cores with its OpenMP
+        # threads, which spin for a while after their parallel region
+        for k in order[r % len(order):] + order[:r % len(order)]:
+            f = fns[k]
             t0 = time.perf_counter()
             for i in range(reps):
                 f(i)
