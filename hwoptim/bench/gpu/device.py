@@ -37,6 +37,14 @@ class Context:
         except ImportError:
             self.torch, self.torch_version = None, None
 
+    def busy(self):
+        """Queue about half a millisecond of device work on the current stream (torch's
+        current stream too, where neither was changed: both are the default stream)."""
+        if getattr(self, "_busy", None) is None:
+            self._busy = self.cupy.zeros(1 << 26, dtype=self.cupy.float32)
+        for _ in range(4):
+            self._busy *= 1.0
+
     def torch_has(self, rule, impl) -> bool:
         """Whether torch has ``rule`` (with ``fused=`` for torch-fused); fused kernels that
         torch rejects on this device are recorded as errors, not skipped."""

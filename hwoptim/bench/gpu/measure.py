@@ -128,12 +128,16 @@ def _torch_rule(ctx, rule, kwargs, dtype, n, impl, nbytes, rep):
     return time_steps(lambda i: opts[i].step(), len(opts), 3, rep, torch_timer())
 
 
-def host_time(step, n_sets, sync, repeats) -> float:
+def host_time(step, n_sets, sync, repeats, busy=None) -> float:
     """Median seconds until ``step(i)`` returns, the GPU idle before each call: the host
-    work of a step, which a model's many small tensors make the cost that matters."""
+    work of a step, which a model's many small tensors make the cost that matters. With
+    ``busy``, called before each step to queue device work: a step that waits for the
+    stream's earlier work (as in a training loop, after the backward pass) shows it here."""
     out = []
     for i in range(repeats):
         sync()
+        if busy is not None:
+            busy()
         t0 = time.perf_counter()
         step(i % n_sets)
         out.append(time.perf_counter() - t0)
@@ -152,7 +156,7 @@ def model(ctx, label, shapes, rule, kwargs, dtype, impl) -> dict:
     rec = {"device": ctx.name, "model": label, "rule": rule.name,
            "options": option_name(kwargs), "impl": impl, "dtype": dtype,
            "tensors": len(shapes), "n": n, "bytes": nbytes, "time_s": None,
-           "gbps": None, "launches": None, "host_s": None}
+           "gbps": None, "launches": None, "host_s": None, "host_busy_s": None}
     rep = 10 if ctx.quick else 30
     try:
         sets = []
@@ -193,6 +197,8 @@ def model(ctx, label, shapes, rule, kwargs, dtype, impl) -> dict:
             step = lambda i: sets[i][0].step(sets[i][1])
             rec["time_s"] = time_steps(step, len(sets), 3, rep, ctx.timer)
             rec["host_s"] = host_time(step, len(sets), ctx.stream.synchronize, rep)
+            rec["host_busy_s"] = host_time(step, len(sets), ctx.stream.synchronize, rep,
+                                           ctx.busy)
             with count_launches(sets[0][0]) as c:
                 step(0)
             ctx.stream.synchronize()
@@ -201,6 +207,8 @@ def model(ctx, label, shapes, rule, kwargs, dtype, impl) -> dict:
             step = lambda i: sets[i].step()
             rec["time_s"] = time_steps(step, len(sets), 3, rep, torch_timer())
             rec["host_s"] = host_time(step, len(sets), ctx.torch.cuda.synchronize, rep)
+            rec["host_busy_s"] = host_time(step, len(sets), ctx.torch.cuda.synchronize, rep,
+                                           ctx.busy)
             if impl == "hwoptim-torch":
                 with count_launches() as c:
                     step(0)

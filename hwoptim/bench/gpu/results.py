@@ -101,9 +101,11 @@ def summary(result: dict) -> dict:
             "list_vs_flat": flat["time_s"] / many["time_s"] if flat and many else None,
             "list_host_s": many["host_s"] if many else None,
             "list_launches": many["launches"] if many else None,
+            "list_host_busy_s": many.get("host_busy_s") if many else None,
             "torch_frac_floor": ht["frac_floor"] if ht else None,
             "torch_vs_fused": ht["vs_torch"] if ht else None,
-            "torch_host_s": ht["host_s"] if ht else None}
+            "torch_host_s": ht["host_s"] if ht else None,
+            "torch_host_busy_s": ht.get("host_busy_s") if ht else None}
     if models:
         out["models"] = models
     return out
@@ -146,12 +148,16 @@ def format_markdown(result: dict) -> str:
                    fmt(r.get("frac_copy"), ".2f"), fmt(r.get("frac_floor"), ".2f"),
                    fmt(r.get("vs_torch"), ".2f")])
     lines += ["", "## Models (one step over every tensor)", "",
-              f"Shapes: {result.get('model_shapes', '?')}.", ""]
+              f"Shapes: {result.get('model_shapes', '?')}. host: until step() returns, the GPU "
+              f"idle; GPU busy: the same with ~0.5 ms of work queued before the step (a step "
+              f"that waits for the stream shows it there).", ""]
     lines += _md_table(
-        ["model", "rule", "impl", "tensors", "elements", "time (ms)", "host (us)", "GB/s",
-         "of floor", "vs torch", "launches/step"], result.get("models", []),
+        ["model", "rule", "impl", "tensors", "elements", "time (ms)", "host (us)",
+         "host, GPU busy (us)", "GB/s", "of floor", "vs torch", "launches/step"],
+        result.get("models", []),
         lambda r: [r["model"], f"{r['rule']}[{r['options']}]", r["impl"], r["tensors"],
-                   r["n"], ms(r), fmt_us(r.get("host_s")), fmt(r.get("gbps"), ".0f"),
+                   r["n"], ms(r), fmt_us(r.get("host_s")), fmt_us(r.get("host_busy_s")),
+                   fmt(r.get("gbps"), ".0f"),
                    fmt(r.get("frac_floor"), ".2f"), fmt(r.get("vs_torch"), ".2f"),
                    fmt(r.get("launches"))])
     lines += ["", "## Per-step overhead (small N)", "",
