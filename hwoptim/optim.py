@@ -103,10 +103,14 @@ def _fits_float(v) -> bool:
         return False
 
 
-def _finite(v, what: str, expected: str) -> float:
-    """``float(v)``, or a ValueError naming ``what`` where it is not a finite float."""
+def _finite(v, what, expected: str) -> float:
+    """``float(v)``, or a ValueError naming ``what`` (a string, or a function giving it:
+    the message is built only for an error) where it is not a finite float."""
+    if type(v) is float and math.isfinite(v):        # the common case, checked cheaply
+        return v
     if not _fits_float(v):
-        raise ValueError(f"{what} is invalid: expected {expected}")
+        raise ValueError(f"{what() if callable(what) else what} is invalid: expected "
+                         f"{expected}")
     return float(v)
 
 
@@ -184,11 +188,11 @@ def check_value(rule: Rule, name, value, where: str):
         bad = hy.check(tuple(value) if isinstance(value, (list, tuple)) else value)
         if bad:
             raise ValueError(f"{where}{name}={value!r} is invalid: expected {bad}")
-        return tuple(_finite(b, f"{where}{name}={_short(value)}", "finite numbers")
+        return tuple(_finite(b, lambda: f"{where}{name}={_short(value)}", "finite numbers")
                      for b in value)
     if isinstance(value, (bool, np.bool_)) or not isinstance(value, numbers.Real):
         raise TypeError(f"{where}{name}={value!r}: expected a real number")
-    x = _finite(value, f"{where}{name}={_short(value)}", "a finite number")
+    x = _finite(value, lambda: f"{where}{name}={_short(value)}", "a finite number")
     bad = hy.check(x)
     if bad:
         raise ValueError(f"{where}{name}={value!r} is invalid: expected {bad}")
