@@ -52,9 +52,8 @@ def case(name, sizes, rounds, new_grads):
     reps = max(1, int(2e6 // max(1, sum(sizes))))
     order = list(fns)
     for r in range(rounds):
-        # each implementation goes first after torch's as often as the others: on a small
-        # machine whatever runs right after torch's step shares the cores with its OpenMP
-        # threads, which spin for a while after their parallel region
+        # each implementation runs right after torch's step as often as the others: on the
+        # 2-core development VM whatever runs right after it is slower (bench/NOTES.md)
         for k in order[r % len(order):] + order[:r % len(order)]:
             f = fns[k]
             t0 = time.perf_counter()
