@@ -17,8 +17,7 @@ from .spec import Expr, Rule, evaluate, substitute, trace_scalars, trace_update
 
 C_TYPES = {"float32": "float", "float64": "double"}
 _C_FUNCS = {"sqrt": "sqrt", "abs": "fabs", "max": "fmax", "min": "fmin", "pow": "pow"}
-_NB_FUNCS = {"sqrt": "np.sqrt", "abs": "np.abs", "max": "np.maximum", "min": "np.minimum",
-             "sign": "np.sign"}
+_NB_FUNCS = {"sqrt": "np.sqrt", "abs": "np.abs", "max": "np.maximum", "min": "np.minimum"}
 _CMP = {"lt": "<", "le": "<=", "gt": ">", "ge": ">="}
 _ARITH = {"add": "+", "sub": "-", "mul": "*", "div": "/"}
 
@@ -82,8 +81,6 @@ def _c_expr(e: Expr, nm: _Namer) -> str:
         return f"-{a[0]}"
     if e.op == "where":
         return f"{a[0]} ? {a[1]} : {a[2]}"
-    if e.op == "sign":
-        return f"(TC)(({a[0]} > (TC)0) - ({a[0]} < (TC)0))"
     if e.op in ("max", "min"):
         # NaN in either argument gives NaN, as numpy.maximum/minimum and the Numba kernels
         # do (fmax/fmin would drop it: AMSGrad's maximum would forget a NaN gradient)

@@ -402,6 +402,8 @@ class Optimizer:
                         st[s.name] = states[i][s.name]
                         continue
                     init = merged[s.init] if isinstance(s.init, str) else s.init
+                    if callable(init):           # a state starting at lr: the first step's
+                        init = self._call_lr(gi, init, 1)
                     st[s.name] = self.backend.full(p, init)
                 list.append(self.state, _StateDict(self, i, st))
                 self._params.append(p)

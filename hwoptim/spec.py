@@ -104,7 +104,12 @@ class _MathOps:
     abs = staticmethod(np.abs)
     maximum = staticmethod(np.maximum)
     minimum = staticmethod(np.minimum)
-    sign = staticmethod(np.sign)
+    @staticmethod
+    def sign(x):
+        """-1, 0 or 1, and 0 for NaN as torch.sign gives (numpy.sign gives NaN)."""
+        if isinstance(x, np.ndarray):
+            return np.where(x > 0, 1.0, np.where(x < 0, -1.0, 0.0)).astype(x.dtype)
+        return float((x > 0) - (x < 0))
 
     @staticmethod
     def where(c, a, b):
@@ -132,7 +137,6 @@ def _eval(op, a, m):
     if op == "abs": return m.abs(a[0])
     if op == "max": return m.maximum(a[0], a[1])
     if op == "min": return m.minimum(a[0], a[1])
-    if op == "sign": return m.sign(a[0])
     if op == "where": return m.where(a[0], a[1], a[2])
     raise ValueError(f"unknown operation {op!r}")
 
@@ -146,13 +150,22 @@ def _dispatch(op, name):
     return f
 
 
+def _sign(x):
+    """-1, 0 or 1; 0 for NaN too, as torch.sign (sign-based rules then treat a NaN as no
+    information, as torch's do). Traced, it is two ``where``s, so every backend computes it
+    with the same comparisons."""
+    if isinstance(x, Expr):
+        return _node("where", x > 0, 1.0, _node("where", x < 0, -1.0, 0.0))
+    return math_ops.sign(x)
+
+
 class ops:
     """The operations a rule may use besides + - * / ** and comparisons."""
     sqrt = staticmethod(_dispatch("sqrt", "sqrt"))
     abs = staticmethod(_dispatch("abs", "abs"))
     maximum = staticmethod(_dispatch("max", "maximum"))
     minimum = staticmethod(_dispatch("min", "minimum"))
-    sign = staticmethod(_dispatch("sign", "sign"))
+    sign = staticmethod(_sign)
     where = staticmethod(_dispatch("where", "where"))
 
 

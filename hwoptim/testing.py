@@ -11,7 +11,11 @@ reference started from the same (tested) state, for every output buffer ``x``:
   may drop), propagated to ``x`` through the operations after it (first order). For the
   last operation of a step, ``p + Δp``, this is ``|p| + |Δp| + ...``: the
   ``u·(|p| + |Δp|)`` form, extended to the cancellations inside the step (``g + λp``,
-  ``m + (1-β)(g - m)``) that a bound on the final sum alone misses;
+  ``m + (1-β)(g - m)``) that a bound on the final sum alone misses. A choice
+  (``ops.where``, and ``ops.sign``, which is two) whose comparison is within rounding of
+  its threshold — the operands differ, but by less than their own error bound, as a
+  product flushed to zero in float32 against its float64 value — may go either way: there
+  ``C(x)`` also counts the distance between the two branches, so either is accepted;
 * norm-wise: ``||x - ref|| <= K_NORM * u * ||C(x)||``: with ``K_NORM = 1`` this is
   tighter than the elementwise bound on average, and catches an error spread thinly over
   every element (a scalar rounded wrongly, say);
@@ -92,7 +96,10 @@ def condition(plan, before: dict, grad, kernel_scalars, dtype) -> dict:
     u, tn = unit_roundoff(dtype), tiny(dtype)
     vals = {"param": before["param"], "grad": grad, **before}
     env = {n: (np.asarray(vals[n], dtype=np.float64).reshape(-1), 0.0) for n in plan.arrays}
-    env.update({n: (v, abs(v) + tn / u) for n, v in zip(plan.scalars, kernel_scalars)})
+    # a kernel scalar is rounded to the dtype once, exactly where it is representable
+    exact = np.dtype(dtype).type
+    env.update({n: (v, 0.0 if float(exact(v)) == v else abs(v) + tn / u)
+                for n, v in zip(plan.scalars, kernel_scalars)})
     memo = {}
 
     def ev(e):
@@ -112,7 +119,12 @@ def condition(plan, before: dict, grad, kernel_scalars, dtype) -> dict:
                     err = er[0] + er[1] + np.abs(out) + tn / u
                 elif e.op == "mul":
                     out = v[0] * v[1]
-                    err = np.abs(v[1]) * er[0] + np.abs(v[0]) * er[1] + np.abs(out) + tn / u
+                    err = (np.abs(v[1]) * er[0] + np.abs(v[0]) * er[1] + np.abs(out) + tn / u
+                           + u * er[0] * er[1])   # second order: both may be a branch off
+                    # times an exact zero: exactly zero (a sign-based rule's first step)
+                    zero = ((np.asarray(v[0]) == 0) & (np.asarray(er[0]) == 0)) | (
+                        (np.asarray(v[1]) == 0) & (np.asarray(er[1]) == 0))
+                    err = np.where(zero, 0.0, err)
                 elif e.op == "div":
                     out = v[0] / v[1]
                     err = (er[0] / np.abs(v[1]) + np.abs(v[0]) * er[1] / v[1] ** 2
@@ -129,9 +141,15 @@ def condition(plan, before: dict, grad, kernel_scalars, dtype) -> dict:
                 elif e.op == "where":
                     out = np.where(v[0], v[1], v[2])
                     err = np.where(v[0], er[1], er[2])
-                elif e.op in ("lt", "le", "gt", "ge", "sign"):
+                    # an undecided comparison: either branch (README, "Tolerances")
+                    err = np.where(er[0], np.maximum(er[1], er[2])
+                                   + np.abs(np.asarray(v[1]) - v[2]) / u, err)
+                elif e.op in ("lt", "le", "gt", "ge"):
                     from .spec import _eval, math_ops
-                    out, err = _eval(e.op, v, math_ops), 0.0
+                    out = _eval(e.op, v, math_ops)
+                    # the "error" of a comparison: whether rounding may flip it
+                    gap = np.abs(np.asarray(v[0], np.float64) - v[1])
+                    err = gap < K_STEP * u * (np.asarray(er[0]) + er[1])
                 else:
                     raise ValueError(f"no error model for {e.op!r}")
             r = (out, err)

@@ -185,7 +185,7 @@ def _scalar_error_bounds(plan, h, t) -> dict:
                 r = ((max if e.op == "max" else min)(v[0], v[1]), max(er[0], er[1]))
             elif e.op == "where":
                 r = (v[1], er[1]) if v[0] else (v[2], er[2])
-            elif e.op in ("lt", "le", "gt", "ge", "sign"):
+            elif e.op in ("lt", "le", "gt", "ge"):
                 from hwoptim.spec import _eval, math_ops
                 r = (_eval(e.op, v, math_ops), 0.0)
             else:
