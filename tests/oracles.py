@@ -106,6 +106,75 @@ def rmsprop(p, state, grad, t, *, lr, alpha, eps, weight_decay, momentum, center
         p -= lr * g / d
 
 
+def adamax(p, state, grad, t, *, lr, betas, eps, weight_decay, maximize):
+    """torch.optim.Adamax docs: g = ±grad + λθ; m = β₁m + (1−β₁)g; u = max(β₂u, |g| + ε);
+    θ = θ − γ·m/((1−β₁ᵗ)u)."""
+    b1, b2 = betas
+    g = -grad if maximize else grad
+    if weight_decay != 0:
+        g = g + weight_decay * p
+    m = b1 * state.get("exp_avg", 0.0) + (1 - b1) * g
+    u = np.maximum(b2 * state.get("exp_inf", np.zeros_like(p)), np.abs(g) + eps)
+    state["exp_avg"], state["exp_inf"] = m, u
+    p -= lr * m / ((1 - b1 ** t) * u)
+
+
+def radam(p, state, grad, t, *, lr, betas, eps, weight_decay, decoupled_weight_decay,
+          maximize):
+    """torch.optim.RAdam docs: g = ±grad; θ ← θ(1−γλ) (decoupled) or g += λθ;
+    m = β₁m + (1−β₁)g; v = β₂v + (1−β₂)g²; m̂ = m/(1−β₁ᵗ); ρ∞ = 2/(1−β₂) − 1;
+    ρₜ = ρ∞ − 2tβ₂ᵗ/(1−β₂ᵗ); if ρₜ > 5: l = √(1−β₂ᵗ)/(√v + ε),
+    r = √((ρₜ−4)(ρₜ−2)ρ∞/((ρ∞−4)(ρ∞−2)ρₜ)), θ = θ − γ·m̂·r·l; else θ = θ − γ·m̂."""
+    b1, b2 = betas
+    g = -grad if maximize else grad
+    if weight_decay != 0:
+        if decoupled_weight_decay:
+            p *= 1 - lr * weight_decay
+        else:
+            g = g + weight_decay * p
+    m = b1 * state.get("exp_avg", 0.0) + (1 - b1) * g
+    v = b2 * state.get("exp_avg_sq", 0.0) + (1 - b2) * g * g
+    state["exp_avg"], state["exp_avg_sq"] = m, v
+    m_hat = m / (1 - b1 ** t)
+    rho_inf = 2 / (1 - b2) - 1
+    rho_t = rho_inf - 2 * t * b2 ** t / (1 - b2 ** t)
+    if rho_t > 5:
+        l_t = np.sqrt(1 - b2 ** t) / (np.sqrt(v) + eps)
+        r_t = np.sqrt((rho_t - 4) * (rho_t - 2) * rho_inf / ((rho_inf - 4) * (rho_inf - 2) * rho_t))
+        p -= lr * m_hat * r_t * l_t
+    else:
+        p -= lr * m_hat
+
+
+def rprop(p, state, grad, t, *, lr, etas, step_sizes, maximize):
+    """torch.optim.Rprop docs: g = ±grad; if g·g₋ > 0: η = min(η·η₊, Γmax); if < 0:
+    η = max(η·η₋, Γmin), g = 0; else η unchanged; θ = θ − η·sign(g); g₋ = g. η starts at
+    lr. torch's implementation clamps η to [Γmin, Γmax] on every branch (the docs' form
+    assumes η is in range; an lr outside it is clamped at the first step), as here."""
+    em, ep = etas
+    lo, hi = step_sizes
+    g = -grad if maximize else grad
+    prev = state.get("prev", np.zeros_like(p))
+    eta = state.get("step_size", np.full_like(p, lr))
+    prod = g * prev
+    eta = np.clip(np.where(prod > 0, eta * ep, np.where(prod < 0, eta * em, eta)), lo, hi)
+    g = np.where(prod < 0, 0.0, g)
+    state["prev"], state["step_size"] = g, eta
+    p -= np.sign(g) * eta
+
+
+def lion(p, state, grad, t, *, lr, betas, weight_decay, maximize):
+    """Chen et al. 2023, Algorithm 2 (and optax.lion): c = β₁m + (1−β₁)g;
+    θ = θ − η(sign(c) + λθ); m = β₂m + (1−β₂)g. sign(NaN) taken as 0, as torch.sign."""
+    b1, b2 = betas
+    g = -grad if maximize else grad
+    m = state.get("exp_avg", np.zeros_like(p))
+    c = b1 * m + (1 - b1) * g
+    s = np.sign(np.nan_to_num(c, nan=0.0, posinf=np.inf, neginf=-np.inf))
+    p -= lr * (s + weight_decay * p)
+    state["exp_avg"] = b2 * m + (1 - b2) * g
+
+
 # torch.optim 2.13's documented defaults (each optimizer's signature in its docs), plus
 # hwoptim's own options (RMSprop's eps_in_sqrt, Adam's decoupled_weight_decay as in torch)
 DEFAULTS = {
@@ -118,9 +187,16 @@ DEFAULTS = {
     "Adagrad": dict(lr=1e-2, lr_decay=0.0, weight_decay=0.0, initial_accumulator_value=0.0,
                     eps=1e-10, maximize=False),
     "Adadelta": dict(lr=1.0, rho=0.9, eps=1e-6, weight_decay=0.0, maximize=False),
+    "Adamax": dict(lr=2e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0, maximize=False),
+    "RAdam": dict(lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0,
+                  decoupled_weight_decay=False, maximize=False),
+    "Rprop": dict(lr=1e-2, etas=(0.5, 1.2), step_sizes=(1e-6, 50), maximize=False),
+    # no torch.optim twin: the paper's defaults (optax.lion's too)
+    "Lion": dict(lr=1e-4, betas=(0.9, 0.99), weight_decay=0.0, maximize=False),
     "RMSprop": dict(lr=1e-2, alpha=0.99, eps=1e-8, weight_decay=0.0, momentum=0.0,
                     centered=False, maximize=False, eps_in_sqrt=False),
 }
 
 ORACLES = {"SGD": sgd, "Adam": adam, "AdamW": adamw, "Adagrad": adagrad,
-           "Adadelta": adadelta, "RMSprop": rmsprop}
+           "Adadelta": adadelta, "RMSprop": rmsprop, "Adamax": adamax,
+           "RAdam": radam, "Rprop": rprop, "Lion": lion}

@@ -174,15 +174,17 @@ def test_independent_run_within_bound(rule, opts, backend, shape, dtype, rng, ob
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("rule", list(RULES.values()), ids=list(RULES))
 def test_step_check_detects_a_few_ulps(rule, dtype, rng):
-    """A correct step passes; the same step with the params off by 8u fails."""
-    p = random_values(rng, SMALL, dtype)
+    """A correct step passes; the same step with the params off by 8u fails. (No tiny
+    inputs here: a sign-based rule's decisions on products that may underflow are
+    undecided, and their branches' distance rightly loosens the bound.)"""
+    p = random_values(rng, SMALL, dtype, tinies=0)
     opt = getattr(hwoptim, rule.name)(p, backend="numpy")
     h, flags = _flags(rule, opt.param_groups[0])
     plan = codegen.plan(rule, flags)
     u = unit_roundoff(dtype)
     for t in (1, 2, 3):
         before = _snapshot(opt)
-        grad = random_values(rng, SMALL, dtype)
+        grad = random_values(rng, SMALL, dtype, tinies=0)
         opt.step(grad)
         ref = reference_step(rule, flags, h, t, before, grad)
         cond = condition(plan, before, grad, plan.kernel_scalars(host_scalars(rule, h, t)),
@@ -285,7 +287,11 @@ def test_callable_lr_equals_setting_lr_by_hand(rule, backend, dtype, rng):
     assert np.array_equal(a, b)
     for k in by_fn.state[0]:
         assert np.array_equal(by_fn.state[0][k], by_hand.state[0][k]), k
-    assert not np.array_equal(a, c)             # the schedule mattered
+    h = {n: hy.default for n, hy in rule.hypers.items()}
+    if host_scalars(rule, {**h, "lr": 1.0}, 1) != host_scalars(rule, {**h, "lr": 2.0}, 1):
+        assert not np.array_equal(a, c)         # the schedule mattered
+    else:                                       # lr only seeds a state (Rprop's step sizes)
+        assert np.array_equal(a, c)
 
 
 def _dispatchers():

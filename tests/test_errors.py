@@ -311,16 +311,23 @@ def _hyper_cases():
         add(name, {"lr": "0.1"}, TypeError, "lr='0.1'", "expected a real number")
         add(name, {"lr": None}, TypeError, "lr=None", "expected a real number")
         add(name, {"lr": True}, TypeError, "lr=True", "expected a real number")
-        add(name, {"weight_decay": -1e-2}, ValueError, "weight_decay=-0.01", ">= 0")
+        if "weight_decay" in rule.hypers:
+            add(name, {"weight_decay": -1e-2}, ValueError, "weight_decay=-0.01", ">= 0")
         if "eps" in rule.hypers:
             add(name, {"eps": -1e-8}, ValueError, "eps=-1e-08", ">= 0")
             add(name, {"eps": [1e-8]}, TypeError, "eps=[1e-08]", "real number")
         add(name, {"maximize": "yes"}, TypeError, "maximize='yes'", "True or False")
         add(name, {"mommentum": 0.9}, TypeError, "'mommentum'", "expected", "lr, ")
-    for name in ("Adam", "AdamW"):
+    for name in ("Adam", "AdamW", "Adamax", "RAdam"):
         for betas in ((0.9, 1.0), (-0.1, 0.999), (0.9,), (0.9, 0.99, 0.999), "ab"):
             add(name, {"betas": betas}, ValueError, f"betas={betas!r}", "[0, 1)")
+    for name in ("Adam", "AdamW"):
         add(name, {"amsgrad": 1}, TypeError, "amsgrad=1", "True or False")
+    for etas in ((1.2, 0.5), (0.5, 1.0), (0.0, 1.2), (0.5,), "ab"):
+        add("Rprop", {"etas": etas}, ValueError, f"etas={etas!r}", "0 < etaminus < 1 < etaplus")
+    for sizes in ((-1e-6, 50.0), (1.0, 0.5), (1e-6, 50.0, 1.0)):
+        add("Rprop", {"step_sizes": sizes}, ValueError, f"step_sizes={sizes!r}",
+            "0 <= min <= max")
     for rho in (1.0, -0.1, 1.5):
         add("Adadelta", {"rho": rho}, ValueError, f"rho={rho!r}", "[0, 1)")
     add("Adagrad", {"lr_decay": -1.0}, ValueError, "lr_decay=-1.0", ">= 0")
@@ -426,8 +433,9 @@ def test_setting_a_bad_hyperparameter_on_a_group(rule, rng):
     rejected(opt, rng, ValueError, lambda: g.__setitem__("lr", -1), "param_groups[0]",
              "lr=-1", "expected a number >= 0")
     rejected(opt, rng, TypeError, lambda: g.__setitem__("lr", "x"), "lr='x'", "real number")
-    rejected(opt, rng, ValueError, lambda: g.__setitem__("weight_decay", -0.5),
-             "weight_decay=-0.5", ">= 0")
+    if "weight_decay" in rule.hypers:
+        rejected(opt, rng, ValueError, lambda: g.__setitem__("weight_decay", -0.5),
+                 "weight_decay=-0.5", ">= 0")
     rejected(opt, rng, ValueError, lambda: g.__setitem__("params", []), "'params'")
     if "betas" in rule.hypers:
         rejected(opt, rng, ValueError, lambda: g.__setitem__("betas", (1.0, 0.5)),

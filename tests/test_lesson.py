@@ -553,7 +553,7 @@ def test_run_many_each_with_its_own_hyperparameters():
     assert runs[1].path[1, 0] == pytest.approx(ls.start[0] * (1 - 2 * 0.05))
     assert runs[0].path[1, 0] == pytest.approx(ls.start[0] * (1 - 2 * 0.01))
     with pytest.raises(ValueError, match="unknown optimizer"):
-        T.parse_method("Adamax(lr=1)")
+        T.parse_method("Shampoo(lr=1)")
     with pytest.raises(ValueError, match="lr"):
         T.parse_method("Adam(lr=-1)")
 

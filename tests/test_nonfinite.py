@@ -90,7 +90,13 @@ def _kind(x):
     return np.select([np.isnan(x), np.isposinf(x), np.isneginf(x)], [1, 2, 3], 0)
 
 
-def _assert_only_bad_elements_differ(bad, clean, positions):
+# Rules that step by a sign (README, "Non-finite numbers"): a NaN has sign 0, as in torch,
+# and an infinite gradient still has a sign, so a non-finite input may leave its element
+# finite; every other element is still untouched by it.
+SIGN_BASED = {"Rprop", "Lion"}
+
+
+def _assert_only_bad_elements_differ(bad, clean, positions, sign_based=False):
     good = np.ones(next(iter(bad.values())).size, bool)
     good[list(positions)] = False
     for name, x in bad.items():
@@ -98,6 +104,8 @@ def _assert_only_bad_elements_differ(bad, clean, positions):
             f"{name}: elements with finite inputs changed: "
             f"{np.flatnonzero(good & (x != clean[name]))[:10]}")
         assert np.isfinite(clean[name]).all(), name
+    if sign_based:
+        return
     assert not np.isfinite(bad["param"][~good]).any(), (
         f"param: a non-finite input became finite at "
         f"{np.flatnonzero(~good & np.isfinite(bad['param']))}")
@@ -107,7 +115,8 @@ def _assert_only_bad_elements_differ(bad, clean, positions):
 def test_a_non_finite_input_stays_in_its_element(rule, opts, backend, dtype, rng):
     p, gs, bp, bgs = _inputs(rng, dtype)
     _assert_only_bad_elements_differ(_run(rule, opts, backend, bp, bgs),
-                                     _run(rule, opts, backend, p, gs), BAD)
+                                     _run(rule, opts, backend, p, gs), BAD,
+                                     rule.name in SIGN_BASED)
 
 
 @pytest.mark.parametrize("rule, opts, backend, dtype",
@@ -118,7 +127,7 @@ def test_a_non_finite_input_stays_in_its_element_in_the_parallel_kernel(rule, op
     _assert_only_bad_elements_differ(_run(rule, opts, backend, bp, bgs),
                                      _run(rule, opts, backend, p, gs),
                                      {**_spread(LARGE, GRAD_BAD), **_spread(LARGE, PARAM_BAD),
-                                      **_spread(LARGE, ONCE_BAD)})
+                                      **_spread(LARGE, ONCE_BAD)}, rule.name in SIGN_BASED)
 
 
 @pytest.mark.parametrize("rule, opts, backend, dtype", _cases())

@@ -57,6 +57,8 @@ SAMPLERS = {
     "dampening": lambda r: r.uniform(0.05, 0.5),
     "lr_decay": lambda r: 10 ** r.uniform(-3, -1),
     "initial_accumulator_value": lambda r: r.uniform(0.01, 1.0),
+    "etas": lambda r: (r.uniform(0.2, 0.9), r.uniform(1.05, 2.0)),
+    "step_sizes": lambda r: (10 ** r.uniform(-7, -4), 10 ** r.uniform(-1, 2)),
 }
 
 

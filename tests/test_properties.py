@@ -63,6 +63,8 @@ BOUNDARY = {
     "rho": [0.0, 0.5, 0.9, ALMOST_ONE],
     "lr_decay": [0.0, 1e-2, 10.0],
     "initial_accumulator_value": [0.0, 0.1, 1e3],
+    "etas": [(1e-3, 1.0 + 1e-9), (0.5, 1.2), (float(np.nextafter(1.0, 0.0)), 10.0)],
+    "step_sizes": [(0.0, 0.0), (1e-6, 50.0), (0.0, 1e30), (1e-3, 1e-3)],
 }
 SPECIALS = ("nan", "inf", "-inf", "subnormal", "-0")
 # each test's share of the profile's max_examples
@@ -397,6 +399,10 @@ BAD_NUMBERS = [(-1.0, ValueError), (float("nan"), ValueError), ("0.1", TypeError
 BAD_BETAS = [((1.0, 0.5), ValueError), ((0.9, -0.1), ValueError), ((0.9,), ValueError),
              ((0.9, 0.99, 0.999), ValueError), ((0.9, float("nan")), ValueError),
              ((0.9, ALMOST_ONE + 1e-16), ValueError)]
+BAD_PAIRS = {"etas": [((1.2, 0.5), ValueError), ((0.5, 1.0), ValueError), ((0.0, 1.2), ValueError),
+                      ((0.5,), ValueError), ((0.5, float("nan")), ValueError)],
+             "step_sizes": [((-1e-6, 50.0), ValueError), ((1.0, 0.5), ValueError),
+                            ((1e-6,), ValueError), ((1e-6, float("inf")), ValueError)]}
 BAD_FLAGS = [(1, TypeError), (None, TypeError), ("yes", TypeError)]
 
 
@@ -407,6 +413,8 @@ def _bad_hyper(data, rule):
         return (name, *data.draw(st.sampled_from(BAD_FLAGS), label="bad option"))
     if name == "betas":
         return (name, *data.draw(st.sampled_from(BAD_BETAS), label="bad betas"))
+    if name in BAD_PAIRS:
+        return (name, *data.draw(st.sampled_from(BAD_PAIRS[name]), label=f"bad {name}"))
     value, exc = data.draw(st.sampled_from(BAD_NUMBERS), label="bad number")
     if name == "rho" and value == -1.0:
         value = data.draw(st.sampled_from([-1.0, 1.0, 1.5]))

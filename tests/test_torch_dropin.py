@@ -24,8 +24,10 @@ TOL = 1e-12          # params, relative to their largest element
 STATE_TOL = 1e-10    # state buffers: RMSprop's momentum buffer sums g/avg terms whose
                      # rounding is ~5e-12 of its largest element after 100 steps
 HOST = [b for b in ("numba", "numpy") if b in __import__("hwoptim").backends.available()]
-CASES = [pytest.param(rule, opts, id=oid) for rule in RULES.values()
+CASES = [pytest.param(rule, opts, id=oid) for rule in RULES.values() if rule.torch
          for oid, opts in option_sets(rule) if not any(k in rule.torch_skip for k in opts)]
+TWINLESS = [pytest.param(rule, opts, id=oid) for rule in RULES.values() if not rule.torch
+            for oid, opts in option_sets(rule)]
 
 
 @pytest.fixture(autouse=True)
@@ -104,6 +106,45 @@ def test_trains_like_torch(rule, opts, backend):
     assert _state_rel(oa, ob, list(a.parameters()), list(b.parameters())) <= STATE_TOL
     if rule.name != "SGD":
         assert float(oa.state[a[2].bias]["step"]) < float(oa.state[a[0].weight]["step"]) == 100
+
+
+@pytest.mark.torch
+@pytest.mark.parametrize("backend", HOST)
+@pytest.mark.parametrize("rule, opts", TWINLESS)
+def test_a_rule_without_a_torch_twin_trains_like_its_oracle(rule, opts, backend):
+    """A rule torch.optim lacks (Lion) is still a torch Optimizer in hwoptim.torch: the
+    same 100-step MLP run as above against the rule's independent float64 oracle
+    (tests/oracles.py) applied per param, per-param step counts, StepLR and a None grad."""
+    from oracles import DEFAULTS, ORACLES
+
+    class Oracle(torch.optim.Optimizer):
+        def __init__(self, params, **kw):
+            super().__init__(params, {**DEFAULTS[rule.name], **kw})
+
+        @torch.no_grad()
+        def step(self, closure=None):
+            for g in self.param_groups:
+                hyp = {k: g[k] for k in DEFAULTS[rule.name]}
+                for p in g["params"]:
+                    if p.grad is None:
+                        continue
+                    st = self.state[p]
+                    st["t"] = st.get("t", 0) + 1
+                    ORACLES[rule.name](p.detach().numpy(), st.setdefault("s", {}),
+                                       p.grad.numpy(), st["t"], **hyp)
+
+    x, y = _data()
+    a, b = _mlp(), _mlp()
+    oa = getattr(ht, rule.name)(a.parameters(), backend=backend, **opts)
+    ob = Oracle(b.parameters(), **opts)
+    assert isinstance(oa, torch.optim.Optimizer)
+    _train(oa, a, torch.optim.lr_scheduler.StepLR(oa, 25, 0.5), 100, x, y)
+    _train(ob, b, torch.optim.lr_scheduler.StepLR(ob, 25, 0.5), 100, x, y)
+    assert _rel(a.parameters(), b.parameters()) <= TOL
+    for p, q in zip(a.parameters(), b.parameters()):
+        assert float(oa.state[p]["step"]) == ob.state[q]["t"]
+        for k, v in ob.state[q]["s"].items():
+            assert _rel([oa.state[p][k]], [torch.from_numpy(np.asarray(v))]) <= STATE_TOL, k
 
 
 @pytest.mark.torch
