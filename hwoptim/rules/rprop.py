@@ -3,19 +3,21 @@ the gradient keeps its sign and shrunk by η₋ when it flips (that step is then
 update uses only the gradient's sign. torch.optim.Rprop's math (the step size clamped to
 ``step_sizes`` every step, a flipped gradient stored as 0), including what torch does with a
 NaN gradient: its sign is 0, so that element neither steps nor changes its step size."""
+import numbers
+
 from ..spec import Hyper, Rule, State, ops
 
 
 def _etas(v):
     ok = (isinstance(v, (tuple, list)) and len(v) == 2
-          and all(isinstance(b, (int, float)) and not isinstance(b, bool) for b in v)
+          and all(isinstance(b, numbers.Real) and not isinstance(b, bool) for b in v)
           and 0 < v[0] < 1 < v[1])
     return None if ok else "a pair (etaminus, etaplus) with 0 < etaminus < 1 < etaplus"
 
 
 def _step_sizes(v):
     ok = (isinstance(v, (tuple, list)) and len(v) == 2
-          and all(isinstance(b, (int, float)) and not isinstance(b, bool) for b in v)
+          and all(isinstance(b, numbers.Real) and not isinstance(b, bool) for b in v)
           and 0 <= v[0] <= v[1])
     return None if ok else "a pair (min, max) with 0 <= min <= max"
 
