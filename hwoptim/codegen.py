@@ -13,7 +13,8 @@ from types import SimpleNamespace
 
 import numpy as np
 
-from .spec import Expr, Rule, evaluate, substitute, trace_scalars, trace_update
+from .spec import (Expr, Rule, evaluate, substitute, trace_scalars, trace_update,
+                   with_carry)
 
 C_TYPES = {"float32": "float", "float64": "double"}
 _C_FUNCS = {"sqrt": "sqrt", "abs": "fabs", "max": "fmax", "min": "fmin", "pow": "pow"}
@@ -60,6 +61,8 @@ class _Namer:
             return f"x_{e.value}"
         if e.op == "scalar":
             return f"k_{e.value}"
+        if e.op == "norm":                   # computed by the reduction pass: an argument
+            return f"k__n{e.value}"
         if e.op == "const":
             return self.const(e.value)
         return self.names[id(e)]
@@ -115,6 +118,25 @@ class KernelPlan:
     order: tuple                # scheduled operation nodes
     roots: dict                 # output name -> node
     derived: dict               # hoisted kernel scalar -> Expr over rule.scalars' outputs
+    norms: tuple = ()           # per-array reductions: the Expr each 2-norm is taken of
+    reduce_order: tuple = ()    # scheduled nodes the reduction pass evaluates
+
+    @property
+    def norm_names(self) -> tuple:
+        """The update's per-array scalar arguments computed by the reduction pass."""
+        return tuple(f"_n{j}" for j in range(len(self.norms)))
+
+    @property
+    def all_scalars(self) -> tuple:
+        """Every scalar argument of the element update: ``scalars``, then ``norm_names``."""
+        return self.scalars + self.norm_names
+
+    @cached_property
+    def reduce_reads(self) -> tuple:
+        """Arrays the reduction pass reads."""
+        used = {a.value for e in self.reduce_order for a in e.args if a.op == "array"}
+        used |= {e.value for e in self.norms if e.op == "array"}
+        return tuple(n for n in self.arrays if n in used)
 
     def kernel_scalars(self, base: dict) -> list:
         """The kernel's scalar arguments, as float64 host numbers, from the per-step
@@ -178,17 +200,45 @@ def _hoist(outputs: dict) -> tuple[dict, dict]:
     return {n: visit(e) for n, e in outputs.items()}, derived
 
 
+def _reach(starts, through_norm: bool) -> set:
+    """ids of the operation nodes ``starts`` depend on (a norm node's argument only where
+    ``through_norm``)."""
+    seen, stack = set(), list(starts)
+    while stack:
+        e = stack.pop()
+        if id(e) in seen or e.op in ("array", "scalar", "const"):
+            continue
+        seen.add(id(e))
+        if e.op != "norm" or through_norm:
+            stack.extend(e.args)
+    return seen
+
+
 def plan(rule: Rule, flags) -> KernelPlan:
+    """Trace ``rule`` with ``flags`` into what the backends print. A rule using ``ops.norm``
+    gets two passes: the reduction (``reduce_order``: the norms' arguments, from the step's
+    inputs) and the update (``order``), where each norm is a scalar argument."""
     outputs, arrays, base = trace_update(rule, flags)
     if "param" not in outputs:
         raise ValueError(f"rule {rule.name} does not update param")
     outputs, derived = _hoist(outputs)
     order, roots = schedule(outputs)
-    used = {a.value for e in order for a in e.args if a.op == "scalar"}
-    used |= {e.value for e in roots.values() if e.op == "scalar"}
+    norms = [e for e in order if e.op == "norm"]
+    for j, e in enumerate(norms):
+        e.value = j
+    update_ids = _reach(roots.values(), through_norm=False)
+    reduce_ids = _reach([e.args[0] for e in norms], through_norm=True)
+    if any(id(e) in reduce_ids for e in norms):
+        raise ValueError(f"rule {rule.name} takes a norm of an expression with a norm in it; "
+                         f"the reduction pass computes norms of the step's inputs only")
+    reduce_order = tuple(e for e in order if id(e) in reduce_ids)
+    order = [e for e in order if id(e) in update_ids and e.op != "norm"]
+    used = {a.value for e in (*order, *reduce_order) for a in e.args if a.op == "scalar"}
+    used |= {e.value for e in (*roots.values(), *(n.args[0] for n in norms))
+             if e.op == "scalar"}
     scalars = tuple(n for n in base if n in used) + tuple(derived)
     return KernelPlan(rule, flags, arrays, tuple(outputs), scalars, tuple(order), roots,
-                      derived)
+                      derived, tuple(e.args[0] for e in norms), reduce_order)
 
 
 # ----------------------------------------------------------------------------- Numba
@@ -223,7 +273,7 @@ def numba_source(p: KernelPlan, dtype: str, cache: bool = True) -> str:
     ``serial``. Arguments: the arrays in ``p.arrays`` order, then ``p.scalars``.
     ``cache``: whether Numba keeps their machine code on disk, beside the module's file."""
     consts, body = _numba_element(p, dtype)
-    args = ", ".join(list(p.arrays) + [f"k_{s}" for s in p.scalars])
+    args = ", ".join(list(p.arrays) + [f"k_{s}" for s in p.all_scalars])
     head = [f"# Generated by hwoptim from the {p.rule.name} spec "
             f"({', '.join(f'{k}={v}' for k, v in sorted(vars(p.flags).items()))}), {dtype}.",
             "# Edit the spec in hwoptim/rules, not this file.",
@@ -271,7 +321,7 @@ def numba_multi_source(p: KernelPlan, dtype: str, cache: bool = True) -> str:
                  "_lo = _chunks[_c, 1]",
                  "_n = _chunks[_c, 2] - _lo",
                  "_r = _rows[_t]"]
-    per_chunk += [f"k_{s} = _scalars[_r, {j}]" for j, s in enumerate(p.scalars)]
+    per_chunk += [f"k_{s} = _scalars[_r, {j}]" for j, s in enumerate(p.all_scalars)]
     per_chunk += [f"{a} = carray(_at(_ptrs[_t, {j}] + _lo * {size}), _n)"
                   for j, a in enumerate(p.arrays)]
     for fname, par, rng in (("parallel", True, "prange"), ("serial", False, "range")):
@@ -287,6 +337,96 @@ def numba_multi_source(p: KernelPlan, dtype: str, cache: bool = True) -> str:
         out += [f"                {line}" for line in body]
         out.append("")
     return "\n".join(out) + "\n"
+
+
+def numba_reduce_source(p: KernelPlan, dtype: str, cache: bool = True) -> str:
+    """A Python module with ``parallel`` and ``serial`` Numba kernels for the reduction pass of
+    a rule that takes norms (``p.norms``): per chunk of many arrays, the float64 sum of
+    squares of each norm's argument, evaluated from the step's inputs by the statements the
+    update prints (in ``dtype``). ``f(ptrs, chunks, rows, scalars, out)``: as the
+    multi-tensor kernels' (``numba_multi_source``), with ``scalars`` the rows of
+    ``p.scalars`` and ``out`` float64, chunks x ``len(p.norms)``."""
+    consts = {}
+
+    def const(v):
+        if v not in consts:
+            consts[v] = f"_K{len(consts)}"
+        return consts[v]
+
+    nm = _Namer(const)
+    body = [f"x_{a} = {a}[i]" for a in p.reduce_reads]
+    body += [f"{nm.new(e)} = {_nb_expr(e, nm)}" for e in p.reduce_order]
+    for j, e in enumerate(p.norms):
+        body += [f"_v{j} = np.float64({nm(e)})", f"_s{j} += _v{j} * _v{j}"]
+    size = np.dtype(dtype).itemsize
+    out = [f"# Generated by hwoptim from the {p.rule.name} spec ({_flag_text(p)}), {dtype}: "
+           f"the reduction pass (norms).",
+           "# Edit the spec in hwoptim/rules, not this file.",
+           "import numpy as np",
+           "from numba import carray, njit, prange, types",
+           "from numba.extending import intrinsic", ""]
+    out += [f"{name} = np.{dtype}({v!r})" for v, name in consts.items()]
+    out += ["", "",
+            "@intrinsic",
+            "def _at(typingctx, address):",
+            "    def lower(context, builder, sig, args):",
+            "        return builder.inttoptr(args[0], context.get_value_type(sig.return_type))",
+            f"    return types.CPointer(types.{dtype})(types.int64), lower", ""]
+    for fname, par, rng in (("parallel", True, "prange"), ("serial", False, "range")):
+        out += ["", _njit_line(par, cache),
+                f"def {fname}(_ptrs, _chunks, _rows, _scalars, _out):",
+                f"    for _c in {rng}(_chunks.shape[0]):",
+                "        _t = _chunks[_c, 0]",
+                "        _lo = _chunks[_c, 1]",
+                "        _n = _chunks[_c, 2] - _lo",
+                "        _r = _rows[_t]"]
+        out += [f"        k_{n} = _scalars[_r, {j}]" for j, n in enumerate(p.scalars)]
+        out += [f"        {a} = carray(_at(_ptrs[_t, {p.arrays.index(a)}] + _lo * {size}), _n)"
+                for a in p.reduce_reads]
+        out += [f"        _s{j} = 0.0" for j in range(len(p.norms))]
+        out.append("        for i in range(_n):")
+        out += [f"            {line}" for line in body]
+        out += [f"        _out[_c, {j}] = _s{j}" for j in range(len(p.norms))]
+    return "\n".join(out) + "\n"
+
+
+def numba_stats_source(dtype: str, cache: bool = True) -> str:
+    """A Python module with ``parallel`` and ``serial`` Numba kernels that read many arrays
+    once for what ``max_grad_norm`` and ``skip_nonfinite`` need: per chunk (the chunk table
+    of the multi-tensor kernels), the float64 sum of squares and the sum of ``x * 0`` (0,
+    or NaN exactly where the chunk holds a NaN or an infinity). ``f(ptrs, chunks, out)``:
+    ``ptrs`` int64 addresses of the arrays (``dtype``), ``chunks`` :func:`chunk_table`
+    rows, ``out`` float64 (chunks x 2). Only reassociation is allowed (``fastmath``
+    ``reassoc``: vectorised sums, still IEEE for NaN and infinities); a chunk's sum depends
+    on the chunk alone, so the total does not depend on the thread count."""
+    size = np.dtype(dtype).itemsize
+    flag = "cache=True, " if cache else ""
+    lines = ["# Generated by hwoptim: sums of squares and a non-finite test over many arrays.",
+             "import numpy as np",
+             "from numba import carray, njit, prange, types",
+             "from numba.extending import intrinsic", "", "",
+             "@intrinsic",
+             "def _at(typingctx, address):",
+             "    def lower(context, builder, sig, args):",
+             "        return builder.inttoptr(args[0], context.get_value_type(sig.return_type))",
+             f"    return types.CPointer(types.{dtype})(types.int64), lower", ""]
+    for fname, par, rng in (("parallel", True, "prange"), ("serial", False, "range")):
+        lines += ["",
+                  f"@njit({flag}parallel={par}, fastmath={{'reassoc'}}, nogil=True)",
+                  f"def {fname}(_ptrs, _chunks, _out):",
+                  f"    for _c in {rng}(_chunks.shape[0]):",
+                  "        _lo = _chunks[_c, 1]",
+                  "        _n = _chunks[_c, 2] - _lo",
+                  f"        a = carray(_at(_ptrs[_chunks[_c, 0]] + _lo * {size}), _n)",
+                  "        s = 0.0",
+                  "        z = 0.0",
+                  "        for i in range(_n):",
+                  "            v = np.float64(a[i])",
+                  "            s += v * v",
+                  "            z += v * 0.0",
+                  "        _out[_c, 0] = s",
+                  "        _out[_c, 1] = z"]
+    return "\n".join(lines) + "\n"
 
 
 def chunk_table(sizes, chunk: int) -> np.ndarray:
@@ -407,6 +547,12 @@ def host_scalar_function(p: KernelPlan, dtype: str, boxed: bool = True):
             lines.append(f"{names}, = h[{n!r}]")
         else:
             lines.append(f"k_{n} = h[{n!r}]")
+    if p.rule.carry:            # carried scalars: given in h, or replayed (spec.with_carry)
+        first = p.rule.carry[0].name
+        lines.insert(0, f"if {first!r} not in h: h = _with_carry(_rule, h, t)")
+        lines += [f"k_{c.name} = h[{c.name!r}]" for c in p.rule.carry]
+    if getattr(p.flags, "_clip", False):
+        lines.append("k__clip = h['_clip']")
     lines.append("k_step = t")
     for e in order:
         lines.append(f"{nm.new(e)} = {_nb_expr(e, nm).replace('np.sqrt', '_sqrt')}")
@@ -414,7 +560,8 @@ def host_scalar_function(p: KernelPlan, dtype: str, boxed: bool = True):
     src = "def scalars(h, t):\n" + "".join(f"    {ln}\n" for ln in lines)
     src += f"    return ({outs}{',' if len(p.scalars) == 1 else ''})\n"
     import math
-    env = {"_T": np.dtype(dtype).type if boxed else float, "_sqrt": math.sqrt, "np": np}
+    env = {"_T": np.dtype(dtype).type if boxed else float, "_sqrt": math.sqrt, "np": np,
+           "_with_carry": with_carry, "_rule": p.rule}
     exec(compile(src, f"<hwoptim scalars {p.key}>", "exec"), env)
     env["scalars"].source = src
     return env["scalars"]
@@ -429,7 +576,7 @@ def _c_signature(p: KernelPlan, ref: str = "&") -> list:
             continue
         t = _array_ctype(a)
         parts.append(f"{t}{ref} {a}" if a in p.outputs else f"const {t} {a}")
-    return parts + [f"const TC k_{s}" for s in p.scalars]
+    return parts + [f"const TC k_{s}" for s in p.all_scalars]
 
 
 def _array_ctype(a: str) -> str:
@@ -515,14 +662,14 @@ def cuda_source(p: KernelPlan, dtype: str) -> CudaKernels:
 
     def kernel(name, vectorised, device_scalars):
         scal = (["const TC* __restrict__ k_dev"] if device_scalars
-                else [f"const TC k_{s}" for s in p.scalars])
+                else [f"const TC k_{s}" for s in p.all_scalars])
         args = ",\n    ".join(ptr_args + scal + ["const long long n"])
         pre = ""
         if device_scalars:
             pre = "".join(f"    const TC k_{s} = k_dev[{i}];\n"
-                          for i, s in enumerate(p.scalars))
-        call_v = ", ".join([f"v_{a}.v[l]" for a in used] + [f"k_{s}" for s in p.scalars])
-        call_e = ", ".join([f"{a}[i]" for a in used] + [f"k_{s}" for s in p.scalars])
+                          for i, s in enumerate(p.all_scalars))
+        call_v = ", ".join([f"v_{a}.v[l]" for a in used] + [f"k_{s}" for s in p.all_scalars])
+        call_e = ", ".join([f"{a}[i]" for a in used] + [f"k_{s}" for s in p.all_scalars])
         text = [f'extern "C" __global__ void {name}(\n    {args})\n{{\n{pre}',
                 "    const long long stride = (long long)gridDim.x * blockDim.x;\n",
                 "    const long long tid = (long long)blockIdx.x * blockDim.x + threadIdx.x;\n"]
@@ -592,7 +739,7 @@ def cuda_multi_source(p: KernelPlan, dtype: str) -> CudaMulti:
     name = base + "_multi"
     vec = 16 // np.dtype(dtype).itemsize
     used = _c_used(p)
-    na, ns = len(p.arrays), len(p.scalars)
+    na, ns = len(p.arrays), len(p.all_scalars)
     idx = {a: p.arrays.index(a) for a in used}
     text = [f'extern "C" __global__ void {name}(\n'
             f"    const long long* __restrict__ table,\n"
@@ -610,7 +757,7 @@ def cuda_multi_source(p: KernelPlan, dtype: str) -> CudaMulti:
                 f"        const long long* const at = table + t * {na};\n")
     if ns:
         text.append(f"        const TC* const k_row = scalars + rows[t] * {ns};\n")
-        text += [f"        const TC k_{s} = k_row[{i}];\n" for i, s in enumerate(p.scalars)]
+        text += [f"        const TC k_{s} = k_row[{i}];\n" for i, s in enumerate(p.all_scalars)]
     for a in used:
         t = _array_ctype(a)
         q = "" if a in p.outputs else "const "
@@ -626,8 +773,8 @@ def cuda_multi_source(p: KernelPlan, dtype: str) -> CudaMulti:
         t = _array_ctype(a)
         text.append(f"                hw_vec<{t}, {vec}> v_{a} = "
                     f"reinterpret_cast<const hw_vec<{t}, {vec}>*>({a})[j];\n")
-    call_v = ", ".join([f"v_{a}.v[l]" for a in used] + [f"k_{s}" for s in p.scalars])
-    call_e = ", ".join([f"{a}[i]" for a in used] + [f"k_{s}" for s in p.scalars])
+    call_v = ", ".join([f"v_{a}.v[l]" for a in used] + [f"k_{s}" for s in p.all_scalars])
+    call_e = ", ".join([f"{a}[i]" for a in used] + [f"k_{s}" for s in p.all_scalars])
     text.append(f"                #pragma unroll\n"
                 f"                for (int l = 0; l < {vec}; ++l)\n"
                 f"                    {p.key}_update({call_v});\n")
@@ -662,9 +809,9 @@ def cpp_test_source(p: KernelPlan, dtype: str) -> str:
     flush-to-zero switchable, for checking the GPU arithmetic without a GPU."""
     used = _c_used(p)
     ptr_args = [f"{_array_ctype(a)}* {a}" for a in used]
-    args = ", ".join(ptr_args + [f"const TC k_{s}" for s in p.scalars]
+    args = ", ".join(ptr_args + [f"const TC k_{s}" for s in p.all_scalars]
                      + ["long long n", "int ftz"])
-    call = ", ".join([f"{a}[i]" for a in used] + [f"k_{s}" for s in p.scalars])
+    call = ", ".join([f"{a}[i]" for a in used] + [f"k_{s}" for s in p.all_scalars])
     return "\n".join([
         "#include <cmath>",
         "#include <xmmintrin.h>",
@@ -684,10 +831,20 @@ def cpp_test_source(p: KernelPlan, dtype: str) -> str:
 
 def floor_plan(p: KernelPlan) -> KernelPlan:
     """The benchmark yardstick for ``p``: the same arrays read and written, no math beyond
-    adding the values read (so no load can be dropped). Any backend runs it like a rule."""
+    adding the values read (so no load can be dropped), and for a rule taking norms a
+    reduction pass reading the same arrays as its own. Any backend runs it like a rule."""
     reads = [Expr("array", value=a) for a in p.reads]
     total = reads[0]
     for r in reads[1:]:
         total = Expr("add", (total, r))
     order, roots = schedule({o: total for o in p.outputs})
-    return KernelPlan(p.rule, p.flags, p.arrays, p.outputs, (), tuple(order), roots, {})
+    norms, reduce_order = (), ()
+    if p.norms:             # the reduction pass's reads too: one sum of them, reduced
+        rr = [Expr("array", value=a) for a in p.reduce_reads]
+        s = rr[0]
+        for r in rr[1:]:
+            s = Expr("add", (s, r))
+        reduce_order, found = schedule({"s": s})
+        norms = (found["s"],)
+    return KernelPlan(p.rule, p.flags, p.arrays, p.outputs, (), tuple(order), roots, {},
+                      norms, tuple(reduce_order))

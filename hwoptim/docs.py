@@ -9,6 +9,7 @@ def rules_table() -> str:
             "| --- | --- | --- | --- | --- |"]
     for r in RULES.values():
         state = ", ".join(f"`{s.name}`" + (f" ({s.doc})" if s.doc else "") for s in r.states)
+        state += "".join(f", `{c.name}` ({c.doc}; a host scalar)" for c in r.carry)
         defaults = ", ".join(f"{n}={h.default!r}" for n, h in r.hypers.items())
         if r.options:
             defaults += ", " + ", ".join(f"{n}={v}" for n, v in r.options.items())

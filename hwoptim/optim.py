@@ -19,7 +19,7 @@ import numpy as np
 
 from . import backends as _backends
 from . import _fastcheck, codegen, interop
-from .spec import Rule
+from .spec import Rule, carry_init, host_scalars
 
 _DTYPES = (np.dtype(np.float32), np.dtype(np.float64))
 _KIND = {"host": "NumPy", "cuda": "CuPy"}
@@ -174,6 +174,21 @@ def _refuse_subclass(what: str, a):
                     f"the mask is not used)")
 
 
+def check_guard(max_grad_norm, skip_nonfinite, where: str) -> tuple:
+    """``max_grad_norm`` (None or a finite number > 0, as a float) and ``skip_nonfinite``
+    (a bool), checked."""
+    if not isinstance(skip_nonfinite, (bool, np.bool_)):
+        raise TypeError(f"{where}skip_nonfinite={skip_nonfinite!r}: expected True or False")
+    if max_grad_norm is not None:
+        if isinstance(max_grad_norm, (bool, np.bool_)) or \
+                not isinstance(max_grad_norm, numbers.Real) or not _fits_float(max_grad_norm) \
+                or not max_grad_norm > 0:
+            raise ValueError(f"{where}max_grad_norm={max_grad_norm!r} is invalid: expected "
+                             f"None or a finite number > 0")
+        max_grad_norm = float(max_grad_norm)
+    return max_grad_norm, bool(skip_nonfinite)
+
+
 def check_value(rule: Rule, name, value, where: str):
     """``value`` as stored (Python bools and floats, so per-step host arithmetic stays
     float64 whatever NumPy scalars came in), or an error naming what was expected."""
@@ -306,8 +321,9 @@ class Optimizer:
     rule: Rule = None
 
     def __init__(self, params, *args, backend: str | None = None, capturable: bool = False,
-                 **kwargs):
-        self._setup(params, self._parse_args(args, kwargs), backend, capturable)
+                 max_grad_norm=None, skip_nonfinite: bool = False, **kwargs):
+        self._setup(params, self._parse_args(args, kwargs), backend, capturable,
+                    guard=(max_grad_norm, skip_nonfinite))
 
     def _parse_args(self, args, kwargs) -> dict:
         """The constructor's hyperparameters and options, checked, over the defaults."""
@@ -326,13 +342,16 @@ class Optimizer:
         for name, value in kwargs.items():
             if name not in defaults:
                 raise TypeError(f"{rule.name}() got an unexpected argument {name!r}; expected "
-                                f"one of {', '.join(names)}, backend, capturable")
+                                f"one of {', '.join(names)}, backend, capturable, max_grad_norm, "
+                                f"skip_nonfinite")
             kwargs[name] = self._check_value(name, value, f"{rule.name}(): ")
         defaults.update(kwargs)
         return defaults
 
-    def _setup(self, params, defaults, backend, capturable, states=None):
+    def _setup(self, params, defaults, backend, capturable, states=None, guard=(None, False)):
         rule = self.rule
+        self.max_grad_norm, self.skip_nonfinite = check_guard(*guard, f"{rule.name}(): ")
+        self.skipped_steps, self.last_step_skipped, self.last_grad_norm = 0, False, None
         self._known = frozenset(rule.hypers) | frozenset(rule.options)
         self._defaults = defaults
         groups = self._normalize_params(params)
@@ -346,6 +365,19 @@ class Optimizer:
         self._stream = interop.torch_stream([a for g in groups for a in g["_given"]])
         if not isinstance(capturable, (bool, np.bool_)):
             raise TypeError(f"capturable={capturable!r}: expected True or False")
+        if capturable and (self.max_grad_norm is not None or self.skip_nonfinite):
+            raise ValueError("max_grad_norm and skip_nonfinite are not supported with "
+                             "capturable=True yet (their decision would wait on the host); "
+                             "use capturable=False")
+        if (self.max_grad_norm is not None or self.skip_nonfinite) and \
+                not hasattr(self.backend, "grad_stats"):
+            raise ValueError(f"max_grad_norm and skip_nonfinite are not supported by the "
+                             f"{self.backend_name!r} backend yet (they run on the host "
+                             f"backends, numba and numpy)")
+        if capturable and rule.carry:
+            raise ValueError(f"capturable=True is not supported by {rule.name} yet: its "
+                             f"{', '.join(c.name for c in rule.carry)} (carried from step to "
+                             f"step) lives on the host; use capturable=False")
         if capturable and self.backend_name != "cupy":
             raise ValueError(f"capturable=True needs backend='cupy' (device-side scalars for "
                              f"CUDA graphs); this optimizer uses {self.backend_name!r}")
@@ -357,6 +389,8 @@ class Optimizer:
                                  "(opt.state[i]['exp_avg'] = array) or reset one in place "
                                  "(opt.state[i]['exp_avg'][...] = 0)")
         self._flags, self._views, self._group_of, self._owned = [], [], [], []
+        self._carry = []                     # per group: carried host scalars (None: fresh)
+        self._sizes = None                   # params' sizes, for the grad guard
         self._params = []
         self._array_type = np.ndarray if fam == "host" else type(arrays[0])
         self._checked_spans = None
@@ -393,6 +427,7 @@ class Optimizer:
                          f"param_groups[{gi}]['params'] cannot be changed; add params with "
                          f"opt.add_param_group(...), or make a new optimizer")
             self._flags.append(flags)
+            self._carry.append(None)
             list.append(self.param_groups, ParamGroup(self, {"params": ps, **merged}))
             for p in g["params"]:
                 i = len(self.state)
@@ -494,7 +529,10 @@ class Optimizer:
         if rule.check is not None:
             for arg, value, expected in rule.check(SimpleNamespace(**h), SimpleNamespace(**opt)):
                 raise ValueError(f"{where}{arg}={value!r} is invalid: expected {expected}")
-        return rule.static_flags(h, opt)
+        flags = rule.static_flags(h, opt)
+        if self.max_grad_norm is not None:
+            flags._clip = True
+        return flags
 
     def _buffers(self, flags) -> list:
         """The names of the state buffers a group with ``flags`` needs."""
@@ -858,17 +896,57 @@ class Optimizer:
                 with self._stream():
                     return self._step_device(self._kern, flat)
             return self._step_device(self._kern, flat)
-        scal = []
+        scale = None
+        if self.max_grad_norm is not None or self.skip_nonfinite:
+            scale = self._grad_guard(flat)
+            if scale is None:                # a non-finite grad: the whole step is skipped
+                return
+        scal, carry = [], self._carry
         for gi, g in enumerate(self.param_groups):
             lr = g["lr"]
             h = {**g, "lr": self._call_lr(gi, lr, t)} if callable(lr) else g
+            if scale is not None and self.max_grad_norm is not None:
+                h = {**h, "_clip": scale}
+            if self.rule.carry:
+                h, carry = self._carried(gi, h, t, carry)
             scal.append(self._prepare[gi](h, t))
         tables = self._multi_tables() if isinstance(flat, np.ndarray) else None
-        self._step = t                       # everything is checked: from here on, update
+        self._step, self._carry = t, carry   # everything is checked: from here on, update
         if self._stream is not None:         # torch CUDA tensors: on torch's current stream
             with self._stream():
                 return self._launch_all(entries, flat, scal, tables)
         self._launch_all(entries, flat, scal, tables)
+
+    def _grad_guard(self, flat):
+        """``max_grad_norm`` / ``skip_nonfinite``: one read of every grad, then the factor
+        the step multiplies grads by (1 without clipping), or ``None`` where the step is
+        skipped (a NaN or infinity in a grad, or a norm that is not finite)."""
+        sizes = self._sizes
+        if sizes is None:
+            sizes = self._sizes = np.array([p.size for p in self._params], np.int64)
+        sumsq, finite = self.backend.grad_stats(flat, sizes, self.dtype)
+        norm = math.sqrt(sumsq)
+        self.last_grad_norm = norm if finite else math.nan
+        if not finite or (self.max_grad_norm is not None and not math.isfinite(norm)):
+            self.skipped_steps += 1
+            self.last_step_skipped = True
+            return None
+        self.last_step_skipped = False
+        if self.max_grad_norm is None:
+            return 1.0
+        return min(1.0, self.max_grad_norm / (norm + 1e-6))     # clip_grad_norm_'s factor
+
+    def _carried(self, gi, h, t, carry):
+        """(``h`` with group ``gi``'s carried scalars, the carry list after this step)."""
+        rule = self.rule
+        c = carry[gi] if carry[gi] is not None else carry_init(rule, h)
+        h = {**h, **c}
+        new = host_scalars(rule, h, t)
+        after = {n: new[n] for n in c}
+        if not all(map(math.isfinite, after.values())):
+            raise ValueError(f"param_groups[{gi}]: step {t} would carry {after}; expected "
+                             f"finite numbers (check the hyperparameters)")
+        return h, carry[:gi] + [after] + carry[gi + 1:]
 
     def _launch_all(self, entries, flat, scal, tables=None):
         if tables is not None:               # grad addresses: one launch per group
@@ -952,6 +1030,8 @@ class Optimizer:
             "shapes": [tuple(p.shape) for g in self.param_groups for p in g["params"]],
             "param_groups": groups,
             "state": [{k: self.backend.to_host(v) for k, v in st.items()} for st in self.state],
+            **({"carry": [None if c is None else dict(c) for c in self._carry]}
+               if self.rule.carry else {}),
         }
 
     def load_state_dict(self, state_dict: dict) -> None:
@@ -1011,6 +1091,7 @@ class Optimizer:
         if len(sd["state"]) != len(self.state):
             raise ValueError(f"state_dict['state'] has {len(sd['state'])} entries; expected "
                              f"{len(self.state)}")
+        carry = self._check_carry(sd) if self.rule.carry else []
         for i, (mine, theirs) in enumerate(zip(self.state, sd["state"])):
             if set(theirs) != set(mine):
                 raise ValueError(f"state_dict['state'][{i}] holds {sorted(theirs)}; expected "
@@ -1028,10 +1109,30 @@ class Optimizer:
         for g, merged in zip(self.param_groups, new_groups):   # checked above: cannot fail
             self._set_hypers(g, {k: v for k, v in merged.items() if k != "params"})
         self._step = int(step)
+        if self.rule.carry:
+            self._carry = carry
         if self.capturable:
             for gi, g in enumerate(self.param_groups):
                 self._hyper_dev[gi].set(self._hyper_vector(g))
                 self._step_dev[gi].fill(float(step))
+
+    def _check_carry(self, sd) -> list:
+        """``state_dict['carry']`` checked: per group, None or {name: finite float}."""
+        names = sorted(c.name for c in self.rule.carry)
+        got = sd.get("carry")
+        if not isinstance(got, (list, tuple)) or len(got) != len(self.param_groups):
+            raise ValueError(f"state_dict['carry'] is {_short(got)}; expected a list with one "
+                             f"entry per param group ({len(self.param_groups)}), each None or "
+                             f"a dict of {names}")
+        out = []
+        for gi, c in enumerate(got):
+            if c is not None and (not isinstance(c, dict) or sorted(c) != names or not all(
+                    isinstance(v, numbers.Real) and not isinstance(v, (bool, np.bool_))
+                    and _fits_float(v) for v in c.values())):
+                raise ValueError(f"state_dict['carry'][{gi}] is {_short(c)}; expected None or "
+                                 f"a dict of {names} holding finite numbers")
+            out.append(None if c is None else {n: float(v) for n, v in c.items()})
+        return out
 
     def __repr__(self):
         n = len(self._params)
@@ -1046,13 +1147,19 @@ class Optimizer:
                   for g in self.param_groups]
         state = [dict(st) for st in self.state]
         return (_rebuild, (type(self), groups, state, self.step_count, self.backend_name,
-                           self.capturable))
+                           self.capturable, [c and dict(c) for c in self._carry],
+                           (self.max_grad_norm, self.skip_nonfinite, self.skipped_steps)))
 
 
-def _rebuild(cls, groups, state, step, backend, capturable):
+def _rebuild(cls, groups, state, step, backend, capturable, carry=None,
+             guard=(None, False, 0)):
     opt = cls.__new__(cls)
-    opt._setup(groups, opt._parse_args((), {}), backend, capturable, states=state)
+    opt._setup(groups, opt._parse_args((), {}), backend, capturable, states=state,
+               guard=guard[:2])
+    opt.skipped_steps = guard[2]
     opt._step = int(step)
+    if carry is not None:
+        opt._carry = carry
     if opt.capturable:
         for s in opt._step_dev:
             s.fill(float(step))
@@ -1067,7 +1174,10 @@ def make_optimizer_class(rule: Rule) -> type:
     params += [inspect.Parameter(n, inspect.Parameter.POSITIONAL_OR_KEYWORD, default=v)
                for n, v in rule.options.items()]
     params += [inspect.Parameter("backend", inspect.Parameter.KEYWORD_ONLY, default=None),
-               inspect.Parameter("capturable", inspect.Parameter.KEYWORD_ONLY, default=False)]
+               inspect.Parameter("capturable", inspect.Parameter.KEYWORD_ONLY, default=False),
+               inspect.Parameter("max_grad_norm", inspect.Parameter.KEYWORD_ONLY, default=None),
+               inspect.Parameter("skip_nonfinite", inspect.Parameter.KEYWORD_ONLY,
+                                 default=False)]
     hyper_doc = "\n".join(f"    {n}: {h.doc} (default {h.default!r})"
                           for n, h in rule.hypers.items())
     doc = (f"{rule.doc.strip()}\n\nUpdate: {rule.formula}\n\nArgs:\n    params: an array, a "
@@ -1076,6 +1186,11 @@ def make_optimizer_class(rule: Rule) -> type:
            + "    backend: None (fastest available), or a name from "
              "hwoptim.backends.available().\n"
            + "    capturable: keep per-step scalars on the device (CuPy), for CUDA graphs.\n"
+           + "    max_grad_norm: clip all grads by their global 2-norm first, as "
+             "torch.nn.utils.clip_grad_norm_ would (fused; a non-finite norm skips the "
+             "step).\n"
+           + "    skip_nonfinite: skip the whole step (params, state, step count unchanged) "
+             "when any grad element is NaN or ±Inf; see skipped_steps.\n"
            + "\nNon-finite numbers: a NaN or ±Inf in an element of a grad or param goes into "
              "that element of the param and its state and never into another; the step "
              "neither checks, warns nor stops (README, 'Non-finite numbers', says where this "

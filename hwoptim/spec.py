@@ -112,6 +112,15 @@ class _MathOps:
         return float((x > 0) - (x < 0))
 
     @staticmethod
+    def norm(x):
+        """The 2-norm of all of ``x`` (one array: a param, or a buffer of it), summed in
+        float64 and rounded once to ``x``'s dtype."""
+        if isinstance(x, np.ndarray):
+            x64 = x.astype(np.float64, copy=False).reshape(-1)
+            return x.dtype.type(np.sqrt(np.dot(x64, x64)))
+        return abs(x)
+
+    @staticmethod
     def where(c, a, b):
         if isinstance(c, (bool, np.bool_)):
             return a if c else b
@@ -138,6 +147,7 @@ def _eval(op, a, m):
     if op == "max": return m.maximum(a[0], a[1])
     if op == "min": return m.minimum(a[0], a[1])
     if op == "where": return m.where(a[0], a[1], a[2])
+    if op == "norm": return m.norm(a[0])
     raise ValueError(f"unknown operation {op!r}")
 
 
@@ -167,6 +177,9 @@ class ops:
     minimum = staticmethod(_dispatch("min", "minimum"))
     sign = staticmethod(_sign)
     where = staticmethod(_dispatch("where", "where"))
+    # a reduction: the 2-norm of a whole array's values of an element expression (LAMB's
+    # ‖p‖ and ‖u‖); the kernels compute it in a pass before the update (codegen)
+    norm = staticmethod(_dispatch("norm", "norm"))
 
 
 # ----------------------------------------------------------------------------- rule data
@@ -206,6 +219,18 @@ class State:
 
 
 @dataclass(frozen=True)
+class Carry:
+    """A per-step host scalar the rule carries from one step to the next (NAdam's
+    ``mu_product``, ASGD's ``eta`` and ``mu``): torch.optim's name, its value before the first
+    step (a number, or a hyperparameter's name: its value at the first step). ``scalars``
+    reads the value left by the last step as ``h.<name>`` and returns the new one under the
+    same name."""
+    name: str
+    init: float | str = 0.0
+    doc: str = ""
+
+
+@dataclass(frozen=True)
 class Rule:
     """Everything hwoptim knows about one update rule."""
     name: str                      # public class name, e.g. "Adam"
@@ -222,6 +247,7 @@ class Rule:
     torch_skip: tuple = ()         # options torch does not have
     test_options: tuple = ({},)    # option sets tests and benchmarks cover
     differs: str = ""              # where hwoptim differs from torch, for the docs
+    carry: tuple = ()              # Carry, ...: host scalars carried from step to step
 
     # -- derived facts, all from the functions above
     def static_flags(self, h: dict, opt: dict) -> SimpleNamespace:
@@ -266,13 +292,42 @@ def substitute(e: Expr, mapping: dict, memo: dict | None = None) -> Expr:
     return memo[id(e)]
 
 
+REPLAY_LIMIT = 100_000
+
+
+def carry_init(rule: Rule, h: dict) -> dict:
+    """The carried scalars before a first step with hyperparameters ``h``."""
+    return {c.name: float(h[c.init] if isinstance(c.init, str) else c.init)
+            for c in rule.carry}
+
+
+def with_carry(rule: Rule, h: dict, t: int) -> dict:
+    """``h`` with the carried scalars step ``t`` starts from: as given in ``h``, or, where
+    ``h`` has none, those of a run that had ``h`` from its first step (replayed: a
+    convenience for tests and benchmarks that name a step without running the ones before;
+    optimizers carry the real values)."""
+    if not rule.carry or all(c.name in h for c in rule.carry):
+        return h
+    if not 1 <= t <= REPLAY_LIMIT:
+        raise ValueError(f"{rule.name}: the carried scalars "
+                         f"({', '.join(c.name for c in rule.carry)}) of step {t} are not "
+                         f"given; they are replayed only up to step {REPLAY_LIMIT}")
+    c = carry_init(rule, h)
+    for s in range(1, int(t)):
+        out = rule.scalars(SimpleNamespace(**{**h, **c}), s)
+        c = {n: float(out[n]) for n in c}
+    return {**h, **c}
+
+
 def host_scalars(rule: Rule, h: dict, t: int) -> dict:
-    """Per-step scalars in float64 on the host."""
+    """Per-step scalars in float64 on the host (carried ones: their values after step t)."""
+    h = with_carry(rule, h, t)
     return {k: float(v) for k, v in rule.scalars(SimpleNamespace(**h), t).items()}
 
 
 def trace_scalars(rule: Rule, flags) -> tuple[dict, tuple]:
-    """Trace ``rule.scalars`` on placeholders: (name -> Expr, input names)."""
+    """Trace ``rule.scalars`` on placeholders: (name -> Expr, input names: hyperparameters
+    in spec order, then the carried scalars)."""
     h, names = {}, []
     for n, hy in rule.hypers.items():
         if isinstance(hy.default, tuple):
@@ -281,19 +336,31 @@ def trace_scalars(rule: Rule, flags) -> tuple[dict, tuple]:
         else:
             h[n] = Expr("scalar", value=n)
             names.append(n)
+    for c in rule.carry:
+        h[c.name] = Expr("scalar", value=c.name)
+        names.append(c.name)
     out = rule.scalars(SimpleNamespace(**h), Expr("scalar", value="step"))
-    return {k: _wrap(v) for k, v in out.items()}, tuple(names)
+    out = {k: _wrap(v) for k, v in out.items()}
+    if getattr(flags, "_clip", False):      # max_grad_norm: the step's clip factor
+        out["_clip"] = Expr("scalar", value="_clip")
+        names.append("_clip")
+    return out, tuple(names)
 
 
 def trace_update(rule: Rule, flags) -> tuple[dict, tuple, tuple]:
     """Trace ``rule.update``: (buffer name -> new value Expr, array names, scalar names).
 
     Array names are ``param``, ``grad``, then the active states in spec order. Outputs are
-    ordered like the arrays; a buffer the update leaves alone is not an output.
+    ordered like the arrays; a buffer the update leaves alone is not an output. With the
+    flag ``_clip`` (set by optimizers with ``max_grad_norm``) the rule's ``x.grad`` is
+    the grad times the scalar ``_clip``, rounded in the kernel's dtype as
+    ``clip_grad_norm_``'s in-place multiply would be.
     """
     states = rule.active_states(flags)
     arrays = ("param", "grad") + tuple(s.name for s in states)
     x = SimpleNamespace(**{n: Expr("array", value=n) for n in arrays})
+    if getattr(flags, "_clip", False):      # max_grad_norm: the rule sees clipped grads
+        x.grad = x.grad * Expr("scalar", value="_clip")
     scalar_names = rule.scalar_names(flags)
     k = SimpleNamespace(**{n: Expr("scalar", value=n) for n in scalar_names})
     new = rule.update(x, k, flags)

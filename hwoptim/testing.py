@@ -150,6 +150,14 @@ def condition(plan, before: dict, grad, kernel_scalars, dtype) -> dict:
                     # the "error" of a comparison: whether rounding may flip it
                     gap = np.abs(np.asarray(v[0], np.float64) - v[1])
                     err = gap < K_STEP * u * (np.asarray(er[0]) + er[1])
+                elif e.op == "norm":          # of the whole array, summed in float64
+                    x = np.asarray(v[0], np.float64)
+                    ex = np.broadcast_to(np.asarray(er[0], np.float64), x.shape)
+                    out = np.sqrt(np.sum(x * x))
+                    # ‖x̂‖ - ‖x‖ <= ‖x̂ - x‖; the float64 sums (kernel's and reference's,
+                    # each at most (n-1)/2 u64 relative in the norm); one rounding to dtype
+                    sums = (x.size - 1) * unit_roundoff(np.float64) / u
+                    err = np.sqrt(np.sum(ex * ex)) + out * (1 + sums) + tn / u
                 else:
                     raise ValueError(f"no error model for {e.op!r}")
             r = (out, err)

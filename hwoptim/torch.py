@@ -19,6 +19,7 @@ none); sparse grads are refused.
 from __future__ import annotations
 
 import inspect
+import math
 from types import SimpleNamespace
 
 import numpy as np
@@ -27,7 +28,8 @@ from torch.optim import Optimizer as _TorchOptimizer
 
 from . import backends as _backends
 from . import interop
-from .optim import _kernel, _plan, check_value
+from .optim import _kernel, _plan, check_guard, check_value
+from .spec import carry_init, host_scalars
 from .rules import RULES
 
 __all__ = []
@@ -71,8 +73,12 @@ class Optimizer(_TorchOptimizer):
     rule = None
     _torch_defaults: dict = {}
 
-    def __init__(self, params, *args, backend: str | None = None, **kwargs):
+    def __init__(self, params, *args, backend: str | None = None, max_grad_norm=None,
+                 skip_nonfinite: bool = False, **kwargs):
         rule = self.rule
+        self.max_grad_norm, self.skip_nonfinite = check_guard(
+            max_grad_norm, skip_nonfinite, f"{type(self).__name__}(): ")
+        self.skipped_steps, self.last_step_skipped, self.last_grad_norm = 0, False, None
         names = [n for n in self._signature_names() if n != "params"]
         if len(args) > len(self._positional):
             raise TypeError(f"{type(self).__name__}() takes at most {len(self._positional)} "
@@ -85,7 +91,8 @@ class Optimizer(_TorchOptimizer):
         unknown = [k for k in kwargs if k not in names]
         if unknown:
             raise TypeError(f"{type(self).__name__}() got an unexpected argument "
-                            f"{unknown[0]!r}; expected one of {', '.join(names)}, backend")
+                            f"{unknown[0]!r}; expected one of {', '.join(names)}, backend, "
+                            f"max_grad_norm, skip_nonfinite")
         defaults = {n: p.default for n, p in self._parameters.items() if n != "params"}
         defaults.update(kwargs)
         for k in ("capturable", "differentiable"):
@@ -140,6 +147,8 @@ class Optimizer(_TorchOptimizer):
         vals = self._check_group(group, where)
         h = {n: vals[n] for n in rule.hypers}
         flags = rule.static_flags(h, {n: vals[n] for n in rule.options})
+        if self.max_grad_norm is not None:
+            flags._clip = True                 # grads times the step's clip factor
         self._checked_groups[id(group)] = (key, h, flags)
         return h, flags
 
@@ -153,6 +162,10 @@ class Optimizer(_TorchOptimizer):
             for p in group["params"]:
                 self._init_state(p, group, self._flags(group, where))
 
+    def __getstate__(self):
+        return {**super().__getstate__(), "_guard": (self.max_grad_norm, self.skip_nonfinite,
+                                                     self.skipped_steps)}
+
     def __setstate__(self, state):
         """Also what ``load_state_dict`` ends with: groups saved by torch.optim lack
         hwoptim's own options (RMSprop's eps_in_sqrt); they get this optimizer's defaults."""
@@ -165,6 +178,11 @@ class Optimizer(_TorchOptimizer):
         self.__dict__.setdefault("_steps", _StepBank())
         self.__dict__.setdefault("_need", {})
         self.__dict__["_step_index"] = {}
+        guard = self.__dict__.pop("_guard", (None, False, 0))
+        for k, v in zip(("max_grad_norm", "skip_nonfinite", "skipped_steps"), guard):
+            self.__dict__.setdefault(k, v)
+        self.__dict__.setdefault("last_step_skipped", False)
+        self.__dict__.setdefault("last_grad_norm", None)
 
     # ------------------------------------------------------------------ state
     def _init_state(self, p, group, hf):
@@ -173,6 +191,9 @@ class Optimizer(_TorchOptimizer):
         state = self.state[p]
         if self.rule.name not in _NO_STEP and "step" not in state:
             state["step"] = self._steps.new(_scalar_dtype())
+        for c, v in carry_init(self.rule, h).items():   # 0-d CPU tensors, as torch's
+            if c not in state:
+                state[c] = torch.tensor(v, dtype=_scalar_dtype())
         for s in self.rule.active_states(flags):
             if s.name not in state:
                 init = h[s.init] if isinstance(s.init, str) else s.init
@@ -242,11 +263,49 @@ class Optimizer(_TorchOptimizer):
                                      f"(channels_last?); hwoptim's kernels update contiguous "
                                      f"memory: model.to(memory_format=torch.contiguous_format)")
                 items.append((p, g))
+            if items and _plan(self.rule, hf[1]).norms and any(
+                    p.device.type != "cpu" for p, _ in items):
+                raise ValueError(f"{where}{self.rule.name} takes per-array norms "
+                                 f"(trust_ratio), which run on CPU tensors only yet; set "
+                                 f"trust_ratio=False for this group, or use CPU tensors")
             work.append((group, hf, items))
-        for group, hf, items in work:
+        clip = None
+        if self.max_grad_norm is not None or self.skip_nonfinite:
+            clip = self._grad_guard([g for _, _, items in work for _, g in items])
+            if clip is None:                  # a non-finite grad: the whole step is skipped
+                return loss
+        for group, (h, flags), items in work:
             if items:
-                self._step_group(group, hf, items)
+                if self.max_grad_norm is not None:
+                    h = {**h, "_clip": clip}
+                self._step_group(group, (h, flags), items)
         return loss
+
+    def _grad_guard(self, grads):
+        """``max_grad_norm`` / ``skip_nonfinite`` (as the native classes'): one read of every
+        grad on the host backend; the factor grads are multiplied by, or ``None`` where the
+        step is skipped."""
+        if any(g.device.type != "cpu" for g in grads):
+            raise ValueError(f"{type(self).__name__}: max_grad_norm and skip_nonfinite run "
+                             f"on CPU tensors only yet (CUDA grads: clip with "
+                             f"torch.nn.utils.clip_grad_norm_)")
+        backend = _backends.pick("host", self._backend_request)
+        sumsq, finite = 0.0, True
+        for dtype in {g.dtype for g in grads}:
+            views = [_view(g).reshape(-1) for g in grads if g.dtype is dtype]
+            sizes = np.array([v.size for v in views], np.int64)
+            s, f = backend.grad_stats(views, sizes, _DTYPES[dtype])
+            sumsq, finite = sumsq + s, finite and f
+        norm = math.sqrt(sumsq)
+        self.last_grad_norm = norm if finite else math.nan
+        if not finite or (self.max_grad_norm is not None and not math.isfinite(norm)):
+            self.skipped_steps += 1
+            self.last_step_skipped = True
+            return None
+        self.last_step_skipped = False
+        if self.max_grad_norm is None:
+            return 1.0
+        return min(1.0, self.max_grad_norm / (norm + 1e-6))
 
     def _step_group(self, group, hf, items):
         """Update ``items`` ((param, grad) pairs, checked) of one group: state created where
@@ -260,7 +319,8 @@ class Optimizer(_TorchOptimizer):
         need = self._need.get(id(plan))     # plans are cached: one object per flags
         if need is None:                     # the keys of a complete state
             need = self._need[id(plan)] = frozenset(names) | (
-                frozenset() if rule.name in _NO_STEP else {"step"})
+                frozenset() if rule.name in _NO_STEP else {"step"}) | {
+                c.name for c in rule.carry}
         state = self.state
         states = [state[p] for p, _ in items]
         fresh = [not need <= st.keys() for st in states]
@@ -272,6 +332,8 @@ class Optimizer(_TorchOptimizer):
             ts = [1 if new else 2 for new in fresh]
         else:
             ts = self._advance_steps(group, states)
+        if rule.carry:                       # per param: (step, carried scalars)
+            ts = [(t, *(float(st[c.name]) for c in rule.carry)) for st, t in zip(states, ts)]
         by_kernel = {}
         for (p, g), st, t in zip(items, states, ts):
             by_kernel.setdefault((p.device, _DTYPES[p.dtype]), []).append((p, g, t, st))
@@ -285,9 +347,26 @@ class Optimizer(_TorchOptimizer):
                     torch.cuda.current_stream(dev).cuda_stream, dev.index)
             with (stream if stream is not None else _nullcontext()):
                 self._launch(k, h, names, work, dtype)
+        if rule.carry:                       # each param's carried scalars, after its step
+            after = {}
+            for st, key in zip(states, ts):
+                if key not in after:
+                    new = host_scalars(rule, self._with_carry(h, key), key[0])
+                    after[key] = [new[c.name] for c in rule.carry]
+                for c, v in zip(rule.carry, after[key]):
+                    st[c.name].fill_(v)
+
+    def _with_carry(self, h, key):
+        """``h`` and the carried scalars of a launch key (step, carried values...)."""
+        if not self.rule.carry:
+            return h
+        return {**h, **{c.name: v for c, v in zip(self.rule.carry, key[1:])}}
 
     def _launch(self, k, h, names, work, dtype):
+        """One launch per kernel (``many``) or per array, with the scalars of each param's
+        launch key: its step count, and for rules that carry scalars, their values."""
         distinct = sorted({w[2] for w in work})
+        step_of = (lambda key: key[0]) if self.rule.carry else (lambda key: key)
         if hasattr(k, "many"):
             row_of = {t: r for r, t in enumerate(distinct)}
             ptrs = np.array([[p.data_ptr(), g.data_ptr(), *[st[n].data_ptr() for n in names]]
@@ -295,11 +374,12 @@ class Optimizer(_TorchOptimizer):
             sizes = np.array([p.numel() for p, *_ in work], np.int64)
             rows = (np.zeros(len(work), np.int64) if len(distinct) == 1 else
                     np.array([row_of[w[2]] for w in work], np.int64))
-            scalars = np.array([k.prepare(h, t) for t in distinct], dtype=dtype)
+            scalars = np.array([k.prepare(self._with_carry(h, t), step_of(t))
+                                for t in distinct], dtype=dtype)
             k.many(ptrs, sizes, rows, scalars)
             return
         for t in distinct:
-            scal = k.prepare(h, t)
+            scal = k.prepare(self._with_carry(h, t), step_of(t))
             for p, g, tt, st in work:
                 if tt == t:
                     k([_view(p).reshape(-1), _view(g).reshape(-1)]
@@ -380,7 +460,10 @@ def _make(rule):
         params.append(inspect.Parameter(n, kind, default=_torch_default(rule, n, None)))
     positional = [p.name for p in params[1:]
                   if p.kind == inspect.Parameter.POSITIONAL_OR_KEYWORD]
-    sig = inspect.Signature(params + [inspect.Parameter("backend", kind, default=None)])
+    sig = inspect.Signature(params + [inspect.Parameter("backend", kind, default=None),
+                                      inspect.Parameter("max_grad_norm", kind, default=None),
+                                      inspect.Parameter("skip_nonfinite", kind,
+                                                        default=False)])
     doc = (f"{rule.doc.strip()}\n\nA drop-in for torch.optim.{rule.torch or rule.name} "
            f"(hwoptim.torch): torch's signature and state, hwoptim's kernels.\n\n"
            f"Update: {rule.formula}\n")

@@ -5,7 +5,9 @@ centered RMSprop clamps the variance at 0, and RMSprop's ``eps_in_sqrt``.
 
 Each function does ONE step in place: ``p`` (float64 array) and ``state`` (dict of arrays,
 created on the first call with torch's names and initial values), given the gradient, the
-step number ``t`` (from 1) and the group's hyperparameters and options as keywords.
+step number ``t`` (from 1) and the group's hyperparameters and options as keywords. A scalar
+carried from step to step (NAdam's μ product, ASGD's step size) is kept in ``state`` under its
+torch name with a leading underscore.
 Tests compare these with the NumPy backend: tests/test_oracle.py.
 """
 import numpy as np
@@ -175,6 +177,80 @@ def lion(p, state, grad, t, *, lr, betas, weight_decay, maximize):
     state["exp_avg"] = b2 * m + (1 - b2) * g
 
 
+def nadam(p, state, grad, t, *, lr, betas, eps, weight_decay, momentum_decay,
+          decoupled_weight_decay, maximize):
+    """torch.optim.NAdam docs: g = ±grad; θ ← θ(1−γλ) (decoupled) or g += λθ;
+    μₜ = β₁(1 − ½·0.96^(tψ)), μₜ₊₁ likewise; m = β₁m + (1−β₁)g; v = β₂v + (1−β₂)g²;
+    m̂ = μₜ₊₁m/(1 − ∏ᵢ₌₁ᵗ⁺¹μᵢ) + (1−μₜ)g/(1 − ∏ᵢ₌₁ᵗμᵢ); v̂ = v/(1−β₂ᵗ);
+    θ = θ − γm̂/(√v̂ + ε). The product so far is kept as ``_mu_product`` (a scalar)."""
+    b1, b2 = betas
+    g = -grad if maximize else grad
+    if weight_decay != 0:
+        if decoupled_weight_decay:
+            p *= 1 - lr * weight_decay
+        else:
+            g = g + weight_decay * p
+    mu_t = b1 * (1 - 0.5 * 0.96 ** (t * momentum_decay))
+    mu_next = b1 * (1 - 0.5 * 0.96 ** ((t + 1) * momentum_decay))
+    prod = state.get("_mu_product", 1.0) * mu_t
+    m = b1 * state.get("exp_avg", 0.0) + (1 - b1) * g
+    v = b2 * state.get("exp_avg_sq", 0.0) + (1 - b2) * g * g
+    state["exp_avg"], state["exp_avg_sq"], state["_mu_product"] = m, v, prod
+    m_hat = mu_next * m / (1 - prod * mu_next) + (1 - mu_t) * g / (1 - prod)
+    p -= lr * m_hat / (np.sqrt(v / (1 - b2 ** t)) + eps)
+
+
+def asgd(p, state, grad, t, *, lr, lambd, alpha, t0, weight_decay, maximize):
+    """torch.optim.ASGD (docs and implementation): g = ±grad + λ₂θ; with ηₜ, μₜ set by the
+    step before (η₁ = γ, μ₁ = 1): θ = θ(1 − ληₜ) − ηₜg; ā = θ while μₜ = 1, else
+    ā = ā + μₜ(θ − ā); then ηₜ₊₁ = γ/(1 + λγt)^α, μₜ₊₁ = 1/max(1, t − t₀). ā starts at 0;
+    the step size and weight (scalars) are kept as ``_eta``, ``_mu``."""
+    g = -grad if maximize else grad
+    if weight_decay != 0:
+        g = g + weight_decay * p
+    eta, mu = state.get("_eta", lr), state.get("_mu", 1.0)
+    p *= 1 - lambd * eta
+    p -= eta * g
+    ax = state.get("ax", np.zeros_like(p))
+    state["ax"] = p.copy() if mu == 1 else ax + mu * (p - ax)
+    state["_eta"] = lr / (1 + lambd * lr * t) ** alpha
+    state["_mu"] = 1 / max(1, t - t0)
+
+
+def lamb(p, state, grad, t, *, lr, betas, eps, weight_decay, trust_ratio, maximize):
+    """optax.lamb (its docs: scale_by_adam, add_decayed_weights, scale_by_trust_ratio,
+    scale_by_learning_rate): m = β₁m + (1−β₁)g; v = β₂v + (1−β₂)g²; u = m̂/(√v̂ + ε) + λθ;
+    r = ‖θ‖/‖u‖, 1 where either norm is 0; θ = θ − γ·r·u. Norms over the whole array."""
+    b1, b2 = betas
+    g = -grad if maximize else grad
+    m = (1 - b1) * g + b1 * state.get("exp_avg", 0.0)
+    v = (1 - b2) * g * g + b2 * state.get("exp_avg_sq", 0.0)
+    state["exp_avg"], state["exp_avg_sq"] = m, v
+    u = (m / (1 - b1 ** t)) / (np.sqrt(v / (1 - b2 ** t)) + eps) + weight_decay * p
+    if trust_ratio:
+        pn, un = np.linalg.norm(p.ravel()), np.linalg.norm(u.ravel())
+        u = u * (1.0 if pn == 0 or un == 0 else pn / un)   # optax: NaN norms give NaN
+    p -= lr * u
+
+
+def lars(p, state, grad, t, *, lr, momentum, dampening, weight_decay, trust_coefficient,
+         eps, nesterov, trust_ratio, maximize):
+    """torchlars (kakaobrain) around torch.optim.SGD, i.e. the LARS paper's local rate:
+    r = c‖θ‖/(‖g‖ + λ‖θ‖ + ε), 1 where a norm is 0; d = r(g + λθ); then SGD with momentum
+    (buffer = d on the first step), dampening and Nesterov on d: θ = θ − γ·d."""
+    g = -grad if maximize else grad
+    d = g + weight_decay * p
+    if trust_ratio:
+        pn, gn = np.linalg.norm(p.ravel()), np.linalg.norm(g.ravel())
+        d = d * (trust_coefficient * pn / (gn + weight_decay * pn + eps)
+                 if pn > 0 and gn > 0 else 1.0)
+    if momentum != 0:
+        b = (momentum * state["momentum_buffer"] + (1 - dampening) * d) if t > 1 else d.copy()
+        state["momentum_buffer"] = b
+        d = d + momentum * b if nesterov else b
+    p -= lr * d
+
+
 # torch.optim 2.13's documented defaults (each optimizer's signature in its docs), plus
 # hwoptim's own options (RMSprop's eps_in_sqrt, Adam's decoupled_weight_decay as in torch)
 DEFAULTS = {
@@ -191,12 +267,23 @@ DEFAULTS = {
     "RAdam": dict(lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0,
                   decoupled_weight_decay=False, maximize=False),
     "Rprop": dict(lr=1e-2, etas=(0.5, 1.2), step_sizes=(1e-6, 50), maximize=False),
+    "NAdam": dict(lr=2e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0,
+                  momentum_decay=4e-3, decoupled_weight_decay=False, maximize=False),
+    "ASGD": dict(lr=1e-2, lambd=1e-4, alpha=0.75, t0=1e6, weight_decay=0.0, maximize=False),
     # no torch.optim twin: the paper's defaults (optax.lion's too)
     "Lion": dict(lr=1e-4, betas=(0.9, 0.99), weight_decay=0.0, maximize=False),
+    # no torch.optim twin: optax.lamb's (eps 1e-6; lr as pytorch-optimizer's), and torchlars'
+    # around torch.optim.SGD (trust 1e-3, eps 1e-8; momentum 0.9 as optax.lars)
+    "LAMB": dict(lr=1e-3, betas=(0.9, 0.999), eps=1e-6, weight_decay=0.0, trust_ratio=True,
+                 maximize=False),
+    "LARS": dict(lr=1e-3, momentum=0.9, dampening=0.0, weight_decay=0.0,
+                 trust_coefficient=1e-3, eps=1e-8, nesterov=False, trust_ratio=True,
+                 maximize=False),
     "RMSprop": dict(lr=1e-2, alpha=0.99, eps=1e-8, weight_decay=0.0, momentum=0.0,
                     centered=False, maximize=False, eps_in_sqrt=False),
 }
 
 ORACLES = {"SGD": sgd, "Adam": adam, "AdamW": adamw, "Adagrad": adagrad,
            "Adadelta": adadelta, "RMSprop": rmsprop, "Adamax": adamax,
-           "RAdam": radam, "Rprop": rprop, "Lion": lion}
+           "RAdam": radam, "Rprop": rprop, "Lion": lion, "NAdam": nadam, "ASGD": asgd,
+           "LAMB": lamb, "LARS": lars}

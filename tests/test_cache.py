@@ -394,7 +394,8 @@ THREADS = textwrap.dedent('''
                 mod = diskcache.load_module(
                     lambda cache: codegen.numba_source(plan, "float64", cache=cache),
                     f"direct_{plan.key}")
-                args = [np.empty(0) for _ in plan.arrays] + [np.float64(0)] * len(plan.scalars)
+                args = ([np.empty(0) for _ in plan.arrays]
+                        + [np.float64(0)] * len(plan.all_scalars))
                 diskcache.first_call(mod, mod.parallel if i % 2 else mod.serial, args)
                 modules.append((plan.key, id(mod)))
         except BaseException as e:

@@ -42,7 +42,7 @@ import pytest
 import hwoptim
 from hwoptim import codegen, testing
 from hwoptim.backends.cupy import NVRTC_OPTIONS
-from hwoptim.spec import host_scalars
+from hwoptim.spec import evaluate, host_scalars, with_carry
 
 from every_op import RULE as EVERY_OP   # every element operation, for the printers
 
@@ -78,6 +78,7 @@ def _hyper_vector(rule, h) -> np.ndarray:
     vals = []
     for n, hy in rule.hypers.items():
         vals += list(h[n]) if isinstance(hy.default, tuple) else [h[n]]
+    vals += [h[c.name] for c in rule.carry]       # carried scalars follow (spec.trace_scalars)
     return np.asarray(vals, dtype=np.float64)
 
 
@@ -282,7 +283,7 @@ def _elementwise_wrapper(plan, dtype) -> tuple[str, str]:
     and running its operation. Returns (source, kernel name)."""
     cap = _capture_elementwise(plan, dtype)
     ctype = {"float32": "float", "float64": "double"}
-    scalars = {f"k_{s}" for s in plan.scalars}
+    scalars = {f"k_{s}" for s in plan.all_scalars}
 
     def params(text):
         out = []
@@ -330,6 +331,8 @@ def compiler(nvrtc, request):
             c.submit(_multi_source(case, dtype).source, (f"-arch=sm_{arch}",) + CUPY_OPTIONS)
         elif fn == "test_elementwise_update_compiles":
             case, dtype, arch = (spec.params[k] for k in ("case", "dtype", "arch"))
+            if case.plan.norms:               # refused by the backend (see the test)
+                continue
             c.submit(_elementwise_wrapper(case.plan, dtype)[0],
                      (f"-arch=sm_{arch}",) + CUPY_OPTIONS)
     yield c
@@ -368,8 +371,8 @@ def _check_module(res, k: codegen.CudaKernels, plan, dtype, what):
     used = codegen._c_used(plan)
     fp = {"float32": "f32", "float64": "f64"}[dtype]
     ptr = ["u64"] * len(used)
-    want = {k.main: ptr + [fp] * len(plan.scalars) + ["u64"],
-            k.unaligned: ptr + [fp] * len(plan.scalars) + ["u64"],
+    want = {k.main: ptr + [fp] * len(plan.all_scalars) + ["u64"],
+            k.unaligned: ptr + [fp] * len(plan.all_scalars) + ["u64"],
             k.device: ptr + ["u64", "u64"],
             k.advance: ["u64", "u64", "u64"]}
     for name, params in want.items():
@@ -445,6 +448,10 @@ def test_multi_kernel_compiles(compiler, case, dtype, arch):
 
 @pytest.mark.parametrize("case,dtype,arch", CASE_DTYPE_ARCH)
 def test_elementwise_update_compiles(compiler, case, dtype, arch):
+    if case.plan.norms:
+        with pytest.raises(ValueError, match="takes per-array norms"):
+            _capture_elementwise(case.plan, dtype)
+        return
     src, name = _elementwise_wrapper(case.plan, dtype)
     res = compiler.result(src, (f"-arch=sm_{arch}",) + CUPY_OPTIONS)
     assert res.ok, (f"{case.id} {dtype}: the ElementwiseKernel preamble + operation failed "
@@ -522,7 +529,7 @@ class _CppLib:
             c = ctypes.c_float if dtype == "float32" else ctypes.c_double
             arr = np.ctypeslib.ndpointer(dtype=dtype, flags="C_CONTIGUOUS")
             f = getattr(self.lib, f"run_{sym}")
-            f.argtypes = ([arr] * len(codegen._c_used(plan)) + [c] * len(plan.scalars)
+            f.argtypes = ([arr] * len(codegen._c_used(plan)) + [c] * len(plan.all_scalars)
                           + [ctypes.c_longlong, ctypes.c_int])
             f.restype = None
             self.fns[sym] = f
@@ -596,6 +603,19 @@ def _seed(*parts) -> int:
     return zlib.crc32(repr(parts).encode())
 
 
+def _norms(plan, arrays, ks) -> list:
+    """The norms the reduction pass hands the update (``plan.norms``), in float64 from the
+    step's inputs (``arrays``: param, grad and state by name; ``ks``: kernel scalars)."""
+    env = {n: np.asarray(arrays[n], np.float64) for n in plan.arrays}
+    env.update(zip(plan.scalars, ks))
+    out = []
+    for e in plan.norms:
+        with np.errstate(all="ignore"):
+            x = np.broadcast_to(np.asarray(evaluate(e, env), np.float64), env["param"].shape)
+        out.append(float(np.sqrt(np.dot(x.ravel(), x.ravel()))))
+    return out
+
+
 @pytest.mark.parametrize("case,dtype", CASE_DTYPE)
 def test_cpp_update_matches_reference(cpp, case, dtype, observed):
     plan, rule, h = case.plan, case.rule, case.h
@@ -615,22 +635,30 @@ def test_cpp_update_matches_reference(cpp, case, dtype, observed):
         for r in runs:
             before = {k: v.copy() for k, v in states[r].items()}
             bufs = {**states[r], "grad": grad.copy()}
-            cpp[r[0]].fns[sym](*[bufs[a] for a in used], *[typ(v) for v in ks], N, r[1])
+            norms = _norms(plan, {**before, "grad": grad}, ks)   # the reduction pass's
+            cpp[r[0]].fns[sym](*[bufs[a] for a in used], *[typ(v) for v in ks + norms], N,
+                               r[1])
             assert np.array_equal(bufs["grad"], grad, equal_nan=True), "the update wrote grad"
             for a in plan.arrays[2:]:
                 if a not in plan.outputs:
                     assert np.array_equal(bufs[a], before[a]), f"{a} changed, not an output"
             befores.append(before)
             gots.append(states[r])
-        # one reference and one bound for all builds at once (elementwise: concatenate)
-        cat = {k: np.concatenate([b[k] for b in befores]) for k in start}
-        gcat = np.tile(grad, len(runs))
-        ref = testing.reference_step(rule, case.flags, h, t, cat, gcat)
-        cond = testing.condition(plan, cat, gcat, ks, dtype)
+        # one reference and one bound for all builds at once (elementwise: concatenate),
+        # or, where the update takes norms (of a whole array), one per build
+        together = [list(range(len(runs)))] if not plan.norms else [[i] for i in range(len(runs))]
+        refs, conds = {}, {}
+        for idx in together:
+            cat = {k: np.concatenate([befores[i][k] for i in idx]) for k in start}
+            gcat = np.tile(grad, len(idx))
+            ref = testing.reference_step(rule, case.flags, h, t, cat, gcat)
+            cond = testing.condition(plan, cat, gcat, ks, dtype)
+            for j, i in enumerate(idx):
+                sl = slice(j * N, (j + 1) * N)
+                refs[i] = {o: ref[o][sl] for o in plan.outputs}
+                conds[i] = {o: cond[o][sl] for o in plan.outputs}
         for i, r in enumerate(runs):
-            sl = slice(i * N, (i + 1) * N)
-            ref_i = {o: ref[o][sl] for o in plan.outputs}
-            cond_i = {o: cond[o][sl] for o in plan.outputs}
+            ref_i, cond_i = refs[i], conds[i]
             errs = testing.step_errors(gots[i], ref_i, dtype, cond_i)
             for name, (elem, norm) in errs.items():
                 worst_en[r] = [max(worst_en[r][0], elem), max(worst_en[r][1], norm)]
@@ -722,9 +750,12 @@ def test_device_scalars_match_host(cpp, case, dtype):
     for h in (case.h, _perturbed(rule, case.h)):
         assert vars(rule.static_flags(h, {k: getattr(case.flags, k) for k in rule.options})) \
             == vars(case.flags), "perturbing hyperparameters must keep the kernel"
-        hv = _hyper_vector(rule, h)
         fast = codegen.host_scalar_function(plan, dtype)      # what host-scalar steps pass
-        for t in (*range(1, STEPS + 1), 1000, 123456):
+        # a rule that carries scalars gets them replayed from step 1 (spec.with_carry)
+        for t in (*range(1, STEPS + 1), 1000, *(() if rule.carry else (123456,))):
+            h = with_carry(rule, {k: v for k, v in h.items()
+                                  if k not in {c.name for c in rule.carry}}, t)
+            hv = _hyper_vector(rule, h)
             want = np.asarray(plan.kernel_scalars(host_scalars(rule, h, t)), dtype=dtype)
             passed = np.asarray(fast(h, t), dtype=dtype)
             for build, lib in cpp.items():

@@ -48,9 +48,21 @@ DTYPES = ("float32", "float64")
 CASES = [(rule, oid, opts) for rule in RULES.values() for oid, opts in option_sets(rule)]
 
 
-def _cases(names=HOST, dtypes=DTYPES):
+CASES_BY_RULE = [(rule, opts) for rule, _, opts in CASES]
+
+
+def _cases(names=HOST, dtypes=DTYPES, local_only=False):
+    """``local_only``: leave out option sets whose update takes a norm (LAMB, LARS): there a
+    non-finite element makes the array's norm non-finite, which reaches every element."""
     return [pytest.param(rule, opts, b, d, id=f"{oid}-{b}-{d}")
-            for rule, oid, opts in CASES for b in names for d in dtypes]
+            for rule, oid, opts in CASES for b in names for d in dtypes
+            if not (local_only and _takes_norm(rule, opts))]
+
+
+def _takes_norm(rule, opts) -> bool:
+    h = {n: opts.get(n, hy.default) for n, hy in rule.hypers.items()}
+    flags = rule.static_flags(h, {n: opts.get(n, v) for n, v in rule.options.items()})
+    return bool(codegen.plan(rule, flags).norms)
 
 
 def _spread(n, k):
@@ -111,7 +123,7 @@ def _assert_only_bad_elements_differ(bad, clean, positions, sign_based=False):
         f"{np.flatnonzero(~good & np.isfinite(bad['param']))}")
 
 
-@pytest.mark.parametrize("rule, opts, backend, dtype", _cases())
+@pytest.mark.parametrize("rule, opts, backend, dtype", _cases(local_only=True))
 def test_a_non_finite_input_stays_in_its_element(rule, opts, backend, dtype, rng):
     p, gs, bp, bgs = _inputs(rng, dtype)
     _assert_only_bad_elements_differ(_run(rule, opts, backend, bp, bgs),
@@ -120,7 +132,8 @@ def test_a_non_finite_input_stays_in_its_element(rule, opts, backend, dtype, rng
 
 
 @pytest.mark.parametrize("rule, opts, backend, dtype",
-                         _cases(["numba"] if "numba" in HOST else [], DTYPES))
+                         _cases(["numba"] if "numba" in HOST else [], DTYPES,
+                                local_only=True))
 def test_a_non_finite_input_stays_in_its_element_in_the_parallel_kernel(rule, opts, backend,
                                                                          dtype, rng):
     p, gs, bp, bgs = _inputs(rng, dtype, LARGE)
@@ -147,6 +160,26 @@ def test_non_finite_elements_land_where_the_reference_puts_them(rule, opts, back
         fin = np.isfinite(r)
         err = np.linalg.norm(x[fin] - r[fin])
         assert err <= bound * np.linalg.norm(r[fin]), (name, err / np.linalg.norm(r[fin]))
+
+
+@pytest.mark.parametrize("rule, opts", [c for c in CASES_BY_RULE if _takes_norm(*c)])
+@pytest.mark.parametrize("backend", HOST)
+def test_a_non_finite_grad_reaches_every_element_through_a_norm(rule, opts, backend, rng):
+    """LAMB, LARS (README): one NaN grad element makes the array's norm NaN. LAMB (optax's
+    ratio) then has a NaN ratio: the whole param is NaN; LARS (torchlars' test, ``‖g‖ > 0``)
+    falls back to a ratio of 1: only that element. Another array of the step is untouched."""
+    a, b = random_values(rng, (300,)), random_values(rng, (40,))
+    clean = [a.copy(), b.copy()]
+    g = [random_values(rng, (300,)), random_values(rng, (40,))]
+    opt = getattr(hwoptim, rule.name)([a, b], backend=backend, **opts)
+    ref = getattr(hwoptim, rule.name)(clean, backend=backend, **opts)
+    ref.step([x.copy() for x in g])
+    bad = int(rng.integers(300))
+    g[0][bad] = np.nan
+    with np.errstate(all="ignore"):
+        opt.step(g)
+    assert np.isnan(a).all() if rule.name == "LAMB" else np.flatnonzero(np.isnan(a)) == [bad]
+    assert np.array_equal(b, clean[1])
 
 
 def _torch_cases():

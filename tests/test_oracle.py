@@ -59,12 +59,17 @@ SAMPLERS = {
     "initial_accumulator_value": lambda r: r.uniform(0.01, 1.0),
     "etas": lambda r: (r.uniform(0.2, 0.9), r.uniform(1.05, 2.0)),
     "step_sizes": lambda r: (10 ** r.uniform(-7, -4), 10 ** r.uniform(-1, 2)),
+    "momentum_decay": lambda r: 10 ** r.uniform(-3, -0.5),
+    "lambd": lambda r: 10 ** r.uniform(-4, 0),
+    "t0": lambda r: float(r.integers(0, 25)),         # averaging starts within the run
+    "trust_coefficient": lambda r: 10 ** r.uniform(-4, 0),
 }
 
 
 def _rejected(name, kw) -> bool:
     """Option sets the class refuses (ValueError), as torch does."""
-    return name == "SGD" and kw["nesterov"] and (kw["momentum"] == 0 or kw["dampening"] != 0)
+    return (name in ("SGD", "LARS") and kw["nesterov"]
+            and (kw["momentum"] == 0 or kw["dampening"] != 0))
 
 
 def _cases():
@@ -97,7 +102,7 @@ def test_defaults_are_the_published_ones(name, rng):
     assert name in DEFAULTS, f"{name}: add its published defaults to tests/oracles.py"
     cls = getattr(hwoptim, name)
     sig = {k: v.default for k, v in inspect.signature(cls).parameters.items()
-           if k not in ("params", "backend", "capturable")}
+           if k not in ("params", "backend", "capturable", "max_grad_norm", "skip_nonfinite")}
     assert sig == DEFAULTS[name], f"{name}: defaults {sig}, published {DEFAULTS[name]}"
     p = random_values(rng, (40,), np.float64)
     ref, st = p.copy(), {}
@@ -173,7 +178,9 @@ def test_numpy_backend_matches_oracle(name, opts, nonzero, rng, observed, reques
         for i, (p, r) in enumerate(zip(params, ref)):
             setting = ", ".join(f"{k}={v!r}" for k, v in {**opts, **hp}.items())
             where = f"{name}({setting}) step {t}, param {i} of shape {shapes[i]}"
-            got_state = opt.state[i]
+            got_state = dict(opt.state[i])
+            carried = opt.state_dict().get("carry", [{}])[0] or {}
+            got_state.update({f"_{k}": np.float64(v) for k, v in carried.items()})
             assert set(got_state) == set(ref_state[i]), (
                 f"{where}: state buffers {sorted(got_state)}, the oracle has "
                 f"{sorted(ref_state[i])}")

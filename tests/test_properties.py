@@ -65,6 +65,10 @@ BOUNDARY = {
     "initial_accumulator_value": [0.0, 0.1, 1e3],
     "etas": [(1e-3, 1.0 + 1e-9), (0.5, 1.2), (float(np.nextafter(1.0, 0.0)), 10.0)],
     "step_sizes": [(0.0, 0.0), (1e-6, 50.0), (0.0, 1e30), (1e-3, 1e-3)],
+    "momentum_decay": [0.0, 4e-3, 1.0, 10.0],
+    "lambd": [0.0, 1e-4, 1.0],
+    "t0": [0.0, 1.0, 3.0, 1e6],          # ASGD: averaging from the first steps, or never
+    "trust_coefficient": [0.0, 1e-3, 1.0, 50.0],
 }
 SPECIALS = ("nan", "inf", "-inf", "subnormal", "-0")
 # each test's share of the profile's max_examples
@@ -418,6 +422,8 @@ def _bad_hyper(data, rule):
     value, exc = data.draw(st.sampled_from(BAD_NUMBERS), label="bad number")
     if name == "rho" and value == -1.0:
         value = data.draw(st.sampled_from([-1.0, 1.0, 1.5]))
+    if value == -1.0 and rule.hypers[name].check(-1.0) is None:   # any real (ASGD's t0)
+        value = float("inf")
     return name, value, exc
 
 

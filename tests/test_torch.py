@@ -48,6 +48,11 @@ def _rel(x, ref) -> float:
 
 @pytest.mark.parametrize("rule, opts, backend", _cases())
 def test_matches_torch(rule, opts, backend, torch, rng, observed, request):
+    # torch keeps scalar state (ASGD's eta and mu, NAdam's mu_product) in its default dtype;
+    # float64 here, so that torch's math is float64 throughout like hwoptim's host scalars
+    default = torch.get_default_dtype()
+    torch.set_default_dtype(torch.float64)
+    request.addfinalizer(lambda: torch.set_default_dtype(default))
     init = [random_values(rng, s, np.float64) for s in SHAPES]
     mine = [a.copy() for a in init]
     opt = getattr(hwoptim, rule.name)(mine, backend=backend, **opts)

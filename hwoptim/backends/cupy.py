@@ -59,8 +59,17 @@ def used_indices(plan) -> tuple:
     return tuple(plan.arrays.index(a) for a in used)
 
 
+def refuse_norms(plan):
+    """Rules that take norms (LAMB, LARS) have no GPU reduction pass yet."""
+    if plan.norms:
+        raise ValueError(f"{plan.rule.name} takes per-array norms (trust_ratio), which the "
+                         f"CuPy backends cannot compute yet; run it on NumPy arrays or CPU "
+                         f"tensors, or set trust_ratio=False")
+
+
 def kernel(plan, dtype):
     import cupy
+    refuse_norms(plan)
     k = codegen.cuda_source(plan, dtype)
     module = cupy.RawModule(code=k.source, options=NVRTC_OPTIONS)
     idx = used_indices(plan)

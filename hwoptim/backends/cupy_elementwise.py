@@ -9,13 +9,15 @@ FAMILY = "cuda"
 
 def kernel(plan, dtype):
     import cupy
+    from .cupy import refuse_norms
+    refuse_norms(plan)
     used = codegen._c_used(plan)
     ins = [a for a in used if a not in plan.outputs]
     outs = [a for a in used if a in plan.outputs]
     ek = cupy.ElementwiseKernel(
-        ", ".join([f"{dtype} {a}" for a in ins] + [f"{dtype} k_{s}" for s in plan.scalars]),
+        ", ".join([f"{dtype} {a}" for a in ins] + [f"{dtype} k_{s}" for s in plan.all_scalars]),
         ", ".join(f"{dtype} {a}" for a in outs),
-        f"{plan.key}_update({', '.join(list(used) + [f'k_{s}' for s in plan.scalars])})",
+        f"{plan.key}_update({', '.join(list(used) + [f'k_{s}' for s in plan.all_scalars])})",
         name=f"hw_{plan.key}_{dtype}_ew",
         preamble=codegen._typedefs(codegen.dtypes_for(dtype)) + codegen.c_update_function(plan),
         no_return=True, options=NVRTC_OPTIONS)

@@ -132,6 +132,7 @@ class Kernel:
         self._multi = None                     # the multi-tensor module, built at first use
         self._many_entries = {}                # parallel? -> its compiled entry point
         self._chunks = codegen.ChunkTables(MULTI_CHUNK, row_cost=MULTI_ROW_COST)
+        self._reduce = {}                      # parallel? -> the reduction pass (norms)
 
     def serial_below(self, n_threads: int | None = None) -> float:
         """Elements below which the serial kernel runs (calling thread's setting)."""
@@ -144,7 +145,55 @@ class Kernel:
 
     def __call__(self, arrays, scalars):
         f = self.serial if arrays[0].shape[0] < self.serial_below() else self.parallel
+        if self.plan.norms:
+            typ = np.dtype(self.dtype).type
+            scalars = [typ(x) for x in scalars] + [typ(x) for x in self.norms_of(arrays,
+                                                                                  scalars)]
         f(*arrays, *scalars)
+
+    # -- the reduction pass of rules with norms (LAMB, LARS)
+
+    def norms_of(self, arrays, scalars) -> list:
+        """The norms ``plan.norms`` of one array's step (``arrays`` in ``plan.arrays``
+        order), in float64."""
+        ptrs = np.array([[a.ctypes.data for a in arrays]], np.int64)
+        return self.norms(ptrs, np.array([arrays[0].shape[0]], np.int64),
+                          np.zeros(1, np.int64), np.array([scalars], self.dtype))[0].tolist()
+
+    def norms(self, ptrs, sizes, rows, scalars, n_threads: int | None = None) -> np.ndarray:
+        """float64 ``(tensors, len(plan.norms))``: each tensor's norms, from one pass over
+        every tensor's inputs (arguments as :meth:`many`'s; ``scalars`` the rows of
+        ``plan.scalars``). Sums are per chunk, so they do not depend on the thread count."""
+        chunks = self._chunks.get(sizes)
+        k = len(self.plan.norms)
+        total = np.zeros((sizes.shape[0], k), np.float64)
+        if chunks.n_chunks:
+            if n_threads is None:
+                n_threads = threads.current_threads()
+            f = self._reduce_entry(chunks.total >= self.serial_below(n_threads))
+            out = np.empty((chunks.n_chunks, k), np.float64)
+            f(ptrs, chunks.table, rows, scalars, out)
+            np.add.at(total, chunks.table[:, 0], out)
+        return np.sqrt(total)
+
+    def _reduce_entry(self, par: bool):
+        e = self._reduce.get(par)
+        if e is not None:
+            return e
+        with self._lock:
+            mod = self._reduce.get("module")
+            if mod is None:
+                plan, dtype = self.plan, self.dtype
+                mod = self._reduce["module"] = diskcache.load_module(
+                    lambda cache: codegen.numba_reduce_source(plan, dtype, cache=cache),
+                    f"{plan.key}_{dtype}_reduce")
+            f = mod.parallel if par else mod.serial
+            diskcache.first_call(mod, f, [np.empty((0, len(self.plan.arrays)), np.int64),
+                                          np.empty((0, 3), np.int64), np.empty(0, np.int64),
+                                          np.empty((0, len(self.plan.scalars)), self.dtype),
+                                          np.empty((0, len(self.plan.norms)), np.float64)])
+            self._reduce[par] = f
+            return f
 
     def launcher(self, n: int, n_threads: int):
         """The compiled entry point for ``n`` elements at ``n_threads`` threads: call it as
@@ -164,14 +213,21 @@ class Kernel:
             f = self.parallel if par else self.serial
             typ = np.dtype(self.dtype).type
             empty = [np.empty(0, self.dtype) for _ in self.plan.arrays]
-            diskcache.first_call(self.module, f, empty + [typ(0)] * len(self.plan.scalars))
+            diskcache.first_call(self.module, f, empty + [typ(0)] * len(self.plan.all_scalars))
             n_arrays = len(self.plan.arrays)
             e = _entry_point(f, self.dtype) or (
                 lambda *a: f(*a[:n_arrays], *[typ(s) for s in a[n_arrays:]]))
             if par:
-                e = _guarded(e, self._build(False))
+                e = _guarded(e, self._raw(self._build(False)))
+            if self.plan.norms:                # the reduction pass first, then the update
+                e = _with_norms(e, n_arrays, self.norms_of)
             self._entries[par] = e
             return e
+
+    @staticmethod
+    def _raw(entry):
+        """The update entry inside a :func:`_with_norms` wrapper (itself if none)."""
+        return getattr(entry, "raw", entry)
 
     def unchecked(self, arrays, scalars):
         """``kernel(arrays, scalars)`` through the entry point (Python-float scalars)."""
@@ -212,6 +268,10 @@ class Kernel:
             return
         if n_threads is None:
             n_threads = threads.current_threads()
+        if self.plan.norms:                    # per tensor: its row of scalars, its norms
+            norms = self.norms(ptrs, sizes, rows, scalars, n_threads)
+            scalars = np.concatenate([scalars[rows], norms.astype(self.dtype)], axis=1)
+            rows = np.arange(n, dtype=np.int64)
         self.many_launcher(chunks.total, n_threads)(ptrs, chunks.table, chunks.groups, rows,
                                                     scalars)
 
@@ -244,13 +304,21 @@ class Kernel:
             f = mod.parallel if par else mod.serial
             args = [np.empty((0, len(self.plan.arrays)), np.int64), np.empty((0, 3), np.int64),
                     np.zeros(1, np.int64), np.empty(0, np.int64),
-                    np.empty((0, len(self.plan.scalars)), self.dtype)]
+                    np.empty((0, len(self.plan.all_scalars)), self.dtype)]
             diskcache.first_call(mod, f, args)
             e = _many_entry_point(f, self.dtype) or f
             if par:
                 e = _guarded(e, self._build_many(False))
             self._many_entries[par] = e
             return e
+
+
+def _with_norms(entry, n_arrays, norms_of):
+    """``entry`` called with the norms of its arrays (``Kernel.norms_of``) appended."""
+    def run(*args):
+        return entry(*args, *norms_of(args[:n_arrays], args[n_arrays:]))
+    run.raw = entry
+    return run
 
 
 def _guarded(parallel_entry, serial_entry):
@@ -315,3 +383,46 @@ def _many_entry_point(dispatcher, dtype):
                 and (a.dtype, a.ndim) == w for a, w in zip(sig, want)):
             return cres.entry_point
     return None
+
+
+# -- what max_grad_norm and skip_nonfinite read: one pass over every grad
+
+_stats: dict = {}                       # dtype -> (module, {parallel?: entry point})
+_stat_chunks = codegen.ChunkTables(MULTI_CHUNK)
+_STATS_WORK = 2.0                       # element work of the stats pass (one read, two adds)
+
+
+def _stats_entry(dtype: str, par: bool):
+    with _kernels_lock:
+        mod, entries = _stats.get(dtype) or (None, {})
+        if mod is None:
+            mod = diskcache.load_module(
+                lambda cache: codegen.numba_stats_source(dtype, cache=cache),
+                f"grad_stats_{dtype}")
+            _stats[dtype] = (mod, entries)
+        e = entries.get(par)
+        if e is None:
+            f = mod.parallel if par else mod.serial
+            diskcache.first_call(mod, f, [np.empty(0, np.int64), np.empty((0, 3), np.int64),
+                                          np.empty((0, 2), np.float64)])
+            e = entries[par] = f
+    return e
+
+
+def grad_stats(grads, sizes, dtype: str) -> tuple[float, bool]:
+    """(sum of squares in float64, whether every element is finite) over ``grads``: a list
+    of 1-D arrays, or an int64 array of addresses of ``sizes[i]`` contiguous ``dtype``
+    elements each (checked by the caller). One read of every grad; the sum is taken per
+    chunk (the multi-tensor chunks), so it does not depend on the thread count."""
+    if not isinstance(grads, np.ndarray):
+        grads = np.fromiter((g.ctypes.data for g in grads), np.int64, len(grads))
+    chunks = _stat_chunks.get(np.ascontiguousarray(sizes, dtype=np.int64))
+    if chunks.n_chunks == 0:
+        return 0.0, True
+    n_threads = threads.current_threads()
+    below = serial_work() / (_STATS_WORK * np.dtype(dtype).itemsize / 4) * \
+        thread_scale(n_threads)
+    f = _stats_entry(dtype, chunks.total >= min(MAX_SERIAL, below))
+    out = np.empty((chunks.n_chunks, 2), np.float64)
+    f(grads, chunks.table, out)
+    return float(out[:, 0].sum()), not np.isnan(out[:, 1].sum())

@@ -22,15 +22,24 @@ def kernel(plan, dtype):
     float64, as the generated kernels do on the host."""
     rule, flags, names, outputs = plan.rule, plan.flags, plan.arrays, plan.outputs
 
+    scaled = getattr(flags, "_clip", False)      # max_grad_norm's clip factor
+
     def run(arrays, k):
         buf = dict(zip(names, arrays))
+        if scaled:                    # clip_grad_norm_'s multiply, rounded in the dtype
+            buf["grad"] = buf["grad"] * buf["grad"].dtype.type(getattr(k, "_clip"))
         # non-finite values propagate per element, as in the compiled kernels: no warnings,
         # and no FloatingPointError (under np.seterr(all="raise")) half-way through a step
         with np.errstate(all="ignore"):
             new = rule.update(SimpleNamespace(**buf), k, flags)
         for name in outputs:          # every value is computed before any buffer is written
             np.copyto(buf[name], new[name], casting="same_kind")
-    run.prepare = lambda h, t: SimpleNamespace(**host_scalars(rule, h, t))
+    def prepare(h, t):
+        k = host_scalars(rule, h, t)
+        if scaled:
+            k["_clip"] = float(h["_clip"])
+        return SimpleNamespace(**k)
+    run.prepare = prepare
     return run
 
 
@@ -50,3 +59,15 @@ def address(a):
     """(device, first byte, one past the last byte) of a contiguous array."""
     start = a.__array_interface__["data"][0]
     return ("host", start, start + a.nbytes)
+
+
+def grad_stats(grads, sizes, dtype: str) -> tuple[float, bool]:
+    """(sum of squares in float64, whether every element is finite) over the 1-D arrays
+    ``grads``: the plain reference of what ``max_grad_norm`` and ``skip_nonfinite`` read."""
+    total, finite = 0.0, True
+    with np.errstate(all="ignore"):
+        for g in grads:
+            g = np.asarray(g, np.float64)
+            total += float(np.dot(g, g))
+            finite = finite and bool(np.isfinite(g).all())
+    return total, finite

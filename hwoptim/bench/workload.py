@@ -97,7 +97,9 @@ def plan_of(case: Case) -> codegen.KernelPlan:
 
 def bytes_per_element(plan, dtype) -> int:
     """Bytes one step must move per element: every array read, every array written."""
-    return (len(plan.reads) + len(plan.outputs)) * np.dtype(dtype).itemsize
+    # a rule taking norms (LAMB, LARS) reads its reduction pass's arrays once more
+    return ((len(plan.reads) + len(plan.reduce_reads) + len(plan.outputs))
+            * np.dtype(dtype).itemsize)
 
 
 def bytes_moved(plan, dtype, n: int) -> int:
