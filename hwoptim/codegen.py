@@ -373,7 +373,11 @@ def numba_reduce_source(p: KernelPlan, dtype: str, cache: bool = True) -> str:
             "        return builder.inttoptr(args[0], context.get_value_type(sig.return_type))",
             f"    return types.CPointer(types.{dtype})(types.int64), lower", ""]
     for fname, par, rng in (("parallel", True, "prange"), ("serial", False, "range")):
-        out += ["", _njit_line(par, cache),
+        # reassociation lets LLVM vectorise the float64 sums (and the element math with
+        # them: a product chain may round differently from the update's, within the norm's
+        # error bound; sums of two terms, all a spec's norm arguments hold, cannot change)
+        out += ["", _njit_line(par, cache).replace("nogil=True", "nogil=True, "
+                                                    "fastmath={'reassoc'}"),
                 f"def {fname}(_ptrs, _chunks, _rows, _scalars, _out):",
                 f"    for _c in {rng}(_chunks.shape[0]):",
                 "        _t = _chunks[_c, 0]",

@@ -3,7 +3,8 @@
 * ``max_grad_norm=M``: the step is exactly the plain step on grads multiplied (in their dtype)
   by ``min(1, M / (‖g‖ + 1e-6))``, ``‖g‖`` the 2-norm of all of the step's grads in float64
   (``torch.nn.utils.clip_grad_norm_``'s factor), for every rule, host backend and dtype, bit
-  for bit; and it matches torch's ``clip_grad_norm_`` followed by torch's step.
+  for bit (a few ulp where the update takes norms: their reduction pass may reassociate);
+  and it matches torch's ``clip_grad_norm_`` followed by torch's step.
 * ``skip_nonfinite=True``: a NaN or ±Inf anywhere in any grad skips the whole step (params,
   state, carried scalars, step count unchanged, bit for bit), counted in ``skipped_steps``;
   the next finite step goes on as if the bad one never came. A non-finite norm under
@@ -19,7 +20,7 @@ import numpy as np
 import pytest
 
 import hwoptim
-from hwoptim import backends
+from hwoptim import backends, codegen
 from hwoptim.rules import RULES
 from hwoptim.testing import option_sets, random_values
 
@@ -59,6 +60,7 @@ def test_clipped_step_is_the_plain_step_on_scaled_grads(rule, opts, dtype, backe
     limit = 0.5
     a = getattr(hwoptim, rule.name)(mine, backend=backend, max_grad_norm=limit, **opts)
     b = getattr(hwoptim, rule.name)(plain, backend=backend, **opts)
+    norms = backend != "numpy" and bool(codegen.plan(rule, b._flags[0]).norms)
     clipped = 0
     for t in range(12):
         grads = _grads(rng, dtype, 10.0 ** rng.uniform(-7, -1))   # norms 1e-4 to 1e3
@@ -73,10 +75,21 @@ def test_clipped_step_is_the_plain_step_on_scaled_grads(rule, opts, dtype, backe
         b.step([g * np.dtype(dtype).type(factor) for g in grads])
         assert not a.last_step_skipped
         for i, (x, y) in enumerate(zip(mine, plain)):
-            assert np.array_equal(x, y, equal_nan=True), f"step {t}, params[{i}]"
+            _equal(x, y, norms, dtype, f"step {t}, params[{i}]")
     assert 0 < clipped < 12, "the draw should clip some steps and not others"
     for sa, sb in zip(a.state, b.state):
-        assert all(np.array_equal(sa[k], sb[k], equal_nan=True) for k in sa)
+        for k in sa:
+            _equal(sa[k], sb[k], norms, dtype, k)
+
+
+def _equal(x, y, norms, dtype, what):
+    """Bit for bit; where the update takes norms (LAMB, LARS), whose reduction pass may
+    reassociate the grad's scaling (README), within a few ulp norm-wise."""
+    if not norms:
+        assert np.array_equal(x, y, equal_nan=True), what
+        return
+    x, y = np.asarray(x, np.float64), np.asarray(y, np.float64)
+    assert np.linalg.norm(x - y) <= 16 * np.finfo(dtype).eps * np.linalg.norm(y), what
 
 
 @pytest.mark.torch

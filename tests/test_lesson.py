@@ -665,3 +665,15 @@ def test_viz_batching(tmp_path):
     assert _viz(tmp_path, "batching", "--epochs", "1", "--opt", "Adam(lr=0.01)",
                 "--repeat", "1") == 0
     assert (tmp_path / "batching.png").exists()
+
+
+@pytest.mark.parametrize("name", sorted(hwoptim.RULES))
+def test_every_rule_can_be_drawn(name):
+    """``hwoptim viz --opt NAME`` for every rule, the newest included: a first step of the
+    requested length on the valley, then a finite path that lowers the loss."""
+    ls = L.valley()
+    method = T.match_first_step(ls, [T.parse_method(name)], 0.1, backend="numpy")[0]
+    run = T.run(ls, method, 60, backend="numpy")
+    assert np.linalg.norm(run.path[1] - run.path[0]) == pytest.approx(0.1, rel=1e-6)
+    assert np.isfinite(run.path).all()
+    assert ls.f(*run.path[-1]) < ls.f(*run.path[0])

@@ -125,3 +125,24 @@ def test_cupy_backends_refuse_norms_before_building():
         cb.refuse_norms(codegen.plan(rule, flags))
     cb.refuse_norms(codegen.plan(rule, rule.static_flags(
         {n: h.default for n, h in rule.hypers.items()}, {**rule.options, "trust_ratio": False})))
+
+
+@pytest.mark.skipif("numba" not in HOST, reason="the Numba backend is not available")
+@pytest.mark.parametrize("dtype", ["float32", "float64"])
+def test_numba_reduction_pass_gives_each_arrays_norms(dtype, rng):
+    """``Kernel.norms`` over several arrays (one of many chunks, one empty, one tiny): each
+    array's ‖p‖ and ‖g‖ (LARS) as float64 NumPy computes them, to float64 rounding."""
+    from hwoptim.backends import numba as nb
+    rule = RULES["LARS"]
+    flags = rule.static_flags({n: h.default for n, h in rule.hypers.items()}, rule.options)
+    plan = codegen.plan(rule, flags)
+    k = nb.kernel(plan, dtype)
+    sizes = [70_001, 0, 3, 16_384]
+    arrays = [[random_values(rng, (n,), dtype) for _ in plan.arrays] for n in sizes]
+    ptrs = np.array([[a.ctypes.data for a in arrs] for arrs in arrays], np.int64)
+    scal = np.array([k.prepare({n: h.default for n, h in rule.hypers.items()}, 2)], dtype)
+    got = k.norms(ptrs, np.array(sizes, np.int64), np.zeros(len(sizes), np.int64), scal)
+    for arrs, row in zip(arrays, got):
+        want = [np.linalg.norm(arrs[0].astype(np.float64)),
+                np.linalg.norm(arrs[1].astype(np.float64))]
+        assert row.tolist() == pytest.approx(want, rel=1e-13, abs=0)

@@ -8,15 +8,16 @@ from ..spec import Hyper, Rule, State, ops, pair_in_unit_interval
 
 def scalars(h, t):
     beta1, beta2 = h.betas
+    # reciprocals, so the element does one divide: m̂ and v̂ within an ulp of optax's
     return dict(lr=h.lr, beta1=beta1, beta2=beta2, eps=h.eps, weight_decay=h.weight_decay,
-                bias_correction1=1 - beta1 ** t, bias_correction2=1 - beta2 ** t)
+                inv_bc1=1 / (1 - beta1 ** t), inv_bc2=1 / (1 - beta2 ** t))
 
 
 def update(x, k, opt):
     g = -x.grad if opt.maximize else x.grad
     m = k.beta1 * x.exp_avg + (1 - k.beta1) * g
     v = k.beta2 * x.exp_avg_sq + (1 - k.beta2) * g * g
-    u = (m / k.bias_correction1) / (ops.sqrt(v / k.bias_correction2) + k.eps)
+    u = (m * k.inv_bc1) / (ops.sqrt(v * k.inv_bc2) + k.eps)
     if opt.use_weight_decay:
         u = u + k.weight_decay * x.param
     if opt.trust_ratio:
