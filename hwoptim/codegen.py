@@ -726,6 +726,83 @@ class CudaMulti:
     source: str
     name: str          # the multi-tensor kernel
     vec: int           # elements per 16-byte vector
+    reduce: str = ""   # rules taking norms: the reduction kernel, launched first
+
+
+def c_reduce_function(p: KernelPlan) -> str:
+    """The reduction pass's per-element work as one C++/CUDA function, ``<key>_reduce``:
+    from one element's inputs (the arrays the norms read) and the kernel scalars, add the
+    square of each norm's argument, in double, to ``acc[j]``. The CPU tests compile exactly
+    this text as C++."""
+    nm = _Namer(lambda v: f"(TC){v!r}")
+    lines = [f"const TC x_{a} = (TC){a};" for a in p.reduce_reads]
+    for e in p.reduce_order:
+        t = "bool" if _is_bool(e) else "TC"
+        lines.append(f"const {t} {nm.new(e)} = {_c_expr(e, nm)};")
+    for j, e in enumerate(p.norms):
+        lines.append(f"{{ const double v = (double)({nm(e)}); acc[{j}] += v * v; }}")
+    sig = ",\n    ".join([f"const {_array_ctype(a)} {a}" for a in p.reduce_reads]
+                          + [f"const TC k_{s}" for s in p.scalars] + ["double* acc"])
+    body = "\n".join(f"    {ln}" for ln in lines)
+    return f"__device__ __forceinline__ void {p.key}_reduce(\n    {sig})\n{{\n{body}\n}}\n"
+
+
+def _cuda_reduce_kernel(p: KernelPlan, name: str) -> str:
+    """The reduction kernel: one block per chunk (grid-stride over chunks), each thread
+    summing its elements' squares in double, the block's sums combined (warp shuffles, then
+    shared memory) and added atomically to ``sums[tensor * K + j]`` (zeroed by the caller).
+    Arguments as the multi-tensor kernel's, then ``sums``."""
+    na, ns, k = len(p.arrays), len(p.scalars), len(p.norms)
+    idx = {a: p.arrays.index(a) for a in p.reduce_reads}
+    text = [f'extern "C" __global__ void {name}(\n'
+            f"    const long long* __restrict__ table,\n"
+            f"    const long long* __restrict__ chunks,\n"
+            f"    const long long n_tensors,\n"
+            f"    const long long n_chunks,\n"
+            f"    double* __restrict__ sums)\n{{\n"
+            f"    __shared__ double part[{k}][32];\n"]
+    if ns:
+        text.append(f"    const long long* const rows = table + n_tensors * {na};\n"
+                    f"    const TC* const scalars = reinterpret_cast<const TC*>"
+                    f"(table + n_tensors * {na + 1});\n")
+    text.append("    for (long long c = blockIdx.x; c < n_chunks; c += gridDim.x) {\n"
+                "        const long long t = chunks[3 * c];\n"
+                "        const long long lo = chunks[3 * c + 1];\n"
+                "        const long long n = chunks[3 * c + 2] - lo;\n"
+                f"        const long long* const at = table + t * {na};\n")
+    if ns:
+        text.append(f"        const TC* const k_row = scalars + rows[t] * {ns};\n")
+        text += [f"        const TC k_{s} = k_row[{i}];\n" for i, s in enumerate(p.scalars)]
+    for a in p.reduce_reads:
+        t = _array_ctype(a)
+        text.append(f"        const {t}* const {a} = reinterpret_cast<const {t}*>"
+                    f"(at[{idx[a]}]) + lo;\n")
+    call = ", ".join([f"{a}[i]" for a in p.reduce_reads] + [f"k_{s}" for s in p.scalars]
+                     + ["acc"])
+    text.append(f"        double acc[{k}] = {{{', '.join(['0.0'] * k)}}};\n"
+                f"        for (long long i = threadIdx.x; i < n; i += blockDim.x)\n"
+                f"            {p.key}_reduce({call});\n"
+                f"        #pragma unroll\n"
+                f"        for (int j = 0; j < {k}; ++j) {{\n"
+                f"            double v = acc[j];\n"
+                f"            for (int o = 16; o > 0; o >>= 1)\n"
+                f"                v += __shfl_down_sync(0xffffffffu, v, o);\n"
+                f"            if ((threadIdx.x & 31) == 0) part[j][threadIdx.x >> 5] = v;\n"
+                f"        }}\n"
+                f"        __syncthreads();\n"
+                f"        if (threadIdx.x < 32) {{\n"
+                f"            #pragma unroll\n"
+                f"            for (int j = 0; j < {k}; ++j) {{\n"
+                f"                double v = threadIdx.x < (blockDim.x >> 5) ? "
+                f"part[j][threadIdx.x] : 0.0;\n"
+                f"                for (int o = 16; o > 0; o >>= 1)\n"
+                f"                    v += __shfl_down_sync(0xffffffffu, v, o);\n"
+                f"                if (threadIdx.x == 0) atomicAdd(&sums[t * {k} + j], v);\n"
+                f"            }}\n"
+                f"        }}\n"
+                f"        __syncthreads();\n"
+                f"    }}\n}}\n")
+    return "".join(text)
 
 
 def cuda_multi_source(p: KernelPlan, dtype: str) -> CudaMulti:
@@ -743,13 +820,14 @@ def cuda_multi_source(p: KernelPlan, dtype: str) -> CudaMulti:
     name = base + "_multi"
     vec = 16 // np.dtype(dtype).itemsize
     used = _c_used(p)
-    na, ns = len(p.arrays), len(p.all_scalars)
+    na, ns, k = len(p.arrays), len(p.scalars), len(p.norms)
     idx = {a: p.arrays.index(a) for a in used}
+    sums = ",\n    const double* __restrict__ sums" if k else ""
     text = [f'extern "C" __global__ void {name}(\n'
             f"    const long long* __restrict__ table,\n"
             f"    const long long* __restrict__ chunks,\n"
             f"    const long long n_tensors,\n"
-            f"    const long long n_chunks)\n{{\n"]
+            f"    const long long n_chunks{sums})\n{{\n"]
     if ns:
         text.append(f"    const long long* const rows = table + n_tensors * {na};\n"
                     f"    const TC* const scalars = reinterpret_cast<const TC*>"
@@ -761,7 +839,10 @@ def cuda_multi_source(p: KernelPlan, dtype: str) -> CudaMulti:
                 f"        const long long* const at = table + t * {na};\n")
     if ns:
         text.append(f"        const TC* const k_row = scalars + rows[t] * {ns};\n")
-        text += [f"        const TC k_{s} = k_row[{i}];\n" for i, s in enumerate(p.all_scalars)]
+        text += [f"        const TC k_{s} = k_row[{i}];\n" for i, s in enumerate(p.scalars)]
+    # the norms the reduction kernel summed, for this tensor
+    text += [f"        const TC k_{s} = (TC)sqrt(sums[t * {k} + {j}]);\n"
+             for j, s in enumerate(p.norm_names)]
     for a in used:
         t = _array_ctype(a)
         q = "" if a in p.outputs else "const "
@@ -792,16 +873,18 @@ def cuda_multi_source(p: KernelPlan, dtype: str) -> CudaMulti:
                 f"        for (long long i = done + threadIdx.x; i < n; i += blockDim.x)\n"
                 f"            {p.key}_update({call_e});\n"
                 f"    }}\n}}\n")
-    src = "\n".join([
+    parts = [
         f"// Generated by hwoptim from the {p.rule.name} spec ({_flag_text(p)}), {dtype}: "
-        f"multi-tensor kernel.",
+        f"multi-tensor kernel{'s (reduction, then update)' if k else ''}.",
         "// Edit the spec in hwoptim/rules, not this file.",
         _typedefs(dtypes_for(dtype)),
         "template <typename T, int V> struct alignas(16) hw_vec { T v[V]; };\n",
         c_update_function(p),
         "".join(text),
-    ])
-    return CudaMulti(src, name, vec)
+    ]
+    if k:
+        parts += [c_reduce_function(p), _cuda_reduce_kernel(p, base + "_reduce")]
+    return CudaMulti("\n".join(parts), name, vec, base + "_reduce" if k else "")
 
 
 def _flag_text(p: KernelPlan) -> str:

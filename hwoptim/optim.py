@@ -532,6 +532,10 @@ class Optimizer:
         flags = rule.static_flags(h, opt)
         if self.max_grad_norm is not None:
             flags._clip = True
+        if self.capturable and _plan(rule, flags).norms:
+            raise ValueError(f"{where}{rule.name} takes per-array norms (trust_ratio), which "
+                             f"have no capturable kernel yet; use capturable=False or "
+                             f"trust_ratio=False")
         return flags
 
     def _buffers(self, flags) -> list:

@@ -263,11 +263,6 @@ class Optimizer(_TorchOptimizer):
                                      f"(channels_last?); hwoptim's kernels update contiguous "
                                      f"memory: model.to(memory_format=torch.contiguous_format)")
                 items.append((p, g))
-            if items and _plan(self.rule, hf[1]).norms and any(
-                    p.device.type != "cpu" for p, _ in items):
-                raise ValueError(f"{where}{self.rule.name} takes per-array norms "
-                                 f"(trust_ratio), which run on CPU tensors only yet; set "
-                                 f"trust_ratio=False for this group, or use CPU tensors")
             work.append((group, hf, items))
         clip = None
         if self.max_grad_norm is not None or self.skip_nonfinite:

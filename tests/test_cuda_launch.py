@@ -122,6 +122,21 @@ class _FakeCupy(types.ModuleType):
         _FakeCupy.uploads.append(up)
         return up
 
+    @staticmethod
+    def zeros(n, dtype):
+        z = _Zeros(n, dtype, 0x7D0000000000 + (len(_FakeCupy.uploads) << 24),
+                   _FakeCupy.current)
+        _FakeCupy.uploads.append(z)
+        return z
+
+
+class _Zeros(_Array):
+    """What ``cupy.zeros`` gives: a device array, zero-filled on the stream current then."""
+
+    def __init__(self, n, dtype, ptr, stream):
+        super().__init__(n, ptr)
+        self.dtype, self.stream = np.dtype(dtype), stream
+
 
 class _Device:
     def __init__(self, dev):
@@ -286,6 +301,50 @@ def test_many_launches_once_on_the_current_stream(rule_name, opts, fake_cupy, rn
             f"the caller's current stream {stream}")
         assert _FakeCupy.uploads and all(u.stream is stream for u in _FakeCupy.uploads), (
             f"uploads on {[u.stream for u in _FakeCupy.uploads]}; expected {stream}")
+
+
+NORM_CASES = [("LAMB", {}), ("LARS", {"weight_decay": 1e-2})]
+
+
+@pytest.mark.parametrize("rule_name, opts", NORM_CASES, ids=[r for r, _ in NORM_CASES])
+def test_norms_reduce_then_update_on_the_current_stream(rule_name, opts, fake_cupy, rng):
+    """A rule taking norms (LAMB, LARS), one array or many: the sums are zeroed on the
+    caller's stream, the reduction kernel adds into them, the update kernel reads them: two
+    launches on that stream, in that order, the same table, chunks and sums, nothing waiting
+    on the host (no synchronisation after the first upload of a chunk table)."""
+    mod = _backend("cupy")
+    plan, h = _plan(rule_name, **opts)
+    run = mod.kernel(plan, "float32")
+    src = codegen.cuda_multi_source(plan, "float32")
+    assert src.reduce
+    ptrs, sizes, rows = _group(plan, rng, [5000, 0, 3, 70_000])
+    scalars = _scalar_rows(run, h, "float32")
+    calls = [lambda: run.many(ptrs, sizes, rows, scalars),
+             lambda: run(_arrays(plan, 10_000, misalign=4), scalars[0])]
+    for call, n in zip(calls, (len(sizes), 1)):
+        for stream in (fake_cupy.cuda.ExternalStream(0xABC0), fake_cupy.cuda.ExternalStream(0xDEF0)):
+            _FakeCupy.launches.clear()
+            _FakeCupy.uploads.clear()
+            with stream:
+                call()
+            red, upd = _FakeCupy.launches
+            assert (red["kernel"], upd["kernel"]) == (src.reduce, src.name)
+            assert red["stream"] is stream and upd["stream"] is stream
+            assert red["args"][:4] == upd["args"][:4] and red["args"][4] is upd["args"][4]
+            sums = red["args"][4]
+            assert isinstance(sums, _Zeros) and sums.stream is stream
+            assert sums.size == n * len(plan.norms) and sums.dtype == np.float64
+            assert red["grid"] == upd["grid"] and red["block"] == (mod.THREADS,)
+
+
+def test_norms_have_no_elementwise_or_capturable_kernel(fake_cupy):
+    plan, h = _plan("LAMB")
+    with pytest.raises(ValueError, match="'cupy-elementwise' backend cannot compute"):
+        _backend("cupy_elementwise").kernel(plan, "float32")
+    run = _backend("cupy").kernel(plan, "float32")
+    with pytest.raises(ValueError, match="no capturable kernel"):
+        run.device(_arrays(plan, 100), _Array(len(plan.scalars), 0x10))
+    assert not _FakeCupy.launches
 
 
 @pytest.mark.parametrize("dtype", ["float32", "float64"])

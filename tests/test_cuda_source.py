@@ -432,9 +432,18 @@ def test_multi_kernel_compiles(compiler, case, dtype, arch):
                     f"expected the source to compile. Log:\n{res.log}")
     assert res.cubin and k.name.encode() in res.cubin, f"{what}: {k.name} missing from the cubin"
     entries = _entries(res.ptx)
-    assert set(entries) == {k.name}, f"{what}: PTX kernels are {sorted(entries)}"
-    assert entries[k.name][0] == ["u64"] * 4, (f"{what}: takes PTX parameters "
-                                               f"{entries[k.name][0]}; expected 4 x u64")
+    if case.plan.norms:      # the reduction kernel too; both take the sums array last
+        assert set(entries) == {k.name, k.reduce}, f"{what}: PTX kernels are {sorted(entries)}"
+        assert k.source.count(f"{case.plan.key}_reduce(") == 2
+        for name in (k.name, k.reduce):
+            assert entries[name][0] == ["u64"] * 5, (f"{what}: {name} takes PTX parameters "
+                                                     f"{entries[name][0]}; expected 5 x u64")
+        assert "atom.global.add.f64" in entries[k.reduce][1], (
+            f"{what}: expected the block sums added atomically in double")
+    else:
+        assert set(entries) == {k.name}, f"{what}: PTX kernels are {sorted(entries)}"
+        assert entries[k.name][0] == ["u64"] * 4, (f"{what}: takes PTX parameters "
+                                                   f"{entries[k.name][0]}; expected 4 x u64")
     used = codegen._c_used(case.plan)
     v = {"float32": r"v4\.f32", "float64": r"v2\.f64"}[dtype]
     body = entries[k.name][1]
@@ -514,9 +523,18 @@ def _cpp_unit(entries) -> str:
                 "using std::sqrt; using std::fabs; using std::fmax; using std::fmin; "
                 "using std::pow;",
                 codegen._typedefs(codegen.dtypes_for(dtype)),
-                codegen.c_scalar_function(plan), "}",
+                codegen.c_scalar_function(plan),
+                codegen.c_reduce_function(plan) if plan.norms else "", "}",
                 f'extern "C" void scalars_{sym}(const double* hyper, double step, '
                 f"s_{sym}::TC* out) {{ s_{sym}::{plan.key}_scalars(hyper, step, out); }}", ""]
+        if plan.norms:           # the reduction pass's element function, over n elements
+            ins = [f"const s_{sym}::{codegen._array_ctype(a)}* {a}" for a in plan.reduce_reads]
+            ks = [f"const s_{sym}::TC k_{n}" for n in plan.scalars]
+            call = ", ".join([f"{a}[i]" for a in plan.reduce_reads]
+                             + [f"k_{n}" for n in plan.scalars] + ["acc"])
+            out += [f'extern "C" void reduce_{sym}({", ".join(ins + ks)}, long long n, '
+                    f"double* acc) {{ for (long long i = 0; i < n; ++i) "
+                    f"s_{sym}::{plan.key}_reduce({call}); }}", ""]
     return "\n".join(out)
 
 
@@ -524,7 +542,7 @@ class _CppLib:
     def __init__(self, path, entries):
         self.lib = ctypes.CDLL(path)
         self.path = path
-        self.fns, self.scal = {}, {}
+        self.fns, self.scal, self.reduce = {}, {}, {}
         for sym, plan, dtype in entries:
             c = ctypes.c_float if dtype == "float32" else ctypes.c_double
             arr = np.ctypeslib.ndpointer(dtype=dtype, flags="C_CONTIGUOUS")
@@ -538,6 +556,13 @@ class _CppLib:
                           ctypes.c_double, arr]
             s.restype = None
             self.scal[sym] = s
+            if plan.norms:
+                r = getattr(self.lib, f"reduce_{sym}")
+                r.argtypes = ([arr] * len(plan.reduce_reads) + [c] * len(plan.scalars)
+                              + [ctypes.c_longlong,
+                                 np.ctypeslib.ndpointer(dtype=np.float64, flags="C_CONTIGUOUS")])
+                r.restype = None
+                self.reduce[sym] = r
 
 
 _CPP = {}
@@ -614,6 +639,26 @@ def _norms(plan, arrays, ks) -> list:
             x = np.broadcast_to(np.asarray(evaluate(e, env), np.float64), env["param"].shape)
         out.append(float(np.sqrt(np.dot(x.ravel(), x.ravel()))))
     return out
+
+
+@pytest.mark.parametrize("case,dtype", [c for c in CASE_DTYPE if c.values[0].plan.norms])
+def test_cpp_reduction_matches_reference(cpp, case, dtype):
+    """The GPU reduction kernel's element function (``codegen.c_reduce_function``) run as
+    C++: each norm's sum of squares from one step's inputs, against the same sums in float64
+    from the spec's graph (``_norms``): within the argument's rounding in ``dtype``."""
+    plan, rule, h = case.plan, case.rule, case.h
+    sym = _sym(plan, dtype)
+    typ = np.dtype(dtype).type
+    rng = np.random.default_rng(_seed(case.id, dtype, "reduce"))
+    bufs = {**_state0(case, dtype, rng), "grad": testing.random_values(rng, (N,), dtype)}
+    ks = plan.kernel_scalars(host_scalars(rule, h, 3))
+    want = np.square(_norms(plan, bufs, ks))
+    rel = 64 * np.finfo(dtype).eps
+    for build, lib in cpp.items():
+        acc = np.zeros(len(plan.norms))
+        lib.reduce[sym](*[bufs[a] for a in plan.reduce_reads], *[typ(v) for v in ks], N, acc)
+        assert np.all(np.abs(acc - want) <= rel * want), (
+            f"{case.id} {dtype} build {build}: sums of squares {acc}; expected {want}")
 
 
 @pytest.mark.parametrize("case,dtype", CASE_DTYPE)

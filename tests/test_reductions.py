@@ -4,7 +4,7 @@ The generic suites cover them like every rule (oracles, tolerances with the norm
 model, parallel against serial, many arrays, ``hwoptim.torch``); here: LARS against torch
 itself (torchlars' recipe: the local rate from torch's norms, then torch.optim.SGD), the
 conventions where a norm is 0, norms taken per array, the reduction pass reading the step's
-inputs, and the refusal on the GPU backends (no reduction pass there yet).
+inputs, and the refusal where a backend has no reduction (``cupy-elementwise``).
 """
 from __future__ import annotations
 
@@ -117,14 +117,17 @@ def test_nested_norms_are_refused():
             {n: h.default for n, h in base.hypers.items()}, base.options))))
 
 
-def test_cupy_backends_refuse_norms_before_building():
+def test_elementwise_backend_refuses_norms_before_building():
+    """``cupy-elementwise`` (an ElementwiseKernel: no reduction) refuses a plan with norms;
+    ``cupy`` runs them (a reduction kernel, then the update: tests/test_cuda_launch.py)."""
     from hwoptim.backends import cupy as cb
     rule = RULES["LARS"]
     flags = rule.static_flags({n: h.default for n, h in rule.hypers.items()}, rule.options)
     with pytest.raises(ValueError, match="LARS takes per-array norms"):
-        cb.refuse_norms(codegen.plan(rule, flags))
+        cb.refuse_norms(codegen.plan(rule, flags), "cupy-elementwise")
     cb.refuse_norms(codegen.plan(rule, rule.static_flags(
-        {n: h.default for n, h in rule.hypers.items()}, {**rule.options, "trust_ratio": False})))
+        {n: h.default for n, h in rule.hypers.items()}, {**rule.options, "trust_ratio": False})),
+        "cupy-elementwise")
 
 
 @pytest.mark.skipif("numba" not in HOST, reason="the Numba backend is not available")

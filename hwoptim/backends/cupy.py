@@ -59,17 +59,16 @@ def used_indices(plan) -> tuple:
     return tuple(plan.arrays.index(a) for a in used)
 
 
-def refuse_norms(plan):
-    """Rules that take norms (LAMB, LARS) have no GPU reduction pass yet."""
+def refuse_norms(plan, backend: str):
+    """For ``backend``s without a reduction pass (the ElementwiseKernel one)."""
     if plan.norms:
         raise ValueError(f"{plan.rule.name} takes per-array norms (trust_ratio), which the "
-                         f"CuPy backends cannot compute yet; run it on NumPy arrays or CPU "
-                         f"tensors, or set trust_ratio=False")
+                         f"{backend!r} backend cannot compute; use backend='cupy', or set "
+                         f"trust_ratio=False")
 
 
 def kernel(plan, dtype):
     import cupy
-    refuse_norms(plan)
     k = codegen.cuda_source(plan, dtype)
     module = cupy.RawModule(code=k.source, options=NVRTC_OPTIONS)
     idx = used_indices(plan)
@@ -82,6 +81,11 @@ def kernel(plan, dtype):
         return funcs[key]
 
     def run(arrays, scalars):
+        if plan.norms:                 # the reduction, then the update: through many()
+            many(np.array([[a.data.ptr for a in arrays]], np.int64),
+                 np.array([arrays[0].size], np.int64), np.zeros(1, np.int64),
+                 np.array([scalars], dtype=dtype))
+            return
         n = arrays[0].size
         args = [arrays[i] for i in idx]
         if all(a.data.ptr % 16 == 0 for a in args):
@@ -91,6 +95,8 @@ def kernel(plan, dtype):
 
     def run_device(arrays, k_dev):
         """Like ``run``, with the per-step scalars read from the device array ``k_dev``."""
+        if plan.norms:
+            raise ValueError(f"{plan.rule.name} with trust_ratio has no capturable kernel yet")
         n = arrays[0].size
         args = [arrays[i] for i in idx]
         if not all(a.data.ptr % 16 == 0 for a in args):
@@ -112,6 +118,9 @@ def kernel(plan, dtype):
         key = (cupy.cuda.runtime.getDevice(), "multi")
         if key not in funcs:
             funcs[key] = multi["module"].get_function(multi["kernels"].name)
+            if plan.norms:
+                funcs[key + ("reduce",)] = multi["module"].get_function(
+                    multi["kernels"].reduce)
         return funcs[key]
 
     def forget(entry):
@@ -170,8 +179,15 @@ def kernel(plan, dtype):
         packed[n * n_arrays:words] = rows
         packed[words:].view(dtype)[:scalars.size] = scalars.reshape(-1)
         table_dev = cupy.asarray(packed)
-        f((min(chunks.n_chunks, 2**31 - 1),), (THREADS,),
-          (table_dev, chunks_dev, np.int64(n), np.int64(chunks.n_chunks)))
+        grid = (min(chunks.n_chunks, 2**31 - 1),)
+        args = (table_dev, chunks_dev, np.int64(n), np.int64(chunks.n_chunks))
+        if plan.norms:
+            # per tensor, the norms' sums of squares: zeroed, summed by the reduction
+            # kernel, read by the update, all on this stream (nothing waits on the host)
+            sums = cupy.zeros(n * len(plan.norms), dtype=np.float64)
+            funcs[(dev, "multi", "reduce")](grid, (THREADS,), args + (sums,))
+            args += (sums,)
+        f(grid, (THREADS,), args)
 
     run.prepare = codegen.host_scalar_function(plan, dtype)   # (h, t) -> typed scalars
     run.device, run.advance, run.source = run_device, advance, k.source

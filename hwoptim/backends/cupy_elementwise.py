@@ -10,7 +10,7 @@ FAMILY = "cuda"
 def kernel(plan, dtype):
     import cupy
     from .cupy import refuse_norms
-    refuse_norms(plan)
+    refuse_norms(plan, "cupy-elementwise")
     used = codegen._c_used(plan)
     ins = [a for a in used if a not in plan.outputs]
     outs = [a for a in used if a in plan.outputs]

@@ -30,7 +30,7 @@ def rule_cases(quick: bool, big: int) -> list:
     for dtype in ("float32",) if quick else ("float32", "float64"):
         for rule in RULES.values():
             for kw in ([{}] if quick else bench_option_sets(rule)):
-                if plan_for(rule, kw).norms:       # no GPU reduction pass yet
+                if plan_for(rule, kw).norms:       # not yet run on a GPU: tests first
                     continue
                 elems = big if rule.name in ("Adam", "AdamW") else big // 2
                 if dtype == "float64":
