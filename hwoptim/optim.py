@@ -1044,7 +1044,8 @@ class Optimizer:
         Saved hyperparameters replace the current ones, except that a callable ``lr`` here
         is kept (the schedule resumes from the restored step)."""
         sd = state_dict
-        keys = ("rule", "step", "dtype", "shapes", "param_groups", "state")
+        keys = ("rule", "step", "dtype", "shapes", "param_groups", "state") + (
+            ("carry",) if self.rule.carry else ())
         if not isinstance(sd, dict):
             raise TypeError(f"state_dict is {_describe(sd)}; expected a dict, as "
                             f"Optimizer.state_dict() returns")

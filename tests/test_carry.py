@@ -54,7 +54,7 @@ def test_replayed_carry_is_the_run_carry(rule, backend, rng):
 
 
 BAD_CARRY = [
-    ("missing", lambda c: None, "state_dict\\['carry'\\] is None"),
+    ("missing", lambda c: None, "state_dict is missing 'carry'"),
     ("short", lambda c: [], "one entry per param group"),
     ("key", lambda c: [{"wrong": 1.0}], "state_dict\\['carry'\\]\\[0\\]"),
     ("nan", lambda c: [{k: math.nan for k in c[0]}], "finite numbers"),
@@ -80,7 +80,7 @@ def test_bad_saved_carry_is_refused_and_changes_nothing(rule, how, spoil, match,
     other = getattr(hwoptim, rule.name)(random_values(rng, (9,), np.float64))
     other.step(random_values(rng, (9,)))
     before = pickle.dumps(other.state_dict())
-    with pytest.raises(ValueError, match=match):
+    with pytest.raises(TypeError if how == "missing" else ValueError, match=match):
         other.load_state_dict(bad)
     assert pickle.dumps(other.state_dict()) == before
     other.load_state_dict(sd)

@@ -1,0 +1,171 @@
+"""Run by tests/test_distributed.py under ``mpiexec -n R``: ShardedOptimizer against one
+process stepping on the averaged gradient, for every rule, float32 and float64, uneven sizes
+(not divisible by R, arrays and a group smaller than R slices), two groups.
+
+    mpiexec -n 3 python tests/mpi_sharded.py check
+    mpiexec -n 4 python tests/mpi_sharded.py save PATH     # 3 steps, consolidated state
+    mpiexec -n 3 python tests/mpi_sharded.py resume PATH   # load it, 3 more steps
+
+Grads are small integers times 2^-6 (exact sums), per rank ``base + d_r`` with the ``d_r``
+summing to 0, so the averaged gradient is ``base`` exactly and the params must be the same
+bytes as the single process's. Prints ``OK ...`` on rank 0, or raises (non-zero exit).
+"""
+from __future__ import annotations
+
+import pickle
+import sys
+import zlib
+
+import numpy as np
+from mpi4py import MPI
+
+import hwoptim
+from hwoptim.distributed import ShardedOptimizer
+
+COMM = MPI.COMM_WORLD
+R, RANK = COMM.Get_size(), COMM.Get_rank()
+SHAPES = [[(7, 5), (3,), (1,), (40,)], [(2,)]]       # the second group: smaller than R slices
+STEPS = 3
+
+
+def _ints(rng, shape, dtype, scale=64):
+    return (rng.integers(-512, 512, shape) / scale).astype(dtype)
+
+
+def _grads(step, dtype, salt):
+    """(this rank's grads, the averaged grads): base + d_rank, sum of d over ranks = 0."""
+    out_mine, out_base = [], []
+    for gi, shapes in enumerate(SHAPES):
+        for k, s in enumerate(shapes):
+            seed = zlib.crc32(f"{salt}/{step}/{gi}/{k}".encode())
+            rng = np.random.default_rng(seed)
+            base = _ints(rng, s, dtype)
+            ds = [_ints(rng, s, dtype) for _ in range(R - 1)]
+            ds.append(-sum(ds) if ds else np.zeros(s, dtype))
+            out_mine.append((base + ds[RANK]).astype(dtype))
+            out_base.append(base)
+    return out_mine, out_base
+
+
+def _params(dtype, salt):
+    rng = np.random.default_rng(zlib.crc32(f"params/{salt}".encode()))
+    return [[_ints(rng, s, dtype, 16) for s in shapes] for shapes in SHAPES]
+
+
+def _groups(ps, lr):
+    return [{"params": ps[0]}, {"params": ps[1], "lr": lr * 0.5}]
+
+
+def _same_everywhere(arrays, what):
+    h = zlib.crc32(b"".join(np.ascontiguousarray(a).tobytes() for a in arrays))
+    hs = COMM.allgather(h)
+    assert len(set(hs)) == 1, f"{what}: params differ across ranks ({hs})"
+
+
+def check():
+    done = 0
+    for rule in hwoptim.RULES.values():
+        cls = getattr(hwoptim, rule.name)
+        # per-param norms span ranks: refused, except without them (trust_ratio=False)
+        extra = {"trust_ratio": False} if "trust_ratio" in rule.options else {}
+        if extra:
+            try:
+                ShardedOptimizer(cls, _groups(_params("float32", "x"), 1e-2), lr=1e-2)
+            except ValueError as e:
+                assert "takes per-param norms" in str(e), str(e)
+            else:
+                raise AssertionError(f"{rule.name}: norms under sharding were not refused")
+        for dtype in ("float32", "float64"):
+            salt = f"{rule.name}/{dtype}"
+            mine, ref = _params(dtype, salt), _params(dtype, salt)
+            lr = 1e-2
+            opt = ShardedOptimizer(cls, _groups(mine, lr), lr=lr, **extra)
+            one = cls(_groups(ref, lr), lr=lr, **extra)
+            for t in range(STEPS):
+                g, avg = _grads(t, dtype, salt)
+                opt.step(g)
+                one.step(avg)
+                flat_m = [p for grp in mine for p in grp]
+                flat_r = [p for grp in ref for p in grp]
+                for i, (a, b) in enumerate(zip(flat_m, flat_r)):
+                    assert a.tobytes() == b.tobytes(), (
+                        f"{rule.name} {dtype} R={R} step {t}: params[{i}] differ from one "
+                        f"process on the averaged grads: {a} vs {b}")
+                _same_everywhere(flat_m, f"{rule.name} {dtype} step {t}")
+            # 1/R of the state per rank (up to the padding and stand-ins)
+            total = sum(a.nbytes for st in one.state for a in st.values())
+            per_rank = COMM.allgather(opt.state_bytes())
+            nbuf = max((len(st) for st in one.state), default=0)
+            slack = nbuf * (R * 64 + 2 * np.dtype(dtype).itemsize)
+            assert abs(sum(per_rank) - total) <= slack, (rule.name, per_rank, total)
+            full = opt.consolidated_state_dict()
+            if RANK == 0:
+                want = one.state_dict()
+                assert full["step"] == want["step"] and full.get("carry") == want.get("carry")
+                for a, b in zip(full["state"], want["state"]):
+                    assert a.keys() == b.keys() and all(
+                        np.array_equal(a[k], b[k]) for k in a), f"{rule.name} consolidated"
+                fresh = cls(_groups(_params(dtype, salt), lr), lr=lr, **extra)
+                fresh.load_state_dict(full)           # the wrapped class's own format
+            done += 1
+    _bad_grad_is_refused_everywhere()
+    if RANK == 0:
+        print(f"OK check R={R}: {done} rule x dtype runs")
+
+
+def _bad_grad_is_refused_everywhere():
+    ps = _params("float32", "bad")
+    opt = ShardedOptimizer(hwoptim.Adam, _groups(ps, 1e-2), lr=1e-2)
+    g, _ = _grads(0, "float32", "bad")
+    opt.step(g)
+    before = [p.copy() for grp in ps for p in grp]
+    sd = pickle.dumps(opt.state_dict())
+    if RANK == R - 1:
+        g[0] = np.zeros((5, 7), np.float32)
+    try:
+        opt.step(g)
+    except ValueError as e:
+        assert f"step() failed on rank {R - 1}: grads[0] is float32 (5, 7)" in str(e), str(e)
+    else:
+        raise AssertionError("a bad grad on one rank was not refused on every rank")
+    after = [p for grp in ps for p in grp]
+    assert all(a.tobytes() == b.tobytes() for a, b in zip(after, before))
+    assert pickle.dumps(opt.state_dict()) == sd
+    assert opt.step_count == 1
+
+
+def save(path):
+    ps = _params("float32", "resume")
+    opt = ShardedOptimizer(hwoptim.NAdam, _groups(ps, 1e-2), lr=1e-2)
+    for t in range(3):
+        opt.step(_grads(t, "float32", "resume")[0])
+    full = opt.consolidated_state_dict()
+    if RANK == 0:
+        with open(path, "wb") as f:
+            pickle.dump({"state": full, "params": ps}, f)
+        print(f"OK save R={R}")
+
+
+def resume(path):
+    with open(path, "rb") as f:
+        saved = pickle.load(f)
+    ps = [[p.copy() for p in grp] for grp in saved["params"]]
+    ref = [[p.copy() for p in grp] for grp in saved["params"]]
+    opt = ShardedOptimizer(hwoptim.NAdam, _groups(ps, 1e-2), lr=1e-2)
+    opt.load_state_dict(saved["state"] if RANK == 0 else None)
+    one = hwoptim.NAdam(_groups(ref, 1e-2), lr=1e-2)
+    one.load_state_dict(saved["state"])
+    for t in range(3, 6):
+        g, avg = _grads(t, "float32", "resume")
+        opt.step(g)
+        one.step(avg)
+    for a, b in zip([p for grp in ps for p in grp], [p for grp in ref for p in grp]):
+        assert a.tobytes() == b.tobytes(), "resumed run differs from one process"
+    if RANK == 0:
+        print(f"OK resume R={R}")
+
+
+if __name__ == "__main__":
+    mode = sys.argv[1]
+    {"check": check, "save": lambda: save(sys.argv[2]),
+     "resume": lambda: resume(sys.argv[2])}[mode]()
