@@ -1044,8 +1044,7 @@ class Optimizer:
         Saved hyperparameters replace the current ones, except that a callable ``lr`` here
         is kept (the schedule resumes from the restored step)."""
         sd = state_dict
-        keys = ("rule", "step", "dtype", "shapes", "param_groups", "state") + (
-            ("carry",) if self.rule.carry else ())
+        keys = ("rule", "step", "dtype", "shapes", "param_groups", "state")
         if not isinstance(sd, dict):
             raise TypeError(f"state_dict is {_describe(sd)}; expected a dict, as "
                             f"Optimizer.state_dict() returns")
@@ -1059,6 +1058,10 @@ class Optimizer:
         if sd["rule"] != self.rule.name:
             raise ValueError(f"state_dict['rule'] is {sd['rule']!r}; expected "
                              f"{self.rule.name!r} (a state_dict loads into the same rule)")
+        if self.rule.carry and "carry" not in sd:
+            raise TypeError(f"state_dict is missing 'carry'; {self.rule.name} carries "
+                            f"{', '.join(c.name for c in self.rule.carry)} from step to step "
+                            f"(Optimizer.state_dict() saves them)")
         shapes = [tuple(p.shape) for g in self.param_groups for p in g["params"]]
         got = [tuple(s) for s in sd["shapes"]]
         if got != shapes:
