@@ -1,12 +1,19 @@
 """ShardedOptimizer's step split into its phases, under ``mpiexec -n R``: packing the grads,
 the reduce-scatter (with the division by R), the update of the owned slice, the all-gather;
-Adam, float32, a 200-tensor model; medians over steps; state bytes per rank.
+Adam, float32, a 200-tensor model; medians over steps; state bytes per rank. With
+``--torch``, the same model through torch.distributed (gloo, on the same ranks): the grads
+all-reduced as one flat bucket (as DDP does) and averaged, then
+``ZeroRedundancyOptimizer(Adam)``'s step, which itself broadcasts the updated params.
 
-    mpiexec -n 2 python bench/sharded.py --n 1e7 [--steps 15]
+    mpiexec -n 2 python bench/sharded.py --n 1e7 [--steps 15] [--torch]
+
+It also times the two collectives alone at several sizes, for the alpha-beta model in
+bench/NOTES.md (``--collectives``).
 """
 from __future__ import annotations
 
 import argparse
+import os
 import statistics
 
 import numpy as np
@@ -16,38 +23,110 @@ import hwoptim
 from hwoptim.bench.workload import model_shapes
 from hwoptim.distributed import ShardedOptimizer
 
+COMM = MPI.COMM_WORLD
+
+
+def _median_over(fn, steps):
+    times = []
+    for i in range(steps + 2):
+        COMM.Barrier()
+        t0 = MPI.Wtime()
+        extra = fn()
+        t = MPI.Wtime() - t0
+        if i >= 2:
+            times.append({**(extra or {}), "step": t})
+    return {k: statistics.median(r[k] for r in times) for k in times[0]}
+
+
+def hwoptim_step(shapes, steps):
+    rng = np.random.default_rng(0)
+    params = [rng.standard_normal(s).astype(np.float32) for s in shapes]
+    grads = [rng.standard_normal(p.shape).astype(np.float32) for p in params]
+    opt = ShardedOptimizer(hwoptim.Adam, params, COMM, lr=1e-3)
+
+    def one():
+        opt.step(grads)
+        return opt.last_timings
+    return _median_over(one, steps), opt.state_bytes()
+
+
+def torch_step(shapes, steps):
+    import torch
+    import torch.distributed as dist
+    from torch.distributed.optim import ZeroRedundancyOptimizer
+    dist.init_process_group("gloo", init_method="tcp://127.0.0.1:29517",
+                            rank=COMM.Get_rank(), world_size=COMM.Get_size())
+    torch.manual_seed(0)
+    params = [torch.nn.Parameter(torch.randn(s)) for s in shapes]
+    for p in params:
+        p.grad = torch.randn(p.shape)
+    opt = ZeroRedundancyOptimizer(params, optimizer_class=torch.optim.Adam, lr=1e-3)
+    flat = torch.empty(sum(p.numel() for p in params))
+    R = COMM.Get_size()
+
+    def one():
+        t0 = MPI.Wtime()
+        torch.cat([p.grad.reshape(-1) for p in params], out=flat)
+        dist.all_reduce(flat)
+        flat.div_(R)
+        o = 0
+        for p in params:
+            p.grad.copy_(flat[o:o + p.numel()].view_as(p))
+            o += p.numel()
+        t1 = MPI.Wtime()
+        opt.step()
+        return {"all-reduce": t1 - t0, "ZeRO step": MPI.Wtime() - t1}
+    med = _median_over(one, steps)
+    state = sum(t.numel() * t.element_size() for st in opt.optim.state.values()
+                for t in st.values() if torch.is_tensor(t) and t.dim() > 0)
+    dist.destroy_process_group()
+    return med, state
+
+
+def collectives(sizes, reps=9):
+    R = COMM.Get_size()
+    out = []
+    for n in sizes:
+        n = -(-n // R) * R
+        send = np.ones(n, np.float32)
+        recv = np.empty(n // R, np.float32)
+        full = np.empty(n, np.float32)
+        rs = _median_over(lambda: COMM.Reduce_scatter_block(send, recv, op=MPI.SUM), reps)
+        ag = _median_over(lambda: COMM.Allgather(recv, full), reps)
+        out.append((n * 4, rs["step"], ag["step"]))
+    return out
+
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--n", default="1e7")
     ap.add_argument("--steps", type=int, default=15)
+    ap.add_argument("--torch", action="store_true")
+    ap.add_argument("--collectives", action="store_true")
     args = ap.parse_args(argv)
-    comm = MPI.COMM_WORLD
-    rng = np.random.default_rng(0)
-    params = [rng.standard_normal(s).astype(np.float32) for s in model_shapes(int(float(args.n)))]
-    grads = [rng.standard_normal(p.shape).astype(np.float32) for p in params]
-    opt = ShardedOptimizer(hwoptim.Adam, params, comm, lr=1e-3)
-    rows = []
-    for i in range(args.steps + 2):
-        comm.Barrier()
-        t0 = MPI.Wtime()
-        opt.step(grads)
-        t = MPI.Wtime() - t0
-        if i >= 2:
-            rows.append({**opt.last_timings, "step": t})
-    med = {k: statistics.median(r[k] for r in rows) for k in rows[0]}
-    all_med = comm.gather(med, root=0)
-    state = comm.gather(opt.state_bytes(), root=0)
-    if comm.Get_rank() == 0:
-        n = sum(p.size for p in params)
+    R, rank = COMM.Get_size(), COMM.Get_rank()
+    if args.collectives:
+        rows = collectives([int(x) for x in (1e4, 1e5, 1e6, 1e7, 4e7)])
+        if rank == 0:
+            print(f"R={R}: bytes, reduce-scatter s, all-gather s")
+            for b, rs, ag in rows:
+                print(f"{R} {b} {rs:.6g} {ag:.6g}")
+        return 0
+    shapes = model_shapes(int(float(args.n)))
+    n = sum(int(np.prod(s)) for s in shapes)
+    med, state = (torch_step if args.torch else hwoptim_step)(shapes, args.steps)
+    meds, states = COMM.gather(med, root=0), COMM.gather(state, root=0)
+    if rank == 0:
+        who = "torch ZeroRedundancyOptimizer (gloo) + flat all-reduce" if args.torch \
+            else "hwoptim ShardedOptimizer"
         keys = list(med)
-        print(f"R={comm.Get_size()}, {n:.3g} float32 params in {len(params)} tensors, Adam, "
-              f"threads per rank {hwoptim.get_num_threads()}; medians of {args.steps} steps, "
-              f"slowest rank per phase (ms):")
+        print(f"{who}: R={R}, {n:.3g} float32 params in {len(shapes)} tensors, Adam, "
+              f"threads per rank {os.environ.get('NUMBA_NUM_THREADS', '?')}; medians of "
+              f"{args.steps} steps, slowest rank per phase (ms):")
         print("| " + " | ".join(keys) + " | state MB per rank |")
         print("|" + " --- |" * (len(keys) + 1))
-        print("| " + " | ".join(f"{max(m[k] for m in all_med) * 1e3:.1f}" for k in keys)
-              + f" | {max(state) / 1e6:.1f} (of {8 * n / 1e6:.1f}) |")
+        print("| " + " | ".join(f"{max(m[k] for m in meds) * 1e3:.1f}" for k in keys)
+              + f" | {max(states) / 1e6:.1f} (of {8 * n / 1e6:.1f}) |")
     return 0
 
 

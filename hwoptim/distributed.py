@@ -22,6 +22,10 @@ it needs ``mpi4py`` (``pip install "hwoptim[distributed]"``, which brings MPICH'
 """
 from __future__ import annotations
 
+import os
+import pathlib
+import pickle
+import shutil
 import time
 
 import numpy as np
@@ -100,13 +104,14 @@ class ShardedOptimizer:
         failing rank's error), so no rank goes on to a collective the others never reach."""
         try:
             out, err = make(), None
-        except (TypeError, ValueError, KeyError) as e:
+        except Exception as e:                 # noqa: BLE001 - every rank must hear of it
             out, err = None, (type(e).__name__, str(e))
         errs = self.comm.allgather(err)
         for rk, e in enumerate(errs):
             if e is not None:
-                kind = {"TypeError": TypeError, "KeyError": KeyError}.get(e[0], ValueError)
-                raise kind(f"{what} failed on rank {rk}: {e[1]}")
+                kind = {"TypeError": TypeError, "KeyError": KeyError, "OSError": OSError,
+                        "FileNotFoundError": FileNotFoundError}.get(e[0], ValueError)
+                raise kind(f"{what} failed on rank {rk}: {e[0]}: {e[1]}")
         return out
 
     # ------------------------------------------------------------------ stepping
@@ -250,10 +255,22 @@ class ShardedOptimizer:
         """Resume from a :meth:`consolidated_state_dict` (given on ``root``, or on every
         rank): each rank takes its own slice, whatever the number of ranks that saved it."""
         full = self.comm.bcast(full if self.rank == root else None, root=root)
-        inner = self.inner.state_dict()
         params = [p for g in self.groups for p in g["params"]]
-        first = [sum(len(g["params"]) for g in self.groups[:gi])
-                 for gi in range(len(self.groups))]
+        first = np.cumsum([0] + [len(g["params"]) for g in self.groups])
+
+        def fetch(gi, i, a, b):
+            return {n: np.asarray(v).reshape(-1)[a:b]
+                    for n, v in full["state"][first[gi] + i].items()}
+        meta = {k: full.get(k) for k in ("step", "shapes", "param_groups", "carry")}
+        self._agree("load_state_dict()", lambda: self._load(meta, fetch, params))
+
+    def _load(self, meta, fetch, params):
+        """The wrapped optimizer's state from ``fetch(group, param, start, stop)`` (each
+        state buffer's values of that param's elements ``[start, stop)``) and ``meta``."""
+        if [tuple(s) for s in meta["shapes"]] != [tuple(p.shape) for p in params]:
+            raise ValueError(f"the saved state is for params of shapes {meta['shapes']}; "
+                             f"expected {[tuple(p.shape) for p in params]}")
+        inner = self.inner.state_dict()
         state, k = [], 0
         for gi, sl in enumerate(self._slices):
             if sl["standin"] is not None:
@@ -261,20 +278,144 @@ class ShardedOptimizer:
                 k += 1
                 continue
             for i, a, b in sl["pieces"]:
-                j = first[gi] + i
-                state.append({n: np.ascontiguousarray(np.asarray(v).reshape(-1)[a:b])
-                              for n, v in full["state"][j].items()})
+                state.append({n: np.ascontiguousarray(v) for n, v in fetch(gi, i, a, b).items()})
                 k += 1
-        shard = {**inner, "step": full["step"], "state": state,
+        shard = {**inner, "step": meta["step"], "state": state,
                  "param_groups": [{**g, "params": ig["params"]} for g, ig in
-                                  zip(full["param_groups"], inner["param_groups"])]}
-        if "carry" in full:
-            shard["carry"] = full["carry"]
-        if len(full["shapes"]) != len(params) or [tuple(s) for s in full["shapes"]] != \
-                [tuple(p.shape) for p in params]:
-            raise ValueError(f"the state_dict is for params of shapes {full['shapes']}; "
-                             f"expected {[tuple(p.shape) for p in params]}")
-        self._agree("load_state_dict()", lambda: self.inner.load_state_dict(shard))
+                                  zip(meta["param_groups"], inner["param_groups"])]}
+        if meta.get("carry") is not None:
+            shard["carry"] = meta["carry"]
+        self.inner.load_state_dict(shard)
+
+    # ------------------------------------------------------------------ checkpoints
+    def save(self, path) -> None:
+        """Write this run's state under the folder ``path``: one file per rank (its slice of
+        every group's state) in a new version folder, then, once every rank has written, an
+        index (``index.pkl``) naming that version, put in place by an atomic rename; older
+        versions are removed after. A crash before the rename leaves the previous checkpoint
+        whole and loadable."""
+        path = pathlib.Path(path)
+        inner = self.inner.state_dict()
+        version = self.comm.bcast(f"v{inner['step']}-{os.urandom(4).hex()}"
+                                  if self.rank == 0 else None, root=0)
+        flat, k = [], 0
+        for sl in self._slices:
+            bufs = {}
+            if sl["standin"] is not None:
+                k += 1
+            for _ in sl["pieces"]:
+                for n, v in inner["state"][k].items():
+                    bufs.setdefault(n, []).append(np.asarray(v).reshape(-1))
+                k += 1
+            flat.append({n: np.concatenate(v) for n, v in bufs.items()})
+        shard = {"slices": [(sl["lo"], sl["hi"]) for sl in self._slices], "state": flat}
+
+        def write():
+            (path / version).mkdir(parents=True, exist_ok=True)
+            _write_atomic(path / version / f"rank-{self.rank}.pkl", shard)
+        self._agree("save()", write)          # every rank's file is there (or all raise)
+        if self.rank == 0:
+            meta = {k: inner.get(k) for k in ("rule", "step", "dtype", "param_groups",
+                                                 "carry")}
+            meta["param_groups"] = [{k: v for k, v in g.items() if k != "params"}
+                                    for g in meta["param_groups"]]
+            meta["shapes"] = [tuple(p.shape) for g in self.groups for p in g["params"]]
+            meta["group_sizes"] = [len(g["params"]) for g in self.groups]
+            index = {"format": 1, "version": version, "world": self.world,
+                     "slices": self.comm.gather(shard["slices"], root=0), "meta": meta}
+        else:
+            self.comm.gather(shard["slices"], root=0)
+
+        def publish():
+            if self.rank == 0:
+                _write_atomic(path / "index.pkl", index)
+                for old in path.iterdir():
+                    if old.is_dir() and old.name != version and old.name.startswith("v"):
+                        shutil.rmtree(old, ignore_errors=True)
+        self._agree("save()", publish)
+
+    def load(self, path) -> None:
+        """Resume from a :meth:`save`d folder, on any number of ranks: each rank reads the
+        files of the old ranks whose slices overlap its own."""
+        index, files = load_index(path), {}
+
+        def fetch(gi, i, a, b):
+            o = int(self._slices[gi]["offs"][i])
+            lo, hi, parts = o + a, o + b, {}
+            for rk, sl in enumerate(index["slices"]):
+                s_lo, s_hi = sl[gi]
+                x, y = max(lo, s_lo), min(hi, s_hi)
+                if x < y:
+                    if rk not in files:
+                        files[rk] = _read(pathlib.Path(path) / index["version"]
+                                          / f"rank-{rk}.pkl")
+                    for n, v in files[rk]["state"][gi].items():
+                        parts.setdefault(n, np.empty(hi - lo, v.dtype))[x - lo:y - lo] = \
+                            v[x - s_lo:y - s_lo]
+            return parts
+        params = [p for g in self.groups for p in g["params"]]
+        self._agree("load()", lambda: self._load(index["meta"], fetch, params))
+
+
+def load_index(path) -> dict:
+    """The index of a :meth:`ShardedOptimizer.save`d folder."""
+    return _read(pathlib.Path(path) / "index.pkl")
+
+
+def load_consolidated(path) -> dict:
+    """A :meth:`ShardedOptimizer.save`d folder as one state_dict in the wrapped class's own
+    format, in one process without MPI: ``hwoptim.Adam(params).load_state_dict(it)``."""
+    index = load_index(path)
+    meta = index["meta"]
+    sizes = [int(np.prod(s, dtype=np.int64)) for s in meta["shapes"]]
+    shards = [_read(pathlib.Path(path) / index["version"] / f"rank-{rk}.pkl")
+              for rk in range(index["world"])]
+    n_groups, per_group = len(meta["group_sizes"]), meta["group_sizes"]
+    state, start = [], 0
+    for gi in range(n_groups):
+        full = {}
+        for sh in shards:
+            lo, hi = sh["slices"][gi]
+            for n, v in sh["state"][gi].items():
+                total = sum(sizes[start:start + per_group[gi]])
+                full.setdefault(n, np.empty(total, v.dtype))[lo:hi] = v
+        o = 0
+        for j in range(start, start + per_group[gi]):
+            state.append({n: v[o:o + sizes[j]].reshape(meta["shapes"][j]).copy()
+                          for n, v in full.items()})
+            o += sizes[j]
+        start += per_group[gi]
+    groups, start = [], 0
+    for gi, g in enumerate(meta["param_groups"]):
+        groups.append({**g, "params": list(range(start, start + per_group[gi]))})
+        start += per_group[gi]
+    out = {"rule": meta["rule"], "step": meta["step"], "dtype": meta["dtype"],
+           "shapes": [tuple(s) for s in meta["shapes"]], "param_groups": groups,
+           "state": state}
+    if meta.get("carry") is not None:
+        out["carry"] = meta["carry"]
+    return out
+
+
+def _write_atomic(path, obj) -> None:
+    tmp = path.with_name(path.name + f".tmp-{os.getpid()}")
+    try:
+        with open(tmp, "wb") as f:
+            pickle.dump(obj, f, protocol=pickle.HIGHEST_PROTOCOL)
+            f.flush()
+            os.fsync(f.fileno())
+        _replace(tmp, path)
+    finally:
+        if tmp.exists():
+            tmp.unlink()
+
+
+def _read(path):
+    with open(path, "rb") as f:
+        return pickle.load(f)
+
+
+_replace = os.replace            # tests stand in a failing one to crash a save half-way
 
 
 def _no_norms(opt):

@@ -5,6 +5,8 @@ process stepping on the averaged gradient, for every rule, float32 and float64, 
     mpiexec -n 3 python tests/mpi_sharded.py check
     mpiexec -n 4 python tests/mpi_sharded.py save PATH     # 3 steps, consolidated state
     mpiexec -n 3 python tests/mpi_sharded.py resume PATH   # load it, 3 more steps
+    mpiexec -n 4 python tests/mpi_sharded.py checkpoint-save DIR   # save, then a crashed save
+    mpiexec -n 3 python tests/mpi_sharded.py checkpoint-load DIR   # resume from the folder
 
 Grads are small integers times 2^-6 (exact sums), per rank ``base + d_r`` with the ``d_r``
 summing to 0, so the averaged gradient is ``base`` exactly and the params must be the same
@@ -125,7 +127,7 @@ def _bad_grad_is_refused_everywhere():
     try:
         opt.step(g)
     except ValueError as e:
-        assert f"step() failed on rank {R - 1}: grads[0] is float32 (5, 7)" in str(e), str(e)
+        assert f"step() failed on rank {R - 1}: ValueError: grads[0] is float32 (5, 7)" in str(e), str(e)
     else:
         raise AssertionError("a bad grad on one rank was not refused on every rank")
     after = [p for grp in ps for p in grp]
@@ -155,17 +157,70 @@ def resume(path):
     opt.load_state_dict(saved["state"] if RANK == 0 else None)
     one = hwoptim.NAdam(_groups(ref, 1e-2), lr=1e-2)
     one.load_state_dict(saved["state"])
+    _continue_and_compare(opt, one, ps, ref, "resume", "resumed run")
+    if RANK == 0:
+        print(f"OK resume R={R}")
+
+
+def _continue_and_compare(opt, one, ps, ref, salt, what):
+    """Steps 3 to 5 on both, then the params byte for byte."""
     for t in range(3, 6):
-        g, avg = _grads(t, "float32", "resume")
+        g, avg = _grads(t, "float32", salt)
         opt.step(g)
         one.step(avg)
     for a, b in zip([p for grp in ps for p in grp], [p for grp in ref for p in grp]):
-        assert a.tobytes() == b.tobytes(), "resumed run differs from one process"
+        assert a.tobytes() == b.tobytes(), f"{what} on {R} ranks differs from one process"
+
+
+def checkpoint(path, mode):
+    """``save``: 3 steps, a checkpoint, 3 more steps, a second save crashed before its index
+    (rank 0's rename fails): the first checkpoint must stay whole. ``load``: resume from it on
+    this many ranks and step as one process resumed from ``load_consolidated`` does."""
+    import hwoptim.distributed as D
+    salt = "ckpt"
+    if mode == "save":
+        ps = _params("float32", salt)
+        opt = ShardedOptimizer(hwoptim.NAdam, _groups(ps, 1e-2), lr=1e-2)
+        for t in range(3):
+            opt.step(_grads(t, "float32", salt)[0])
+        opt.save(path)
+        if RANK == 0:
+            with open(f"{path}.params", "wb") as f:
+                pickle.dump(ps, f)
+        for t in range(3, 6):
+            opt.step(_grads(t, "float32", salt)[0])
+
+        def failing(src, dst):
+            raise OSError("disk full (simulated)")
+        if RANK == 0:
+            D._replace = failing
+        try:
+            opt.save(path)
+        except OSError as e:
+            assert "save() failed on rank 0: OSError: disk full" in str(e), str(e)
+        else:
+            raise AssertionError("the simulated crash did not surface")
+        assert D.load_index(path)["meta"]["step"] == 3
+        if RANK == 0:
+            print(f"OK checkpoint save R={R}")
+        return
+    with open(f"{path}.params", "rb") as f:
+        saved = pickle.load(f)
+    ps = [[p.copy() for p in grp] for grp in saved]
+    ref = [[p.copy() for p in grp] for grp in saved]
+    opt = ShardedOptimizer(hwoptim.NAdam, _groups(ps, 1e-2), lr=1e-2)
+    opt.load(path)
+    one = hwoptim.NAdam(_groups(ref, 1e-2), lr=1e-2)
+    one.load_state_dict(D.load_consolidated(path))
+    assert opt.step_count == one.step_count == 3
+    _continue_and_compare(opt, one, ps, ref, salt, "a checkpoint resumed")
     if RANK == 0:
-        print(f"OK resume R={R}")
+        print(f"OK checkpoint load R={R}")
 
 
 if __name__ == "__main__":
     mode = sys.argv[1]
     {"check": check, "save": lambda: save(sys.argv[2]),
-     "resume": lambda: resume(sys.argv[2])}[mode]()
+     "resume": lambda: resume(sys.argv[2]),
+     "checkpoint-save": lambda: checkpoint(sys.argv[2], "save"),
+     "checkpoint-load": lambda: checkpoint(sys.argv[2], "load")}[mode]()

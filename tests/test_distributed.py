@@ -3,7 +3,8 @@ tests/mpi_sharded.py runs under ``mpiexec -n R`` for R = 1 to 4 (oversubscribed 
 machines) and checks every rule, float32 and float64, two groups with uneven sizes, against
 one process stepping on the averaged gradient, byte for byte; state bytes per rank; the
 consolidated state in the wrapped class's format; a bad grad on one rank refused on every
-rank with nothing changed; and a run saved on 4 ranks resumed on 3, 2 and 1.
+rank with nothing changed; a run saved on 4 ranks resumed on 3, 2 and 1 (consolidated, and
+from a checkpoint folder, which a crashed save leaves whole).
 
 Needs mpi4py and an ``mpiexec`` (the ``distributed`` extra: mpi4py and the MPICH wheel; the
 ``test`` extra includes it). Without them the tests skip, unless ``HWOPTIM_REQUIRE_MPI=1``
@@ -88,3 +89,13 @@ def test_sharded_example_trains():
     assert res.returncode == 0, f"{res.stdout}\n{res.stderr[-4000:]}"
     assert "weights the same on every rank: True" in res.stdout
     assert "(required: 5x): ok" in res.stdout, res.stdout
+
+
+def test_checkpoint_folder_reshards_and_survives_a_crashed_save(tmp_path):
+    """save() on 4 ranks, then a second save that fails before its index is renamed into
+    place: the folder still holds the first checkpoint, which resumes on 3 ranks, on 1 rank,
+    and in one process without MPI (load_consolidated + the plain class), all the same."""
+    path = tmp_path / "ckpt"
+    assert "OK checkpoint save R=4" in _run(4, "checkpoint-save", path)
+    for ranks in (3, 1):
+        assert f"OK checkpoint load R={ranks}" in _run(ranks, "checkpoint-load", path)
