@@ -8,14 +8,15 @@ process stepping on the averaged gradient, for every rule, float32 and float64, 
     mpiexec -n 4 python tests/mpi_sharded.py checkpoint-save DIR   # save, then a crashed save
     mpiexec -n 3 python tests/mpi_sharded.py checkpoint-load DIR   # resume from the folder
 
-Grads are small integers times 2^-6 (exact sums), per rank ``base + d_r`` with the ``d_r``
-summing to 0, so the averaged gradient is ``base`` exactly and the params must be the same
-bytes as the single process's. Prints ``OK ...`` on rank 0, or raises (non-zero exit).
+Grads are small integers times 2^-6, so their sum is exact whatever order MPI adds them in,
+and the single process steps on that sum divided by R in the grads' dtype: the params must be
+the same bytes as the single process's. Prints ``OK ...`` on rank 0, or raises.
 """
 from __future__ import annotations
 
 import pickle
 import sys
+import traceback
 import zlib
 
 import numpy as np
@@ -35,18 +36,19 @@ def _ints(rng, shape, dtype, scale=64):
 
 
 def _grads(step, dtype, salt):
-    """(this rank's grads, the averaged grads): base + d_rank, sum of d over ranks = 0."""
-    out_mine, out_base = [], []
+    """(this rank's grads, the averaged grads): every rank's are small multiples of 2^-6, so
+    their sum is exact in any order; the average is that sum divided by R in ``dtype``, as
+    DDP divides (for R = 3 it is rounded, and dividing differs from multiplying by 1/R)."""
+    out_mine, out_avg = [], []
     for gi, shapes in enumerate(SHAPES):
         for k, s in enumerate(shapes):
             seed = zlib.crc32(f"{salt}/{step}/{gi}/{k}".encode())
             rng = np.random.default_rng(seed)
-            base = _ints(rng, s, dtype)
-            ds = [_ints(rng, s, dtype) for _ in range(R - 1)]
-            ds.append(-sum(ds) if ds else np.zeros(s, dtype))
-            out_mine.append((base + ds[RANK]).astype(dtype))
-            out_base.append(base)
-    return out_mine, out_base
+            per_rank = [_ints(rng, s, dtype) for _ in range(R)]
+            total = sum(g.astype(np.float64) for g in per_rank).astype(dtype)
+            out_mine.append(per_rank[RANK])
+            out_avg.append(np.divide(total, np.dtype(dtype).type(R)))
+    return out_mine, out_avg
 
 
 def _params(dtype, salt):
@@ -220,7 +222,13 @@ def checkpoint(path, mode):
 
 if __name__ == "__main__":
     mode = sys.argv[1]
-    {"check": check, "save": lambda: save(sys.argv[2]),
-     "resume": lambda: resume(sys.argv[2]),
-     "checkpoint-save": lambda: checkpoint(sys.argv[2], "save"),
-     "checkpoint-load": lambda: checkpoint(sys.argv[2], "load")}[mode]()
+    try:
+        {"check": check,
+         "save": lambda: save(sys.argv[2]),
+         "resume": lambda: resume(sys.argv[2]),
+         "checkpoint-save": lambda: checkpoint(sys.argv[2], "save"),
+         "checkpoint-load": lambda: checkpoint(sys.argv[2], "load")}[mode]()
+    except BaseException:             # a failed check on one rank ends every rank at once
+        traceback.print_exc()
+        sys.stderr.flush()
+        COMM.Abort(1)

@@ -2,7 +2,8 @@
 tests/mpi_sharded.py runs under ``mpiexec -n R`` for R = 1 to 4 (oversubscribed on small
 machines) and checks every rule, float32 and float64, two groups with uneven sizes, against
 one process stepping on the averaged gradient, byte for byte; state bytes per rank; the
-consolidated state in the wrapped class's format; a bad grad on one rank refused on every
+consolidated state in the wrapped class's format (grads are exact multiples of 2^-6 so the
+sum is exact in any order, and the average their sum / R as DDP divides); a bad grad on one rank refused on every
 rank with nothing changed; a run saved on 4 ranks resumed on 3, 2 and 1 (consolidated, and
 from a checkpoint folder, which a crashed save leaves whole).
 
