@@ -189,6 +189,23 @@ def check_guard(max_grad_norm, skip_nonfinite, where: str) -> tuple:
     return max_grad_norm, bool(skip_nonfinite)
 
 
+def guard_verdict(opt, sumsq: float, finite: bool):
+    """From the grads' float64 sum of squares and whether all are finite: the factor a step
+    multiplies grads by (``clip_grad_norm_``'s, 1 without ``max_grad_norm``), or ``None``
+    where the step is skipped; ``opt``'s ``last_grad_norm``, ``last_step_skipped`` and
+    ``skipped_steps`` updated (native and hwoptim.torch optimizers alike)."""
+    norm = math.sqrt(sumsq)
+    opt.last_grad_norm = norm if finite else math.nan
+    if not finite or (opt.max_grad_norm is not None and not math.isfinite(norm)):
+        opt.skipped_steps += 1
+        opt.last_step_skipped = True
+        return None
+    opt.last_step_skipped = False
+    if opt.max_grad_norm is None:
+        return 1.0
+    return min(1.0, opt.max_grad_norm / (norm + 1e-6))
+
+
 def check_value(rule: Rule, name, value, where: str):
     """``value`` as stored (Python bools and floats, so per-step host arithmetic stays
     float64 whatever NumPy scalars came in), or an error naming what was expected."""
@@ -928,17 +945,7 @@ class Optimizer:
         sizes = self._sizes
         if sizes is None:
             sizes = self._sizes = np.array([p.size for p in self._params], np.int64)
-        sumsq, finite = self.backend.grad_stats(flat, sizes, self.dtype)
-        norm = math.sqrt(sumsq)
-        self.last_grad_norm = norm if finite else math.nan
-        if not finite or (self.max_grad_norm is not None and not math.isfinite(norm)):
-            self.skipped_steps += 1
-            self.last_step_skipped = True
-            return None
-        self.last_step_skipped = False
-        if self.max_grad_norm is None:
-            return 1.0
-        return min(1.0, self.max_grad_norm / (norm + 1e-6))     # clip_grad_norm_'s factor
+        return guard_verdict(self, *self.backend.grad_stats(flat, sizes, self.dtype))
 
     def _carried(self, gi, h, t, carry):
         """(``h`` with group ``gi``'s carried scalars, the carry list after this step)."""

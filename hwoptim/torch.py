@@ -19,7 +19,6 @@ none); sparse grads are refused.
 from __future__ import annotations
 
 import inspect
-import math
 from types import SimpleNamespace
 
 import numpy as np
@@ -28,7 +27,7 @@ from torch.optim import Optimizer as _TorchOptimizer
 
 from . import backends as _backends
 from . import interop
-from .optim import _kernel, _plan, check_guard, check_value
+from .optim import _kernel, _plan, check_guard, check_value, guard_verdict
 from .spec import carry_init, host_scalars
 from .rules import RULES
 
@@ -291,16 +290,7 @@ class Optimizer(_TorchOptimizer):
             sizes = np.array([v.size for v in views], np.int64)
             s, f = backend.grad_stats(views, sizes, _DTYPES[dtype])
             sumsq, finite = sumsq + s, finite and f
-        norm = math.sqrt(sumsq)
-        self.last_grad_norm = norm if finite else math.nan
-        if not finite or (self.max_grad_norm is not None and not math.isfinite(norm)):
-            self.skipped_steps += 1
-            self.last_step_skipped = True
-            return None
-        self.last_step_skipped = False
-        if self.max_grad_norm is None:
-            return 1.0
-        return min(1.0, self.max_grad_norm / (norm + 1e-6))
+        return guard_verdict(self, sumsq, finite)
 
     def _step_group(self, group, hf, items):
         """Update ``items`` ((param, grad) pairs, checked) of one group: state created where
