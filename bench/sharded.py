@@ -8,7 +8,12 @@ all-reduced as one flat bucket (as DDP does) and averaged, then
     mpiexec -n 2 python bench/sharded.py --n 1e7 [--steps 15] [--torch]
 
 It also times the two collectives alone at several sizes, for the alpha-beta model in
-bench/NOTES.md (``--collectives``).
+bench/NOTES.md (``--collectives``), and, with ``--overlap``, how much of the reduce-scatter
+hides behind other work: a stand-in for the caller's compute (float32 matmuls in pieces,
+``opt.poll()`` between them) run alone, a blocking ``step(grads)`` alone, and
+``reduce_grads(grads)`` + the compute + ``step()``; hidden = (alone + alone - together) /
+the reduce-scatter's time. ``--bucket-mb`` and ``--no-timeout`` (plain ``Waitall``) set the
+ShardedOptimizer's options.
 """
 from __future__ import annotations
 
@@ -38,16 +43,46 @@ def _median_over(fn, steps):
     return {k: statistics.median(r[k] for r in times) for k in times[0]}
 
 
-def hwoptim_step(shapes, steps):
+def _sharded(shapes, opts):
     rng = np.random.default_rng(0)
     params = [rng.standard_normal(s).astype(np.float32) for s in shapes]
     grads = [rng.standard_normal(p.shape).astype(np.float32) for p in params]
-    opt = ShardedOptimizer(hwoptim.Adam, params, COMM, lr=1e-3)
+    return ShardedOptimizer(hwoptim.Adam, params, COMM, lr=1e-3, **opts), grads
+
+
+def hwoptim_step(shapes, steps, opts):
+    opt, grads = _sharded(shapes, opts)
 
     def one():
         opt.step(grads)
         return opt.last_timings
     return _median_over(one, steps), opt.state_bytes()
+
+
+def overlap(shapes, steps, opts, pieces=40):
+    """Medians (s) of: the compute alone, a blocking step alone (with its reduce-scatter),
+    and reduce_grads + the compute (poll between pieces) + step()."""
+    opt, grads = _sharded(shapes, opts)
+    a = np.random.default_rng(1).standard_normal((256, 256)).astype(np.float32)
+    reps = [1]
+
+    def compute():
+        for _ in range(pieces):
+            for _ in range(reps[0]):
+                a @ a
+            opt.poll()
+    alone = _median_over(lambda: opt.step(grads) or opt.last_timings, steps)
+    t = _median_over(compute, 3)["step"]      # size the compute like the reduce-scatter
+    reps[0] = max(1, round(alone["reduce-scatter"] / t))
+    work = _median_over(compute, steps)["step"]
+
+    def both():
+        opt.reduce_grads(grads)
+        compute()
+        opt.step()
+    together = _median_over(both, steps)["step"]
+    return {"compute": work, "step": alone["step"], "reduce-scatter": alone["reduce-scatter"],
+            "together": together}
 
 
 def torch_step(shapes, steps):
@@ -103,8 +138,16 @@ def main(argv=None) -> int:
     ap.add_argument("--steps", type=int, default=15)
     ap.add_argument("--torch", action="store_true")
     ap.add_argument("--collectives", action="store_true")
+    ap.add_argument("--overlap", action="store_true")
+    ap.add_argument("--bucket-mb", type=float, default=None)
+    ap.add_argument("--no-timeout", action="store_true")
     args = ap.parse_args(argv)
     R, rank = COMM.Get_size(), COMM.Get_rank()
+    opts = {}
+    if args.bucket_mb is not None:
+        opts["bucket_bytes"] = int(args.bucket_mb * 2**20)
+    if args.no_timeout:
+        opts["timeout"] = None
     if args.collectives:
         rows = collectives([int(x) for x in (1e4, 1e5, 1e6, 1e7, 4e7)])
         if rank == 0:
@@ -114,7 +157,18 @@ def main(argv=None) -> int:
         return 0
     shapes = model_shapes(int(float(args.n)))
     n = sum(int(np.prod(s)) for s in shapes)
-    med, state = (torch_step if args.torch else hwoptim_step)(shapes, args.steps)
+    if args.overlap:
+        rows = COMM.gather(overlap(shapes, args.steps, opts), root=0)
+        if rank == 0:
+            m = {k: max(r[k] for r in rows) for k in rows[0]}
+            hidden = (m["compute"] + m["step"] - m["together"]) / m["reduce-scatter"]
+            print(f"overlap R={R} n={n:.3g} {opts}: compute {m['compute'] * 1e3:.1f} ms, step "
+                  f"{m['step'] * 1e3:.1f} ms (reduce-scatter {m['reduce-scatter'] * 1e3:.1f}), "
+                  f"together {m['together'] * 1e3:.1f} ms: {hidden:.0%} of the reduce-scatter "
+                  f"hidden")
+        return 0
+    med, state = (torch_step(shapes, args.steps) if args.torch
+                  else hwoptim_step(shapes, args.steps, opts))
     meds, states = COMM.gather(med, root=0), COMM.gather(state, root=0)
     if rank == 0:
         who = "torch ZeroRedundancyOptimizer (gloo) + flat all-reduce" if args.torch \

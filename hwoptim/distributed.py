@@ -26,9 +26,13 @@ import os
 import pathlib
 import pickle
 import shutil
+import sys
 import time
+import zlib
 
 import numpy as np
+
+from . import interop
 
 ALIGN_BYTES = 64
 
@@ -38,22 +42,24 @@ def _world():
     return MPI.COMM_WORLD
 
 
-def _sum_op():
-    from mpi4py import MPI
-    return MPI.SUM
-
-
 class ShardedOptimizer:
     """ZeRO stage 1 over MPI for a native hwoptim rule class: see the module docstring."""
 
-    def __init__(self, opt_class, params, comm=None, **hyperparameters):
+    def __init__(self, opt_class, params, comm=None, *, bucket_bytes: int = 16 << 20,
+                 timeout: float | None = 600.0, **hyperparameters):
         self.comm = comm = _world() if comm is None else comm
         self.world, self.rank = comm.Get_size(), comm.Get_rank()
-        for k in ("max_grad_norm", "skip_nonfinite", "capturable"):
-            if hyperparameters.get(k):   # the same on every rank: every rank raises
-                raise ValueError(f"ShardedOptimizer: {k} is not supported yet (a rank sees "
-                                 f"only its slice of the grads)")
-        groups = self._agree("ShardedOptimizer()", lambda: _groups(params))
+        if timeout is not None and not (isinstance(timeout, (int, float)) and timeout > 0):
+            raise ValueError(f"timeout={timeout!r}; expected a number of seconds > 0, or None "
+                             f"to wait forever")
+        if not isinstance(bucket_bytes, int) or bucket_bytes < 1:
+            raise ValueError(f"bucket_bytes={bucket_bytes!r}; expected an int >= 1")
+        self.timeout = timeout
+        opt_class, hyperparameters = _native(opt_class, hyperparameters)
+        if hyperparameters.get("capturable"):  # the same on every rank: every rank raises
+            raise ValueError("ShardedOptimizer: capturable is not supported (a step waits "
+                             "on MPI on the host)")
+        groups, self._torch = self._agree("ShardedOptimizer()", lambda: _groups(params))
         self.groups = groups
         self.dtype = np.dtype(groups[0]["params"][0].dtype)
         layout = [(str(self.dtype), [tuple(p.shape) for p in g["params"]]) for g in groups]
@@ -63,18 +69,32 @@ class ShardedOptimizer:
                 raise ValueError(f"rank {rk} has params {lay}; rank {self.rank} has {layout}: "
                                  f"expected the same dtype, groups and shapes on every rank")
         self._plan_slices()
-        inner_groups = []
+        # buckets: ranges of every rank's segment, each reduce-scattered and all-gathered
+        # by its own non-blocking collective (bucket_bytes of one rank's slice)
+        align = max(1, ALIGN_BYTES // self.dtype.itemsize)
+        b = max(align, bucket_bytes // self.dtype.itemsize // align * align)
+        self._buckets = [(s0, min(s0 + b, self._seg)) for s0 in range(0, self._seg, b)]
+        self._send = np.empty(self.world * self._seg, self.dtype)
+        self._recv = np.empty(self._seg, self.dtype)
+        self._flat_params = [p.reshape(-1) for g in groups for p in g["params"]]
+        self._plan_copies()
+        inner_groups, self._pieces = [], []
         for g, sl in zip(groups, self._slices):
             views = [g["params"][i].reshape(-1)[a:b] for i, a, b in sl["pieces"]]
             if not views:                     # a one-element stand-in (see the docstring)
                 sl["standin"] = np.zeros(1, self.dtype)
                 views = [sl["standin"]]
+                self._pieces.append(np.zeros(1, self.dtype))
+            for i, a, b in sl["pieces"]:      # this slice's averaged grads, in _recv
+                start = sl["at"] + int(sl["offs"][i]) + a - sl["lo"]
+                self._pieces.append(self._recv[start:start + b - a])
             inner_groups.append({**{k: v for k, v in g.items() if k != "params"},
                                  "params": views})
         self.inner = self._agree(f"{opt_class.__name__}()",
                                  lambda: _no_norms(opt_class(inner_groups, **hyperparameters)))
-        self._send = np.empty(self.world * self._seg, self.dtype)
-        self._recv = np.empty(self._seg, self.dtype)
+        if self.inner.max_grad_norm is not None or self.inner.skip_nonfinite:
+            self.inner._grad_guard = self._global_guard   # the norm of all ranks' slices
+        self._pending = None
         self.last_timings = {}     # seconds per phase of the last step (bench/sharded.py)
 
     # ------------------------------------------------------------------ layout
@@ -99,20 +119,61 @@ class ShardedOptimizer:
         self._seg = seg
 
     # ------------------------------------------------------------------ agreement
-    def _agree(self, what, make):
+    def _agree(self, what, make, same=None):
         """``make()`` on every rank; if it raises on any rank, every rank raises (the first
-        failing rank's error), so no rank goes on to a collective the others never reach."""
+        failing rank's error), so no rank goes on to a collective the others never reach.
+        ``same``: a text that must be equal on every rank (else every rank raises). A rank
+        that does not arrive within ``timeout`` seconds aborts the job."""
         try:
             out, err = make(), None
         except Exception as e:                 # noqa: BLE001 - every rank must hear of it
             out, err = None, (type(e).__name__, str(e))
-        errs = self.comm.allgather(err)
-        for rk, e in enumerate(errs):
-            if e is not None:
-                kind = {"TypeError": TypeError, "KeyError": KeyError, "OSError": OSError,
-                        "FileNotFoundError": FileNotFoundError}.get(e[0], ValueError)
-                raise kind(f"{what} failed on rank {rk}: {e[0]}: {e[1]}")
+        digest = zlib.crc32(same.encode()) if same is not None else 0
+        flags = self._flags_of(err is not None, what, digest)
+        if flags[:, 0].any():
+            errs = self.comm.allgather(err)
+            for rk, e in enumerate(errs):
+                if e is not None:
+                    kind = {"TypeError": TypeError, "KeyError": KeyError, "OSError": OSError,
+                            "FileNotFoundError": FileNotFoundError}.get(e[0], ValueError)
+                    raise kind(f"{what} failed on rank {rk}: {e[0]}: {e[1]}")
+        if (flags[:, 1] != digest).any():
+            theirs = self.comm.allgather(same)
+            rk = next(r for r, t in enumerate(theirs) if t != same)
+            raise ValueError(f"{what}: param_groups differ across ranks: rank {rk} has "
+                             f"{theirs[rk]}, rank {self.rank} has {same}; set them the same "
+                             f"on every rank")
         return out
+
+    def _flags_of(self, flag: bool, what: str, digest: int = 0) -> np.ndarray:
+        """Every rank's ``(flag, digest)`` (one small all-gather, waited for under the
+        timeout), a (ranks x 2) array."""
+        mine = np.array([int(flag), digest], np.int64)
+        out = np.empty((self.world, 2), np.int64)
+        self._wait([self.comm.Iallgather(mine, out)], what)
+        return out
+
+    def _wait(self, reqs, what) -> None:
+        """Wait for the requests ``reqs``; past ``timeout`` seconds, abort every rank with a
+        message saying what did not complete (a rank that died, hangs, or stopped calling
+        the collective would otherwise leave the others waiting forever)."""
+        from mpi4py import MPI
+        if self.timeout is None:
+            MPI.Request.Waitall(reqs)
+            return
+        deadline = time.monotonic() + self.timeout
+        while not MPI.Request.Testall(reqs):
+            if time.monotonic() > deadline:
+                self._abort(f"{what} did not complete within timeout={self.timeout} s: "
+                            f"another rank has died, hangs, or did not call it")
+            os.sched_yield()
+
+    def _abort(self, message: str) -> None:
+        """Say why on stderr, then ``MPI_Abort`` the communicator: every rank ends."""
+        sys.stderr.write(f"hwoptim.distributed: rank {self.rank} of {self.world}: {message}; "
+                         f"aborting all ranks (MPI_Abort)\n")
+        sys.stderr.flush()
+        self.comm.Abort(1)
 
     # ------------------------------------------------------------------ stepping
     @property
@@ -125,42 +186,115 @@ class ShardedOptimizer:
     def step_count(self) -> int:
         return self.inner.step_count
 
-    def step(self, grads) -> None:
-        """One step with this rank's local ``grads`` (matching params): averaged across
-        ranks, the owned slice updated, the params all-gathered."""
+    def reduce_grads(self, grads=None) -> None:
+        """Start averaging this rank's ``grads`` across ranks and return: the reduce-scatter
+        runs in buckets of ``bucket_bytes``, non-blocking, while the caller does other work
+        (call :meth:`poll` now and then to let MPI progress it); :meth:`step` then finishes
+        it and updates. ``grads`` default to the ``.grad`` of torch params."""
+        if self._pending is not None:
+            raise RuntimeError("reduce_grads() was already called; call step() (without "
+                               "grads) to finish that step first")
         t0 = time.perf_counter()
-        flat = self._agree("step()", lambda: self._check(grads))
-        send, seg = self._send, self._seg
-        for gs, sl in zip(flat, self._slices):
-            for rk in range(self.world):      # rank rk's share of this group, zero-padded
-                lo, hi = min(rk * sl["chunk"], sl["n"]), min((rk + 1) * sl["chunk"], sl["n"])
-                dst = send[rk * seg + sl["at"]:rk * seg + sl["at"] + sl["chunk"]]
-                _copy_range(gs, sl["offs"], lo, hi, dst, True)
-        t1 = time.perf_counter()
-        self.comm.Reduce_scatter_block(send, self._recv, op=_sum_op())
+        flat = self._agree("step()", lambda: self._check(grads), same=repr(
+            [{k: v for k, v in g.items() if k != "params"} for g in self.inner.param_groups]))
+        from mpi4py import MPI
+        reqs, w = [], self.world
+        for k, (s0, s1) in enumerate(self._buckets):
+            self._gather_into(self._send, self._rs_plan[k], flat)
+            reqs.append(self.comm.Ireduce_scatter_block(self._send[w * s0:w * s1],
+                                                        self._recv[s0:s1], op=MPI.SUM))
+            if len(reqs) > 1:
+                MPI.Request.Testall(reqs)     # lets MPI move the buckets already started
+        self._pending = reqs
+        self._t_start = (t0, time.perf_counter())
+
+    def poll(self) -> bool:
+        """Let MPI progress a started :meth:`reduce_grads`; whether it has completed."""
+        from mpi4py import MPI
+        return self._pending is None or MPI.Request.Testall(self._pending)
+
+    def step(self, grads=None) -> None:
+        """One step with this rank's local ``grads`` (matching params; torch params' ``.grad``
+        where omitted), or finishing a :meth:`reduce_grads` started before (then without
+        grads): the grads averaged across ranks, the owned slice updated, the params
+        all-gathered in buckets."""
+        if self._pending is None:
+            self.reduce_grads(grads)
+        elif grads is not None:
+            raise RuntimeError("reduce_grads() already took this step's grads; call step() "
+                               "without grads")
+        reqs, self._pending = self._pending, None
+        t0, t1 = self._t_start
+        self._wait(reqs, "step(): the grads' reduce-scatter")
         np.divide(self._recv, self.world, out=self._recv)       # the sum / R, as DDP
         t2 = time.perf_counter()
-        pieces = []
-        for sl in self._slices:
-            if sl["standin"] is not None:
-                pieces.append(np.zeros(1, self.dtype))
-                continue
-            for i, a, b in sl["pieces"]:
-                start = sl["at"] + int(sl["offs"][i]) + a - sl["lo"]
-                pieces.append(self._recv[start:start + b - a])
-        self.inner.step(pieces)
+        err = None
+        try:
+            self.inner.step(self._pieces)
+        except BaseException as e:           # noqa: BLE001 - see below
+            err = e
+        failed = self._flags_of(err is not None, "step(): the update")[:, 0]
+        if failed.all():     # the same refusal everywhere (a bad hyperparameter on every
+            raise err        # rank): nothing has changed on any rank
+        if failed.any():     # some ranks updated their slice, some did not: the params can
+            self._abort(f"step() failed on rank(s) {np.flatnonzero(failed).tolist()} "
+                        f"inside the update" + (f" ({type(err).__name__}: {err})"
+                                                if err is not None else ""))
         t3 = time.perf_counter()
-        self._all_gather()
+        if not getattr(self.inner, "last_step_skipped", False):   # every rank agrees
+            self._all_gather()
         t4 = time.perf_counter()
         self.last_timings = {"check and pack": t1 - t0, "reduce-scatter": t2 - t1,
                              "update": t3 - t2, "all-gather": t4 - t3}
 
+    @property
+    def skipped_steps(self) -> int:
+        """Steps skipped by ``skip_nonfinite`` or a non-finite norm (``max_grad_norm``)."""
+        return self.inner.skipped_steps
+
+    @property
+    def last_step_skipped(self) -> bool:
+        return self.inner.last_step_skipped
+
+    @property
+    def last_grad_norm(self):
+        """The 2-norm of the last step's averaged grads, all ranks' (``max_grad_norm`` or
+        ``skip_nonfinite``); NaN where they held a NaN or an infinity."""
+        return self.inner.last_grad_norm
+
+    def _global_guard(self, flat):
+        """The wrapped optimizer's grad guard over the averaged grads of every rank: each
+        rank's float64 sum of squares and non-finite test of its slice, all-gathered and
+        added in rank order (the same bits on every rank, so every rank takes the same
+        decision: clip by the same factor, or skip)."""
+        from .optim import guard_verdict
+        inner = self.inner
+        sizes = np.array([a.size for a in flat], np.int64)
+        sumsq, finite = inner.backend.grad_stats(flat, sizes, inner.dtype)
+        mine = np.array([sumsq, 0.0 if finite else 1.0])
+        every = np.empty((self.world, 2))
+        self._wait([self.comm.Iallgather(mine, every)], "step(): the grads' norm")
+        total = 0.0
+        for s in every[:, 0]:
+            total += float(s)
+        return guard_verdict(inner, total, not every[:, 1].any())
+
     def _check(self, grads):
         """This rank's grads as flat views per group, or an error naming the bad one."""
         params = [p for g in self.groups for p in g["params"]]
-        if isinstance(grads, np.ndarray):
+        if grads is None:
+            if self._torch is None:
+                raise ValueError("step() needs grads (one per param); only torch params "
+                                 "have a .grad to take them from")
+            grads = [t.grad for t in self._torch]
+            for i, gr in enumerate(grads):
+                if gr is None:
+                    raise ValueError(f"params[{i}].grad is None; expected every param to "
+                                     f"have a grad (run backward first)")
+        if isinstance(grads, np.ndarray) or interop.foreign(grads):
             grads = [grads]
-        grads = list(grads)
+        grads = [interop.as_array(gr, f"grads[{i}]") if interop.foreign(gr) else gr
+                 for i, gr in enumerate(grads)]
         if len(grads) != len(params):
             raise ValueError(f"step() got {len(grads)} grads; expected {len(params)}, one "
                              f"per param")
@@ -171,28 +305,72 @@ class ShardedOptimizer:
                         else type(gr).__name__)
                 raise ValueError(f"grads[{i}] is {what}; expected a C-contiguous {p.dtype} "
                                  f"array of shape {p.shape} like params[{i}]")
-        out, k = [], 0
-        for g in self.groups:
-            out.append([gr.reshape(-1) for gr in grads[k:k + len(g["params"])]])
-            k += len(g["params"])
-        return out
+        return [gr.reshape(-1) for gr in grads]
+
+    def _copies(self, rk, s0, s1, base):
+        """Rank ``rk``'s segment ``[s0, s1)`` (its slices of every group, in group order)
+        laid at ``base`` of a buffer: ``(copies, zeros)``, ``copies`` as ``(param, start,
+        stop, at)`` (elements ``[start, stop)`` of flattened param ``param`` at buffer index
+        ``at``), ``zeros`` the ``(start, stop)`` buffer ranges past a group's end. Computed
+        once: the layout is fixed, so a step only copies."""
+        copies, zeros, first = [], [], 0
+        for sl, g in zip(self._slices, self.groups):
+            a, b = max(s0, sl["at"]), min(s1, sl["at"] + sl["chunk"])
+            if a < b:
+                lo = rk * sl["chunk"] + a - sl["at"]          # group elements [lo, hi)
+                hi = min(lo + b - a, sl["n"])
+                at = base + a - s0
+                for i, o in enumerate(sl["offs"][:-1]):
+                    x, y = max(lo, int(o)), min(hi, int(sl["offs"][i + 1]))
+                    if x < y:
+                        copies.append((first + i, x - int(o), y - int(o), at + x - lo))
+                if max(hi, lo) < lo + b - a:
+                    zeros.append((at + max(hi - lo, 0), at + b - a))
+            first += len(g["params"])
+        return copies, zeros
+
+    def _plan_copies(self):
+        w = self.world
+        self._rs_plan, self._ag_plan = [], []
+        for s0, s1 in self._buckets:
+            n = s1 - s0
+            rs = [self._copies(rk, s0, s1, w * s0 + rk * n) for rk in range(w)]
+            self._rs_plan.append(([c for r in rs for c in r[0]], [z for r in rs for z in r[1]]))
+            self._ag_plan.append([c for rk in range(w) if rk != self.rank
+                                  for c in self._copies(rk, s0, s1, w * s0 + rk * n)[0]])
+        self._own_plan = self._copies(self.rank, 0, self._seg, 0)
+
+    @staticmethod
+    def _gather_into(buf, plan, arrays):
+        copies, zeros = plan
+        for j, a, b, at in copies:
+            buf[at:at + b - a] = arrays[j][a:b]
+        for a, b in zeros:
+            buf[a:b] = 0
 
     def _all_gather(self):
-        mine = self._recv                      # reused: the grads are consumed
-        for g, sl in zip(self.groups, self._slices):
-            dst = mine[sl["at"]:sl["at"] + sl["chunk"]]
-            _copy_range([p.reshape(-1) for p in g["params"]], sl["offs"], sl["lo"],
-                        sl["hi"], dst, True)
-        full = self._send
-        self.comm.Allgather(mine, full)
-        for g, sl in zip(self.groups, self._slices):
-            for rk in range(self.world):
-                lo, hi = min(rk * sl["chunk"], sl["n"]), min((rk + 1) * sl["chunk"], sl["n"])
-                if rk == self.rank or hi <= lo:
-                    continue
-                src = full[rk * self._seg + sl["at"]:rk * self._seg + sl["at"] + hi - lo]
-                _copy_range([p.reshape(-1) for p in g["params"]], sl["offs"], lo, hi, src,
-                            False)
+        from mpi4py import MPI
+        mine, w, params = self._recv, self.world, self._flat_params   # _recv: grads consumed
+        self._gather_into(mine, self._own_plan, params)
+        reqs = [self.comm.Iallgather(mine[s0:s1], self._send[w * s0:w * s1])
+                for s0, s1 in self._buckets]
+        left, waited, full = set(range(len(reqs))), time.monotonic(), self._send
+        while left:             # unpack each bucket as it arrives, while the others fly
+            k = MPI.Request.Waitany(reqs) if self.timeout is None else self._any(reqs, waited)
+            left.discard(k)
+            for j, a, b, at in self._ag_plan[k]:
+                params[j][a:b] = full[at:at + b - a]
+
+    def _any(self, reqs, since):
+        from mpi4py import MPI
+        while True:
+            k, done = MPI.Request.Testany(reqs)
+            if done and k != MPI.UNDEFINED:
+                return k
+            if time.monotonic() - since > self.timeout:
+                self._abort(f"step(): the params' all-gather did not complete within "
+                            f"timeout={self.timeout} s: another rank has died or hangs")
+            os.sched_yield()
 
     # ------------------------------------------------------------------ state
     def state_dict(self) -> dict:
@@ -431,50 +609,60 @@ def _no_norms(opt):
     return opt
 
 
-def _groups(params) -> list:
-    """Groups as dicts with ``"params"``: a list of C-contiguous NumPy float arrays."""
-    if isinstance(params, np.ndarray):
+def _native(opt_class, hyper):
+    """A ``hwoptim.torch`` class's native twin (the same rule), with the torch class's
+    defaults for what ``hyper`` leaves out; torch-only switches (``foreach``, ``fused``) that
+    change nothing there are dropped. A native class as it is."""
+    import sys
+    torch_mod = sys.modules.get("hwoptim.torch")
+    if torch_mod is None or not (isinstance(opt_class, type)
+                                 and issubclass(opt_class, torch_mod.Optimizer)):
+        return opt_class, hyper
+    import inspect
+
+    import hwoptim
+    native = getattr(hwoptim, opt_class.rule.name)
+    sig = inspect.signature(opt_class.__init__).parameters
+    out = {n: sig[n].default for n in opt_class.rule.hypers if n in sig
+           and sig[n].default is not inspect.Parameter.empty}
+    out.update({k: v for k, v in hyper.items() if k not in ("foreach", "fused")})
+    return native, out
+
+
+def _groups(params) -> tuple:
+    """(groups as dicts with ``"params"``: lists of C-contiguous NumPy float arrays, the
+    torch tensors they view or ``None``): NumPy arrays as they are, torch CPU tensors (and
+    other DLPack arrays) as zero-copy views."""
+    if isinstance(params, np.ndarray) or interop.foreign(params):
         params = [params]
     params = list(params)
     if not params:
         raise ValueError("params is empty; expected arrays or parameter groups")
     groups = ([dict(g) for g in params] if isinstance(params[0], dict)
               else [{"params": params}])
-    dtype = None
+    dtype, originals = None, []
     for gi, g in enumerate(groups):
         ps = g.get("params")
-        ps = [ps] if isinstance(ps, np.ndarray) else list(ps or ())
+        ps = [ps] if isinstance(ps, np.ndarray) or interop.foreign(ps) else list(ps or ())
         if not ps:
             raise ValueError(f"param_groups[{gi}] has no params")
+        originals += ps
+        ps = [interop.as_array(p, f"param_groups[{gi}] params[{j}]")
+              if interop.foreign(p) else p for j, p in enumerate(ps)]
         for p in ps:
             if not isinstance(p, np.ndarray) or not p.flags.c_contiguous or \
                     not p.flags.writeable or p.dtype.kind != "f":
                 raise TypeError(f"param_groups[{gi}] holds {type(p).__name__}; expected "
-                                f"writeable C-contiguous NumPy float arrays")
+                                f"writeable C-contiguous NumPy float arrays or CPU torch "
+                                f"tensors")
             if dtype is None:
                 dtype = p.dtype
             elif p.dtype != dtype:
                 raise TypeError(f"params are {dtype} and {p.dtype}; expected one dtype")
         g["params"] = ps
-    return groups
+    torch_params = originals if any(interop.foreign(p) for p in originals) else None
+    return groups, torch_params
 
 
 def _ceil_div(a: int, b: int) -> int:
     return -(-a // b)
-
-
-def _copy_range(flat_params, offs, lo, hi, buf, to_buf: bool):
-    """Between elements ``[lo, hi)`` of the params flattened in order and ``buf[:hi-lo]``:
-    into ``buf`` (the rest of it zeroed) where ``to_buf``, else out of it into the params."""
-    k = 0
-    for i, p in enumerate(flat_params):
-        o, s = int(offs[i]), p.size
-        a, b = max(lo, o), min(hi, o + s)
-        if a < b:
-            if to_buf:
-                buf[k:k + b - a] = p[a - o:b - o]
-            else:
-                p[a - o:b - o] = buf[k:k + b - a]
-            k += b - a
-    if to_buf:
-        buf[k:] = 0

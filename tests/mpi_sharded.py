@@ -68,7 +68,7 @@ def _same_everywhere(arrays, what):
 
 def check():
     done = 0
-    for rule in hwoptim.RULES.values():
+    for ri, rule in enumerate(hwoptim.RULES.values()):
         cls = getattr(hwoptim, rule.name)
         # per-param norms span ranks: refused, except without them (trust_ratio=False)
         extra = {"trust_ratio": False} if "trust_ratio" in rule.options else {}
@@ -83,11 +83,18 @@ def check():
             salt = f"{rule.name}/{dtype}"
             mine, ref = _params(dtype, salt), _params(dtype, salt)
             lr = 1e-2
-            opt = ShardedOptimizer(cls, _groups(mine, lr), lr=lr, **extra)
+            # buckets of 64 B (many), 128 B, and the default (one)
+            opt = ShardedOptimizer(cls, _groups(mine, lr), lr=lr, **extra,
+                                   bucket_bytes=(64, 128, 4 << 20)[ri % 3])
             one = cls(_groups(ref, lr), lr=lr, **extra)
             for t in range(STEPS):
                 g, avg = _grads(t, dtype, salt)
-                opt.step(g)
+                if t % 2:                     # started early, finished by step()
+                    opt.reduce_grads(g)
+                    opt.poll()
+                    opt.step()
+                else:
+                    opt.step(g)
                 one.step(avg)
                 flat_m = [p for grp in mine for p in grp]
                 flat_r = [p for grp in ref for p in grp]
@@ -113,6 +120,7 @@ def check():
                 fresh.load_state_dict(full)           # the wrapped class's own format
             done += 1
     _bad_grad_is_refused_everywhere()
+    _guard()
     if RANK == 0:
         print(f"OK check R={R}: {done} rule x dtype runs")
 
@@ -136,6 +144,52 @@ def _bad_grad_is_refused_everywhere():
     assert all(a.tobytes() == b.tobytes() for a, b in zip(after, before))
     assert pickle.dumps(opt.state_dict()) == sd
     assert opt.step_count == 1
+    g, _ = _grads(1, "float32", "bad")
+    # hyperparameters set differently on one rank: refused on every rank before any data moves
+    opt.param_groups[1]["lr"] = 0.5 if RANK == R - 1 else 1e-2
+    if R > 1:
+        try:
+            opt.step(g)
+        except ValueError as e:
+            assert "param_groups differ across ranks" in str(e), str(e)
+        else:
+            raise AssertionError("param_groups that differ across ranks were not refused")
+    opt.param_groups[1]["lr"] = 1e-2 * 0.5
+    opt.step(g)                       # and it steps on
+    assert opt.step_count == 2
+
+
+def _guard():
+    """max_grad_norm and skip_nonfinite over all ranks' grads: clipped by the norm of the
+    averaged grads (the same as one process, byte for byte where the averages are exact,
+    R a power of 2), and a NaN on one rank skips the step on every rank."""
+    for dtype in ("float32", "float64"):
+        mine, ref = _params(dtype, "guard"), _params(dtype, "guard")
+        kw = dict(lr=1e-2, max_grad_norm=2.0, skip_nonfinite=True)
+        opt = ShardedOptimizer(hwoptim.AdamW, _groups(mine, 1e-2), bucket_bytes=64, **kw)
+        one = hwoptim.AdamW(_groups(ref, 1e-2), **kw)
+        for t in range(STEPS):
+            g, avg = _grads(t, dtype, "guard")
+            opt.step(g)
+            one.step(avg)
+            assert one.last_grad_norm > 2.0            # the clip is active
+            assert opt.last_grad_norm == one.last_grad_norm or R & (R - 1), \
+                (opt.last_grad_norm, one.last_grad_norm)
+        flat_m, flat_r = [p for grp in mine for p in grp], [p for grp in ref for p in grp]
+        for a, b in zip(flat_m, flat_r):
+            if R & (R - 1) == 0:
+                assert a.tobytes() == b.tobytes(), f"clipped {dtype} R={R}: {a} vs {b}"
+            else:          # R = 3: the averages round, so the float64 sums may too
+                np.testing.assert_allclose(a, b, rtol=1e-6 if dtype == "float32" else 1e-12)
+        _same_everywhere(flat_m, f"clipped {dtype}")
+        before, sd = [p.copy() for p in flat_m], pickle.dumps(opt.state_dict())
+        g, _ = _grads(STEPS, dtype, "guard")
+        if RANK == R - 1:
+            g[3][17] = np.nan
+        opt.step(g)
+        assert opt.last_step_skipped and opt.skipped_steps == 1 and opt.step_count == STEPS
+        assert all(a.tobytes() == b.tobytes() for a, b in zip(flat_m, before))
+        assert pickle.dumps(opt.state_dict()) == sd
 
 
 def save(path):
@@ -220,6 +274,60 @@ def checkpoint(path, mode):
         print(f"OK checkpoint load R={R}")
 
 
+def torch_params():
+    """torch CPU tensors and a hwoptim.torch class: the grads taken from ``.grad``, the
+    params the same bytes as hwoptim.torch's own class stepping on the averaged grads in one
+    process (its defaults: AdamW's weight_decay 1e-2, as torch's)."""
+    import torch
+
+    import hwoptim.torch as ht
+    shapes = [(33, 7), (5,), (1,)]
+    rng = np.random.default_rng(7)
+    init = [_ints(rng, s, "float32", 16) for s in shapes]
+    mine = [torch.nn.Parameter(torch.from_numpy(a.copy())) for a in init]
+    ref = [torch.nn.Parameter(torch.from_numpy(a.copy())) for a in init]
+    opt = ShardedOptimizer(ht.AdamW, mine, lr=1e-2, bucket_bytes=256)
+    one = ht.AdamW(ref, lr=1e-2)
+    for t in range(4):
+        g, avg = [], []
+        for k, s in enumerate(shapes):
+            per = [_ints(np.random.default_rng(zlib.crc32(f"t/{t}/{k}/{r}".encode())), s,
+                         "float32") for r in range(R)]
+            g.append(per[RANK])
+            avg.append(np.divide(sum(x.astype(np.float64) for x in per).astype(np.float32),
+                                 np.float32(R)))
+        for p, x in zip(mine, g):
+            p.grad = torch.from_numpy(x)
+        for p, x in zip(ref, avg):
+            p.grad = torch.from_numpy(x)
+        opt.step()
+        one.step()
+        for a, b in zip(mine, ref):
+            assert a.detach().numpy().tobytes() == b.detach().numpy().tobytes(), \
+                f"torch params on {R} ranks differ from one process at step {t}"
+    _same_everywhere([p.detach().numpy() for p in mine], "torch params")
+    if RANK == 0:
+        print(f"OK torch R={R}")
+
+
+def fault(kind, timeout):
+    """A rank that fails inside the update (``raise``), or never arrives (``hang``): the
+    others must not wait forever. Ends the job through MPI_Abort; never prints OK."""
+    import time
+    ps = _params("float32", "fault")
+    opt = ShardedOptimizer(hwoptim.Adam, _groups(ps, 1e-2), lr=1e-2, timeout=float(timeout))
+    opt.step(_grads(0, "float32", "fault")[0])
+    if RANK == 1:
+        if kind == "hang":
+            time.sleep(300)
+        else:
+            def broken(grads):
+                raise RuntimeError("injected failure in the kernel")
+            opt.inner.step = broken
+    opt.step(_grads(1, "float32", "fault")[0])
+    print(f"rank {RANK} stepped past the fault", flush=True)
+
+
 if __name__ == "__main__":
     mode = sys.argv[1]
     try:
@@ -227,7 +335,9 @@ if __name__ == "__main__":
          "save": lambda: save(sys.argv[2]),
          "resume": lambda: resume(sys.argv[2]),
          "checkpoint-save": lambda: checkpoint(sys.argv[2], "save"),
-         "checkpoint-load": lambda: checkpoint(sys.argv[2], "load")}[mode]()
+         "checkpoint-load": lambda: checkpoint(sys.argv[2], "load"),
+         "torch": torch_params,
+         "fault": lambda: fault(sys.argv[2], sys.argv[3])}[mode]()
     except BaseException:             # a failed check on one rank ends every rank at once
         traceback.print_exc()
         sys.stderr.flush()

@@ -18,6 +18,7 @@ import pathlib
 import shutil
 import subprocess
 import sys
+import time
 
 import pytest
 
@@ -49,13 +50,15 @@ def _env():
                 PYTHONPATH=os.pathsep.join([str(HERE.parent), os.environ.get("PYTHONPATH", "")]))
 
 
-def _run(n, *args):
+def _run(n, *args, ok=True, timeout=TIMEOUT):
     cmd = [_mpiexec(), "-n", str(n), sys.executable, str(PROGRAM), *map(str, args)]
     try:
-        res = subprocess.run(cmd, capture_output=True, text=True, timeout=TIMEOUT, env=_env())
+        res = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=_env())
     except subprocess.TimeoutExpired as e:
-        pytest.fail(f"{' '.join(cmd)} ran past {TIMEOUT} s (a hung collective?):\n"
+        pytest.fail(f"{' '.join(cmd)} ran past {timeout} s (a hung collective?):\n"
                     f"{e.stdout}\n{e.stderr}")
+    if not ok:
+        return res
     assert res.returncode == 0, (f"{' '.join(cmd)} exited {res.returncode}:\n{res.stdout}\n"
                                  f"{res.stderr[-6000:]}")
     return res.stdout
@@ -100,3 +103,29 @@ def test_checkpoint_folder_reshards_and_survives_a_crashed_save(tmp_path):
     assert "OK checkpoint save R=4" in _run(4, "checkpoint-save", path)
     for ranks in (3, 1):
         assert f"OK checkpoint load R={ranks}" in _run(ranks, "checkpoint-load", path)
+
+
+@pytest.mark.parametrize("ranks", [1, 3])
+def test_torch_tensors_and_a_hwoptim_torch_class(ranks):
+    assert f"OK torch R={ranks}" in _run(ranks, "torch")
+
+
+def test_a_rank_failing_inside_the_update_aborts_every_rank():
+    """Rank 1's kernel raises after the grads' reduce-scatter: the others updated their
+    slices, so the params could no longer agree; every rank ends (MPI_Abort) at once, with
+    a message naming the failed rank, instead of waiting in the all-gather forever."""
+    t0 = time.monotonic()
+    res = _run(3, "fault", "raise", 120, ok=False, timeout=100)
+    assert res.returncode != 0 and "stepped past the fault" not in res.stdout, res.stdout
+    assert "step() failed on rank(s) [1] inside the update" in res.stderr, res.stderr[-3000:]
+    assert time.monotonic() - t0 < 90       # long before the 120 s timeout
+
+
+def test_a_rank_that_never_arrives_times_out_every_rank():
+    """Rank 1 stops calling step(): the others give up after timeout=3 s with a message
+    saying what did not complete, and the job ends (no hang)."""
+    t0 = time.monotonic()
+    res = _run(3, "fault", "hang", 3, ok=False, timeout=200)
+    assert res.returncode != 0 and "stepped past the fault" not in res.stdout, res.stdout
+    assert "did not complete within timeout=3.0 s" in res.stderr, res.stderr[-3000:]
+    assert time.monotonic() - t0 < 150      # not the 300 s the hung rank sleeps
