@@ -47,11 +47,12 @@ def _sharded(shapes, opts):
     rng = np.random.default_rng(0)
     params = [rng.standard_normal(s).astype(np.float32) for s in shapes]
     grads = [rng.standard_normal(p.shape).astype(np.float32) for p in params]
-    return ShardedOptimizer(hwoptim.Adam, params, COMM, lr=1e-3, **opts), grads
+    rule = opts.pop("rule", "Adam")
+    return ShardedOptimizer(getattr(hwoptim, rule), params, COMM, lr=1e-3, **opts), grads
 
 
 def hwoptim_step(shapes, steps, opts):
-    opt, grads = _sharded(shapes, opts)
+    opt, grads = _sharded(shapes, dict(opts))
 
     def one():
         opt.step(grads)
@@ -62,7 +63,7 @@ def hwoptim_step(shapes, steps, opts):
 def overlap(shapes, steps, opts, pieces=40):
     """Medians (s) of: the compute alone, a blocking step alone (with its reduce-scatter),
     and reduce_grads + the compute (poll between pieces) + step()."""
-    opt, grads = _sharded(shapes, opts)
+    opt, grads = _sharded(shapes, dict(opts))
     a = np.random.default_rng(1).standard_normal((256, 256)).astype(np.float32)
     reps = [1]
 
@@ -141,9 +142,13 @@ def main(argv=None) -> int:
     ap.add_argument("--overlap", action="store_true")
     ap.add_argument("--bucket-mb", type=float, default=None)
     ap.add_argument("--no-timeout", action="store_true")
+    ap.add_argument("--rule", default="Adam", help="a hwoptim rule (LAMB: norms across ranks)")
+    ap.add_argument("--max-grad-norm", type=float, default=None)
     args = ap.parse_args(argv)
     R, rank = COMM.Get_size(), COMM.Get_rank()
-    opts = {}
+    opts = {"rule": args.rule}
+    if args.max_grad_norm is not None:
+        opts["max_grad_norm"] = args.max_grad_norm
     if args.bucket_mb is not None:
         opts["bucket_bytes"] = int(args.bucket_mb * 2**20)
     if args.no_timeout:
@@ -172,9 +177,9 @@ def main(argv=None) -> int:
     meds, states = COMM.gather(med, root=0), COMM.gather(state, root=0)
     if rank == 0:
         who = "torch ZeroRedundancyOptimizer (gloo) + flat all-reduce" if args.torch \
-            else "hwoptim ShardedOptimizer"
+            else f"hwoptim ShardedOptimizer {opts}"
         keys = list(med)
-        print(f"{who}: R={R}, {n:.3g} float32 params in {len(shapes)} tensors, Adam, "
+        print(f"{who}: R={R}, {n:.3g} float32 params in {len(shapes)} tensors, "
               f"threads per rank {os.environ.get('NUMBA_NUM_THREADS', '?')}; medians of "
               f"{args.steps} steps, slowest rank per phase (ms):")
         print("| " + " | ".join(keys) + " | state MB per rank |")

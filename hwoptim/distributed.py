@@ -91,9 +91,9 @@ class ShardedOptimizer:
             inner_groups.append({**{k: v for k, v in g.items() if k != "params"},
                                  "params": views})
         self.inner = self._agree(f"{opt_class.__name__}()",
-                                 lambda: _no_norms(opt_class(inner_groups, **hyperparameters)))
-        if self.inner.max_grad_norm is not None or self.inner.skip_nonfinite:
-            self.inner._grad_guard = self._global_guard   # the norm of all ranks' slices
+                                 lambda: self._wire(opt_class(inner_groups, **hyperparameters)))
+        self._piece_sizes = np.array([v.size for g in self.inner.param_groups
+                                      for v in g["params"]], np.int64)
         self._pending = None
         self.last_timings = {}     # seconds per phase of the last step (bench/sharded.py)
 
@@ -262,6 +262,43 @@ class ShardedOptimizer:
         ``skip_nonfinite``); NaN where they held a NaN or an infinity."""
         return self.inner.last_grad_norm
 
+    def _wire(self, inner):
+        """Hook the wrapped optimizer's whole-array reductions up to every rank: the grad
+        guard (``max_grad_norm``, ``skip_nonfinite``) and per-param norms (LAMB, LARS)."""
+        from . import codegen
+        if inner.max_grad_norm is not None or inner.skip_nonfinite:
+            inner._grad_guard = self._global_guard      # the norm of all ranks' slices
+        if any(codegen.plan(inner.rule, f).norms for f in inner._flags):
+            if not hasattr(inner._kernels()[0], "many"):
+                raise ValueError(f"{inner.rule.name} takes per-param norms, which span "
+                                 f"ranks: sharded, they need the multi-tensor kernels of "
+                                 f"the numba backend (backend={inner.backend_name!r} has "
+                                 f"none)")
+            inner._norm_combine = self._combine_norms
+            self._owner = []           # per group: each inner tensor's param (-1: stand-in)
+            for g, sl in zip(self.groups, self._slices):
+                self._owner.append(np.array([i for i, _, _ in sl["pieces"]]
+                                            if sl["standin"] is None else [-1], np.int64))
+        return inner
+
+    def _combine_norms(self, gi, sums):
+        """The reduction pass's float64 sums of squares of this rank's pieces of group
+        ``gi`` -> the sums over each piece's whole param: every rank's per-param sums,
+        all-gathered and added in rank order (the same bits on every rank)."""
+        owner = self._owner[gi]
+        n = len(self.groups[gi]["params"])
+        mine = np.zeros((n, sums.shape[1]))
+        real = owner >= 0
+        np.add.at(mine, owner[real], sums[real])
+        every = np.empty((self.world, n, sums.shape[1]))
+        self._wait([self.comm.Iallgather(mine, every)], "step(): the per-param norms")
+        total = every[0].copy()
+        for r in range(1, self.world):
+            total += every[r]
+        out = sums.copy()
+        out[real] = total[owner[real]]
+        return out
+
     def _global_guard(self, flat):
         """The wrapped optimizer's grad guard over the averaged grads of every rank: each
         rank's float64 sum of squares and non-finite test of its slice, all-gathered and
@@ -269,8 +306,7 @@ class ShardedOptimizer:
         decision: clip by the same factor, or skip)."""
         from .optim import guard_verdict
         inner = self.inner
-        sizes = np.array([a.size for a in flat], np.int64)
-        sumsq, finite = inner.backend.grad_stats(flat, sizes, inner.dtype)
+        sumsq, finite = inner.backend.grad_stats(flat, self._piece_sizes, inner.dtype)
         mine = np.array([sumsq, 0.0 if finite else 1.0])
         every = np.empty((self.world, 2))
         self._wait([self.comm.Iallgather(mine, every)], "step(): the grads' norm")
@@ -594,19 +630,6 @@ def _read(path):
 
 
 _replace = os.replace            # tests stand in a failing one to crash a save half-way
-
-
-def _no_norms(opt):
-    """``opt``, unless a group's rule takes norms of whole arrays (LAMB, LARS with
-    trust_ratio): a slice's norm is not the param's, and the cross-rank reduction they need
-    is not built yet."""
-    from . import codegen
-    for gi, flags in enumerate(opt._flags):
-        if codegen.plan(opt.rule, flags).norms:
-            raise ValueError(f"param_groups[{gi}]: {opt.rule.name} takes per-param norms "
-                             f"(trust_ratio), which span ranks; ShardedOptimizer does not "
-                             f"support them yet (trust_ratio=False does)")
-    return opt
 
 
 def _native(opt_class, hyper):

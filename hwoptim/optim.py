@@ -408,6 +408,9 @@ class Optimizer:
         self._flags, self._views, self._group_of, self._owned = [], [], [], []
         self._carry = []                     # per group: carried host scalars (None: fresh)
         self._sizes = None                   # params' sizes, for the grad guard
+        # norms across processes (hwoptim.distributed): per group, a function of the
+        # reduction pass's sums of squares; set, the multi-tensor launch always runs
+        self._norm_combine = None
         self._params = []
         self._array_type = np.ndarray if fam == "host" else type(arrays[0])
         self._checked_spans = None
@@ -905,6 +908,8 @@ class Optimizer:
         either updates every param and advances the step count, or raises and changes
         nothing."""
         flat = self._check_grads(grads)
+        if self._norm_combine is not None and not isinstance(flat, np.ndarray):
+            flat = np.fromiter((g.ctypes.data for g in flat), np.int64, len(flat))
         entries = None if isinstance(flat, np.ndarray) else self._launchers()
         t = self._step + 1
         if t > _MAX_STEP:
@@ -961,9 +966,14 @@ class Optimizer:
 
     def _launch_all(self, entries, flat, scal, tables=None):
         if tables is not None:               # grad addresses: one launch per group
-            for (k, tab, sizes, rows, idx), sc in zip(tables, scal):
+            combine = self._norm_combine
+            for gi, ((k, tab, sizes, rows, idx), sc) in enumerate(zip(tables, scal)):
                 tab[:, 1] = flat[idx]
-                k.many(tab, sizes, rows, np.array([sc], dtype=self.dtype))
+                if combine is None:
+                    k.many(tab, sizes, rows, np.array([sc], dtype=self.dtype))
+                else:
+                    k.many(tab, sizes, rows, np.array([sc], dtype=self.dtype),
+                           combine=lambda total, gi=gi: combine(gi, total))
             return
         if entries is not None:
             for views, gi, gr, e in zip(self._views, self._group_of, flat, entries):

@@ -160,7 +160,8 @@ class Kernel:
         return self.norms(ptrs, np.array([arrays[0].shape[0]], np.int64),
                           np.zeros(1, np.int64), np.array([scalars], self.dtype))[0].tolist()
 
-    def norms(self, ptrs, sizes, rows, scalars, n_threads: int | None = None) -> np.ndarray:
+    def norms(self, ptrs, sizes, rows, scalars, n_threads: int | None = None,
+              combine=None) -> np.ndarray:
         """float64 ``(tensors, len(plan.norms))``: each tensor's norms, from one pass over
         every tensor's inputs (arguments as :meth:`many`'s; ``scalars`` the rows of
         ``plan.scalars``). Sums are per chunk, so they do not depend on the thread count."""
@@ -174,6 +175,8 @@ class Kernel:
             out = np.empty((chunks.n_chunks, k), np.float64)
             f(ptrs, chunks.table, rows, scalars, out)
             np.add.at(total, chunks.table[:, 0], out)
+        if combine is not None:
+            total = combine(total)
         return np.sqrt(total)
 
     def _reduce_entry(self, par: bool):
@@ -235,7 +238,7 @@ class Kernel:
 
     # -- many arrays, one launch
 
-    def many(self, ptrs, sizes, rows, scalars, n_threads: int | None = None):
+    def many(self, ptrs, sizes, rows, scalars, n_threads: int | None = None, combine=None):
         """Update many separate arrays in one kernel call (multi-tensor apply).
 
         ``ptrs``: int64, ``(n_tensors, len(plan.arrays))``, the host address of each
@@ -251,7 +254,10 @@ class Kernel:
         parallel one: a prange over groups of chunks of every tensor (:data:`MULTI_CHUNK`
         elements), built once per distinct ``sizes`` and cached. Results are bit-identical
         to running this kernel on each array in turn. A row index out of range raises
-        ``IndexError`` before anything is written."""
+        ``IndexError`` before anything is written. ``combine``: for rules with norms, a
+        function given the float64 sums of squares ``(n_tensors, len(plan.norms))`` that
+        returns the sums to take the norms of (a sharded optimizer adds other processes'
+        pieces of the same param there)."""
         ptrs = np.ascontiguousarray(ptrs, dtype=np.int64)
         sizes = np.ascontiguousarray(sizes, dtype=np.int64)
         rows = np.ascontiguousarray(rows, dtype=np.int64)
@@ -269,7 +275,7 @@ class Kernel:
         if n_threads is None:
             n_threads = threads.current_threads()
         if self.plan.norms:                    # per tensor: its row of scalars, its norms
-            norms = self.norms(ptrs, sizes, rows, scalars, n_threads)
+            norms = self.norms(ptrs, sizes, rows, scalars, n_threads, combine)
             scalars = np.concatenate([scalars[rows], norms.astype(self.dtype)], axis=1)
             rows = np.arange(n, dtype=np.int64)
         self.many_launcher(chunks.total, n_threads)(ptrs, chunks.table, chunks.groups, rows,
