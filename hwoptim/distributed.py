@@ -1,18 +1,29 @@
 """Optimizer state sharded across processes over MPI (ZeRO stage 1).
 
-``ShardedOptimizer(hwoptim.Adam, params, comm)`` wraps any native hwoptim rule class. Every
-rank holds the full params; each group's params, flattened in order, are cut into R equal
-slices (rounded up to 64 bytes, the last one shorter), and rank r owns slice r: the wrapped
-optimizer is made over views of the pieces of the params in that slice, so its state exists
-for that slice only (1/R of the state per rank). A step
+``ShardedOptimizer(hwoptim.Adam, params, comm)`` wraps any native hwoptim rule class (or a
+``hwoptim.torch`` class, whose native twin it runs; params may be NumPy arrays or CPU torch
+tensors). Every rank holds the full params; each group's params, flattened in order, are cut
+into R equal slices (rounded up to 64 bytes, the last one shorter), and rank r owns slice r:
+the wrapped optimizer is made over views of the pieces of the params in that slice, so its
+state exists for that slice only (1/R of the state per rank). A step
 
-1. checks every rank's grads (shape, dtype, contiguity) and agrees on the outcome, so a bad
-   grad on one rank raises the same error on every rank before any collective moves data;
-2. sums the grads across ranks with one reduce-scatter (``Reduce_scatter_block``: each rank
-   receives the sum of its own slice) and divides the sum by R, as torch's DDP averages;
-3. runs the wrapped rule's kernels on the owned slice;
-4. all-gathers the updated slices into every rank's params (``Allgather``), so params are the
-   same bytes on every rank after each step.
+1. checks every rank's grads (shape, dtype, contiguity) and hyperparameters and agrees on
+   the outcome, so a bad grad on one rank raises the same error on every rank before any
+   collective moves data;
+2. sums the grads across ranks with non-blocking reduce-scatters, one per bucket of every
+   rank's segment (``Ireduce_scatter_block``: each rank receives the sum of its own slice),
+   and divides the sum by R, as torch's DDP averages; :meth:`ShardedOptimizer.reduce_grads`
+   starts this and returns, so the caller can overlap it with other work;
+3. runs the wrapped rule's kernels on the owned slice; whole-param and all-grads reductions
+   (LAMB's and LARS's norms, ``max_grad_norm``, ``skip_nonfinite``) add every rank's partial
+   sums, all-gathered and summed in rank order, so every rank decides the same;
+4. all-gathers the updated slices into every rank's params, bucket by bucket, so params are
+   the same bytes on every rank after each step.
+
+Faults: every wait gives up after ``timeout`` seconds and aborts the job (``MPI_Abort``)
+with a message, and a rank that fails inside the update (when the others have updated their
+slices) aborts it at once; a failure the ranks agree on before any data moved raises on
+every rank and changes nothing.
 
 The sliced layout never needs a param to fit one rank: a slice may start or end inside a
 param. A rank that owns no element of a group (a group smaller than R slices) steps a

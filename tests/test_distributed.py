@@ -95,6 +95,17 @@ def test_sharded_example_trains():
     assert "(required: 5x): ok" in res.stdout, res.stdout
 
 
+def test_sharded_torch_example_trains(torch):
+    """README's torch example (hwoptim.torch.AdamW over model.parameters(), max_grad_norm),
+    quick, on 2 ranks, under ``python -m mpi4py`` as the README runs it."""
+    example = HERE.parent / "examples" / "sharded_torch_mpi.py"
+    cmd = [_mpiexec(), "-n", "2", sys.executable, "-m", "mpi4py", str(example), "--quick"]
+    res = subprocess.run(cmd, capture_output=True, text=True, timeout=TIMEOUT, env=_env())
+    assert res.returncode == 0, f"{res.stdout}\n{res.stderr[-4000:]}"
+    assert "weights the same on every rank: True" in res.stdout
+    assert "(required: 5x): ok" in res.stdout, res.stdout
+
+
 def test_checkpoint_folder_reshards_and_survives_a_crashed_save(tmp_path):
     """save() on 4 ranks, then a second save that fails before its index is renamed into
     place: the folder still holds the first checkpoint, which resumes on 3 ranks, on 1 rank,
@@ -106,7 +117,7 @@ def test_checkpoint_folder_reshards_and_survives_a_crashed_save(tmp_path):
 
 
 @pytest.mark.parametrize("ranks", [1, 3])
-def test_torch_tensors_and_a_hwoptim_torch_class(ranks):
+def test_torch_tensors_and_a_hwoptim_torch_class(ranks, torch):
     assert f"OK torch R={ranks}" in _run(ranks, "torch")
 
 
