@@ -136,7 +136,7 @@ def test_a_rank_that_never_arrives_times_out_every_rank():
     """Rank 1 stops calling step(): the others give up after timeout=3 s with a message
     saying what did not complete, and the job ends (no hang)."""
     t0 = time.monotonic()
-    res = _run(3, "fault", "hang", 3, ok=False, timeout=200)
+    res = _run(3, "fault", "hang", 3, ok=False, timeout=120)
     assert res.returncode != 0 and "stepped past the fault" not in res.stdout, res.stdout
     assert "did not complete within timeout=3.0 s" in res.stderr, res.stderr[-3000:]
-    assert time.monotonic() - t0 < 150      # not the 300 s the hung rank sleeps
+    assert time.monotonic() - t0 < 100      # not the 300 s the hung rank sleeps
