@@ -119,6 +119,64 @@ def torch_step(shapes, steps):
     return med, state
 
 
+# Ranks sharing two cores slow each other where phases overlap (packing the next bucket
+# while MPI copies the last, every rank's collective against the others' updates): the sum
+# of the phases measured alone falls short of the step by this factor where R > 1. Fitted
+# once, on 10^7 params at R = 2 (predicted/measured 0.69 there, bench/NOTES.md); the other
+# configurations are predictions. On a cluster (a rank per core set, the network card moving
+# the bytes) it would be about 1.
+INTERFERENCE = 1.45
+
+
+def model_check(shapes, steps, opts):
+    """The alpha-beta model fitted and checked in one run. Measured alone, with every rank
+    doing the same at once (so sharing the cores is in every figure): the two collectives at
+    64 B and at this run's bucket size (alpha from the small one, beta from the difference),
+    a copy's time per byte, and the wrapped optimizer's update of this rank's slice. The
+    step is predicted from those as the bytes each phase moves, and set beside its
+    measurement (medians, slowest rank)."""
+    opt, grads = _sharded(shapes, dict(opts))
+    R = COMM.Get_size()
+    step = _median_over(lambda: opt.step(grads) or opt.last_timings, steps)
+    n = sum(int(np.prod(s)) for s in shapes)
+    seg, nb = opt._seg, len(opt._buckets)
+    width = opt._buckets[0][1] - opt._buckets[0][0]
+    last = opt._buckets[-1][1] - opt._buckets[-1][0]
+
+    def coll(el):
+        send, recv = np.ones(R * el, np.float32), np.empty(el, np.float32)
+        full = np.empty(R * el, np.float32)
+        rs = _median_over(lambda: COMM.Reduce_scatter_block(send, recv, op=MPI.SUM), 7)
+        ag = _median_over(lambda: COMM.Allgather(recv, full), 7)
+        return rs["step"], ag["step"]
+    hops, share = max(R - 1, 1), (R - 1) / R
+    fit = {"rs": (0.0, 1.0), "ag": (0.0, 1.0)}
+    if R > 1:
+        (rs0, ag0), (rs1, ag1) = coll(16), coll(width)
+        big = R * width * 4                  # bytes of one bucket's whole vector
+        fit = {k: (t0 / hops, share * big / max(t1 - t0, 1e-9))
+               for k, t0, t1 in (("rs", rs0, rs1), ("ag", ag0, ag1))}
+
+    def t_coll(k):                           # every bucket's collective
+        alpha, beta = fit[k]
+        return sum(hops * alpha + share * R * el * 4 / beta
+                   for el in [width] * (nb - 1) + [last]) if R > 1 else 0.0
+    a = np.ones(max(seg, 1 << 22), np.float32)
+    b = np.empty_like(a)
+    per_byte = _median_over(lambda: np.copyto(b, a), 5)["step"] / a.nbytes   # copy s/B
+    update = _median_over(lambda: opt.inner.step(opt._pieces), steps)["step"]
+    div = 4 * seg * per_byte if R > 1 else 0.0
+    pred = {"pack + reduce-scatter": 4 * n * per_byte + t_coll("rs") + div,
+            "update": update,
+            "all-gather": (4 * seg * R * per_byte + t_coll("ag")) if R > 1 else 0.0}
+    pred["step"] = sum(pred.values())
+    pred["step, with interference"] = pred["step"] * (INTERFERENCE if R > 1 else 1.0)
+    meas = {"pack + reduce-scatter": step["check and pack"] + step["reduce-scatter"],
+            "update": step["update"], "all-gather": step["all-gather"], "step": step["step"],
+            "step, with interference": step["step"]}
+    return {"measured": meas, "predicted": pred, "fit": fit, "copy": 1 / per_byte}
+
+
 def collectives(sizes, reps=9):
     R = COMM.Get_size()
     out = []
@@ -140,6 +198,7 @@ def main(argv=None) -> int:
     ap.add_argument("--torch", action="store_true")
     ap.add_argument("--collectives", action="store_true")
     ap.add_argument("--overlap", action="store_true")
+    ap.add_argument("--model", action="store_true", help="fit and check the alpha-beta model")
     ap.add_argument("--bucket-mb", type=float, default=None)
     ap.add_argument("--no-timeout", action="store_true")
     ap.add_argument("--rule", default="Adam", help="a hwoptim rule (LAMB: norms across ranks)")
@@ -162,6 +221,21 @@ def main(argv=None) -> int:
         return 0
     shapes = model_shapes(int(float(args.n)))
     n = sum(int(np.prod(s)) for s in shapes)
+    if args.model:
+        rows = COMM.gather(model_check(shapes, args.steps, opts), root=0)
+        if rank == 0:
+            r0 = rows[0]
+            meas = {k: max(r["measured"][k] for r in rows) for k in r0["measured"]}
+            fit = ", ".join(f"{k}: alpha {a * 1e6:.1f} us, beta {b / 1e9:.2f} GB/s"
+                            for k, (a, b) in r0["fit"].items())
+            print(f"model R={R} n={n:.3g}: {fit}; copy {r0['copy'] / 1e9:.1f} GB/s per rank")
+            print("| phase | measured ms | predicted ms | predicted / measured |")
+            print("| --- | --- | --- | --- |")
+            pred = {k: max(r["predicted"][k] for r in rows) for k in r0["predicted"]}
+            for k, v in pred.items():
+                ratio = f"{v / meas[k]:.2f}" if meas[k] > 1e-4 else "-"
+                print(f"| {k} | {meas[k] * 1e3:.1f} | {v * 1e3:.1f} | {ratio} |")
+        return 0
     if args.overlap:
         rows = COMM.gather(overlap(shapes, args.steps, opts), root=0)
         if rank == 0:

@@ -211,6 +211,9 @@ class ShardedOptimizer:
         from mpi4py import MPI
         reqs, w = [], self.world
         for k, (s0, s1) in enumerate(self._buckets):
+            if w == 1:          # one rank: the sum is its grads; no collective to copy them
+                self._gather_into(self._recv, self._rs_plan[k], flat)
+                continue
             self._gather_into(self._send, self._rs_plan[k], flat)
             reqs.append(self.comm.Ireduce_scatter_block(self._send[w * s0:w * s1],
                                                         self._recv[s0:s1], op=MPI.SUM))
@@ -237,7 +240,8 @@ class ShardedOptimizer:
         reqs, self._pending = self._pending, None
         t0, t1 = self._t_start
         self._wait(reqs, "step(): the grads' reduce-scatter")
-        np.divide(self._recv, self.world, out=self._recv)       # the sum / R, as DDP
+        if self.world > 1:
+            np.divide(self._recv, self.world, out=self._recv)   # the sum / R, as DDP
         t2 = time.perf_counter()
         err = None
         try:
@@ -252,8 +256,8 @@ class ShardedOptimizer:
                         f"inside the update" + (f" ({type(err).__name__}: {err})"
                                                 if err is not None else ""))
         t3 = time.perf_counter()
-        if not getattr(self.inner, "last_step_skipped", False):   # every rank agrees
-            self._all_gather()
+        if self.world > 1 and not self.inner.last_step_skipped:   # every rank agrees
+            self._all_gather()     # (one rank: its slice is the params, updated in place)
         t4 = time.perf_counter()
         self.last_timings = {"check and pack": t1 - t0, "reduce-scatter": t2 - t1,
                              "update": t3 - t2, "all-gather": t4 - t3}
