@@ -179,12 +179,15 @@ class ShardedOptimizer:
                             f"another rank has died, hangs, or did not call it")
             os.sched_yield()
 
-    def _abort(self, message: str) -> None:
-        """Say why on stderr, then ``MPI_Abort`` the communicator: every rank ends."""
+    def _abort(self, message: str):
+        """Say why on stderr, then ``MPI_Abort`` the communicator: every rank ends, this one
+        without returning."""
         sys.stderr.write(f"hwoptim.distributed: rank {self.rank} of {self.world}: {message}; "
                          f"aborting all ranks (MPI_Abort)\n")
         sys.stderr.flush()
         self.comm.Abort(1)
+        os._exit(1)      # MPICH's MPI_Abort may return before the process manager acts:
+        # this rank must not go on (its params would differ from the others')
 
     # ------------------------------------------------------------------ stepping
     @property

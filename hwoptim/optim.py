@@ -189,6 +189,37 @@ def check_guard(max_grad_norm, skip_nonfinite, where: str) -> tuple:
     return max_grad_norm, bool(skip_nonfinite)
 
 
+def _one_number(v, name: str, where: str) -> float:
+    """``v`` (a number, or a one-element NumPy/CuPy/torch array) as a host float."""
+    if isinstance(v, (numbers.Real, np.bool_)):
+        return float(v)
+    size = getattr(v, "size", None)
+    size = size() if callable(size) else size       # torch: size() is the shape
+    if getattr(v, "numel", None) is not None:
+        size = v.numel()
+    if size != 1 or not hasattr(v, "item"):
+        raise ValueError(f"{where}{name} is {type(v).__name__}"
+                         f"{' of ' + str(size) + ' elements' if size is not None else ''}; "
+                         f"expected a number or a one-element array")
+    return float(v.item() if not hasattr(v, "reshape") else v.reshape(-1)[0].item())
+
+
+def check_amp(grad_scale, found_inf, where: str) -> tuple:
+    """(1 / ``grad_scale`` as a float or ``None``, whether ``found_inf`` skips the step),
+    checked: a scale must be a finite number > 0."""
+    inv, skip = None, False
+    if found_inf is not None:
+        f = _one_number(found_inf, "found_inf", where)
+        skip = f != 0.0                              # NaN too: something was not finite
+    if grad_scale is not None:
+        s = _one_number(grad_scale, "grad_scale", where)
+        if not (math.isfinite(s) and s > 0):
+            raise ValueError(f"{where}grad_scale={s!r} is invalid: expected a finite "
+                             f"number > 0")
+        inv = 1.0 / s
+    return inv, skip
+
+
 def guard_verdict(opt, sumsq: float, finite: bool):
     """From the grads' float64 sum of squares and whether all are finite: the factor a step
     multiplies grads by (``clip_grad_norm_``'s, 1 without ``max_grad_norm``), or ``None``
@@ -369,6 +400,7 @@ class Optimizer:
         rule = self.rule
         self.max_grad_norm, self.skip_nonfinite = check_guard(*guard, f"{rule.name}(): ")
         self.skipped_steps, self.last_step_skipped, self.last_grad_norm = 0, False, None
+        self._grad_factor = False      # kernels multiply grads by a per-step factor (_clip)
         self._known = frozenset(rule.hypers) | frozenset(rule.options)
         self._defaults = defaults
         groups = self._normalize_params(params)
@@ -550,7 +582,7 @@ class Optimizer:
             for arg, value, expected in rule.check(SimpleNamespace(**h), SimpleNamespace(**opt)):
                 raise ValueError(f"{where}{arg}={value!r} is invalid: expected {expected}")
         flags = rule.static_flags(h, opt)
-        if self.max_grad_norm is not None:
+        if self.max_grad_norm is not None or getattr(self, "_grad_factor", False):
             flags._clip = True
         if self.capturable and _plan(rule, flags).norms:
             raise ValueError(f"{where}{rule.name} takes per-array norms (trust_ratio), which "
@@ -901,13 +933,37 @@ class Optimizer:
         return self._entries
 
     # ------------------------------------------------------------------ stepping
-    def step(self, grads) -> None:
+    def step(self, grads, grad_scale=None, found_inf=None) -> None:
         """Apply one update to every param in place, with ``grads`` matching params.
+
+        ``grad_scale`` (loss scaling, as torch's fused optimizers take it): the kernels use
+        each grad divided by it; ``found_inf`` non-zero: the whole step is skipped (params,
+        state and step count unchanged), as a non-finite grad under ``skip_nonfinite``.
+        Each a number or a one-element array.
 
         Everything is checked and every kernel is built before anything changes: a step
         either updates every param and advances the step count, or raises and changes
         nothing."""
         flat = self._check_grads(grads)
+        inv_scale = None
+        if grad_scale is not None or found_inf is not None:
+            inv_scale, skip = check_amp(grad_scale, found_inf, f"{self.rule.name}.step(): ")
+            if self.capturable:
+                raise ValueError("grad_scale and found_inf are not supported with "
+                                 "capturable=True yet (their decision would wait on the "
+                                 "host); use capturable=False")
+            if skip:
+                self.skipped_steps += 1
+                self.last_step_skipped = True
+                return
+            self.last_step_skipped = False
+            if inv_scale == 1.0:
+                inv_scale = None
+            elif not self._grad_factor:
+                self._use_grad_factor()
+        elif self.last_step_skipped and not (self.max_grad_norm is not None
+                                             or self.skip_nonfinite):
+            self.last_step_skipped = False   # (a guard sets it itself)
         if self._norm_combine is not None and not isinstance(flat, np.ndarray):
             flat = np.fromiter((g.ctypes.data for g in flat), np.int64, len(flat))
         entries = None if isinstance(flat, np.ndarray) else self._launchers()
@@ -924,15 +980,19 @@ class Optimizer:
             return self._step_device(self._kern, flat)
         scale = None
         if self.max_grad_norm is not None or self.skip_nonfinite:
-            scale = self._grad_guard(flat)
+            scale = self._grad_guard(flat, inv_scale)
             if scale is None:                # a non-finite grad: the whole step is skipped
                 return
+        if inv_scale is not None:            # the unscaled grads, then the clip factor
+            scale = inv_scale * (scale if self.max_grad_norm is not None else 1.0)
+        elif self.max_grad_norm is None:
+            scale = None
         scal, carry = [], self._carry
         for gi, g in enumerate(self.param_groups):
             lr = g["lr"]
             h = {**g, "lr": self._call_lr(gi, lr, t)} if callable(lr) else g
-            if scale is not None and self.max_grad_norm is not None:
-                h = {**h, "_clip": scale}
+            if self._grad_factor or self.max_grad_norm is not None:
+                h = {**h, "_clip": 1.0 if scale is None else scale}
             if self.rule.carry:
                 h, carry = self._carried(gi, h, t, carry)
             scal.append(self._prepare[gi](h, t))
@@ -943,14 +1003,28 @@ class Optimizer:
                 return self._launch_all(entries, flat, scal, tables)
         self._launch_all(entries, flat, scal, tables)
 
-    def _grad_guard(self, flat):
+    def _grad_guard(self, flat, inv_scale=None):
         """``max_grad_norm`` / ``skip_nonfinite``: one read of every grad, then the factor
         the step multiplies grads by (1 without clipping), or ``None`` where the step is
-        skipped (a NaN or infinity in a grad, or a norm that is not finite)."""
+        skipped (a NaN or infinity in a grad, or a norm that is not finite). With a loss
+        scale, the norm is the unscaled grads': the scaled grads' divided by the scale."""
         sizes = self._sizes
         if sizes is None:
             sizes = self._sizes = np.array([p.size for p in self._params], np.int64)
-        return guard_verdict(self, *self.backend.grad_stats(flat, sizes, self.dtype))
+        sumsq, finite = self.backend.grad_stats(flat, sizes, self.dtype)
+        if inv_scale is not None:
+            sumsq *= inv_scale * inv_scale
+        return guard_verdict(self, sumsq, finite)
+
+    def _use_grad_factor(self):
+        """From the first step with a loss scale on: kernels that multiply grads by a
+        per-step factor (``1 / grad_scale``, times the clip factor with ``max_grad_norm``),
+        built once; steps without a scale pass 1, which changes no bit."""
+        for gi, f in enumerate(self._flags):
+            self._flags[gi] = SimpleNamespace(**{**vars(f), "_clip": True})  # plans keep theirs
+            self._refresh_views(gi)
+        self._grad_factor = True
+        self._kern, self._launch_key = None, None
 
     def _carried(self, gi, h, t, carry):
         """(``h`` with group ``gi``'s carried scalars, the carry list after this step)."""

@@ -27,7 +27,7 @@ from torch.optim import Optimizer as _TorchOptimizer
 
 from . import backends as _backends
 from . import interop
-from .optim import _kernel, _plan, check_guard, check_value, guard_verdict
+from .optim import _kernel, _plan, check_amp, check_guard, check_value, guard_verdict
 from .spec import carry_init, host_scalars
 from .rules import RULES
 
@@ -71,6 +71,10 @@ class Optimizer(_TorchOptimizer):
 
     rule = None
     _torch_defaults: dict = {}
+    # torch.amp.GradScaler hands the loss scale and its inf check to step() (as the
+    # attributes grad_scale and found_inf) instead of unscaling the grads itself
+    _step_supports_amp_scaling = True
+    _grad_factor = False          # kernels multiply grads by a per-step factor (_clip)
 
     def __init__(self, params, *args, backend: str | None = None, max_grad_norm=None,
                  skip_nonfinite: bool = False, **kwargs):
@@ -146,8 +150,8 @@ class Optimizer(_TorchOptimizer):
         vals = self._check_group(group, where)
         h = {n: vals[n] for n in rule.hypers}
         flags = rule.static_flags(h, {n: vals[n] for n in rule.options})
-        if self.max_grad_norm is not None:
-            flags._clip = True                 # grads times the step's clip factor
+        if self.max_grad_norm is not None or self._grad_factor:
+            flags._clip = True                 # grads times the step's factor
         self._checked_groups[id(group)] = (key, h, flags)
         return h, flags
 
@@ -232,6 +236,17 @@ class Optimizer(_TorchOptimizer):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
+        inv_scale, skip = None, False
+        grad_scale, found_inf = (getattr(self, "grad_scale", None),
+                                 getattr(self, "found_inf", None))
+        if grad_scale is not None or found_inf is not None:   # set by torch.amp.GradScaler
+            inv_scale, skip = check_amp(grad_scale, found_inf, f"{type(self).__name__}"
+                                                               f".step(): ")
+            if inv_scale == 1.0:
+                inv_scale = None
+            if inv_scale is not None and not self._grad_factor:
+                self._grad_factor = True       # from now on, kernels with a grad factor
+                self._checked_groups.clear()   # (a factor of 1 changes no bit)
         work = []
         for gi, group in enumerate(self.param_groups):     # check everything first
             where = f"param_groups[{gi}]: "
@@ -263,22 +278,30 @@ class Optimizer(_TorchOptimizer):
                                      f"memory: model.to(memory_format=torch.contiguous_format)")
                 items.append((p, g))
             work.append((group, hf, items))
+        if skip:                              # found_inf: the whole step is skipped
+            self.skipped_steps += 1
+            self.last_step_skipped = True
+            return loss
         clip = None
         if self.max_grad_norm is not None or self.skip_nonfinite:
-            clip = self._grad_guard([g for _, _, items in work for _, g in items])
+            clip = self._grad_guard([g for _, _, items in work for _, g in items], inv_scale)
             if clip is None:                  # a non-finite grad: the whole step is skipped
                 return loss
+        else:
+            self.last_step_skipped = False
+        factor = (1.0 if clip is None or self.max_grad_norm is None else clip) * \
+            (1.0 if inv_scale is None else inv_scale)     # unscaled, then clipped
         for group, (h, flags), items in work:
             if items:
-                if self.max_grad_norm is not None:
-                    h = {**h, "_clip": clip}
+                if self.max_grad_norm is not None or self._grad_factor:
+                    h = {**h, "_clip": factor}
                 self._step_group(group, (h, flags), items)
         return loss
 
-    def _grad_guard(self, grads):
+    def _grad_guard(self, grads, inv_scale=None):
         """``max_grad_norm`` / ``skip_nonfinite`` (as the native classes'): one read of every
         grad on the host backend; the factor grads are multiplied by, or ``None`` where the
-        step is skipped."""
+        step is skipped. With a loss scale: the unscaled grads' norm."""
         if any(g.device.type != "cpu" for g in grads):
             raise ValueError(f"{type(self).__name__}: max_grad_norm and skip_nonfinite run "
                              f"on CPU tensors only yet (CUDA grads: clip with "
@@ -290,6 +313,8 @@ class Optimizer(_TorchOptimizer):
             sizes = np.array([v.size for v in views], np.int64)
             s, f = backend.grad_stats(views, sizes, _DTYPES[dtype])
             sumsq, finite = sumsq + s, finite and f
+        if inv_scale is not None:
+            sumsq *= inv_scale * inv_scale
         return guard_verdict(self, sumsq, finite)
 
     def _step_group(self, group, hf, items):
