@@ -33,6 +33,7 @@ it needs ``mpi4py`` (``pip install "hwoptim[distributed]"``, which brings MPICH'
 """
 from __future__ import annotations
 
+import contextlib
 import os
 import pathlib
 import pickle
@@ -57,7 +58,8 @@ class ShardedOptimizer:
     """ZeRO stage 1 over MPI for a native hwoptim rule class: see the module docstring."""
 
     def __init__(self, opt_class, params, comm=None, *, bucket_bytes: int = 16 << 20,
-                 timeout: float | None = 600.0, **hyperparameters):
+                 timeout: float | None = 600.0, transport: str | None = None,
+                 **hyperparameters):
         self.comm = comm = _world() if comm is None else comm
         self.world, self.rank = comm.Get_size(), comm.Get_rank()
         if timeout is not None and not (isinstance(timeout, (int, float)) and timeout > 0):
@@ -73,6 +75,10 @@ class ShardedOptimizer:
         groups, self._torch = self._agree("ShardedOptimizer()", lambda: _groups(params))
         self.groups = groups
         self.dtype = np.dtype(groups[0]["params"][0].dtype)
+        self.transport = self._agree("ShardedOptimizer()",
+                                     lambda: _transport(transport, groups[0]["params"][0]))
+        first = groups[0]["params"][0]
+        self._xp = np if isinstance(first, np.ndarray) else sys.modules["cupy"]
         layout = [(str(self.dtype), [tuple(p.shape) for p in g["params"]]) for g in groups]
         theirs = comm.allgather(layout)
         for rk, lay in enumerate(theirs):
@@ -85,17 +91,24 @@ class ShardedOptimizer:
         align = max(1, ALIGN_BYTES // self.dtype.itemsize)
         b = max(align, bucket_bytes // self.dtype.itemsize // align * align)
         self._buckets = [(s0, min(s0 + b, self._seg)) for s0 in range(0, self._seg, b)]
-        self._send = np.empty(self.world * self._seg, self.dtype)
-        self._recv = np.empty(self._seg, self.dtype)
+        xp = self._xp
+        with _on_device(first):
+            self._send = xp.empty(self.world * self._seg, self.dtype)
+            self._recv = xp.empty(self._seg, self.dtype)
+        # what MPI reads and writes: the buffers themselves, or host copies of them
+        self._send_h, self._recv_h = ((_host_buffer(self._send), _host_buffer(self._recv))
+                                      if self.transport == "staged"
+                                      else (self._send, self._recv))
         self._flat_params = [p.reshape(-1) for g in groups for p in g["params"]]
         self._plan_copies()
         inner_groups, self._pieces = [], []
         for g, sl in zip(groups, self._slices):
             views = [g["params"][i].reshape(-1)[a:b] for i, a, b in sl["pieces"]]
             if not views:                     # a one-element stand-in (see the docstring)
-                sl["standin"] = np.zeros(1, self.dtype)
-                views = [sl["standin"]]
-                self._pieces.append(np.zeros(1, self.dtype))
+                with _on_device(first):
+                    sl["standin"] = xp.zeros(1, self.dtype)
+                    views = [sl["standin"]]
+                    self._pieces.append(xp.zeros(1, self.dtype))
             for i, a, b in sl["pieces"]:      # this slice's averaged grads, in _recv
                 start = sl["at"] + int(sl["offs"][i]) + a - sl["lo"]
                 self._pieces.append(self._recv[start:start + b - a])
@@ -151,9 +164,9 @@ class ShardedOptimizer:
         if (flags[:, 1] != digest).any():
             theirs = self.comm.allgather(same)
             rk = next(r for r, t in enumerate(theirs) if t != same)
-            raise ValueError(f"{what}: param_groups differ across ranks: rank {rk} has "
-                             f"{theirs[rk]}, rank {self.rank} has {same}; set them the same "
-                             f"on every rank")
+            raise ValueError(f"{what}: param_groups or grad_scale differ across ranks: rank "
+                             f"{rk} has {theirs[rk]}, rank {self.rank} has {same}; set them "
+                             f"the same on every rank")
         return out
 
     def _flags_of(self, flag: bool, what: str, digest: int = 0) -> np.ndarray:
@@ -200,7 +213,7 @@ class ShardedOptimizer:
     def step_count(self) -> int:
         return self.inner.step_count
 
-    def reduce_grads(self, grads=None) -> None:
+    def reduce_grads(self, grads=None, *, _also=None, _same=""):
         """Start averaging this rank's ``grads`` across ranks and return: the reduce-scatter
         runs in buckets of ``bucket_bytes``, non-blocking, while the caller does other work
         (call :meth:`poll` now and then to let MPI progress it); :meth:`step` then finishes
@@ -209,8 +222,10 @@ class ShardedOptimizer:
             raise RuntimeError("reduce_grads() was already called; call step() (without "
                                "grads) to finish that step first")
         t0 = time.perf_counter()
-        flat = self._agree("step()", lambda: self._check(grads), same=repr(
-            [{k: v for k, v in g.items() if k != "params"} for g in self.inner.param_groups]))
+        flat, also = self._agree("step()", lambda: (self._check(grads), _also and _also()),
+                                 same=_same + repr([{k: v for k, v in g.items()
+                                                     if k != "params"}
+                                                    for g in self.inner.param_groups]))
         from mpi4py import MPI
         reqs, w = [], self.world
         for k, (s0, s1) in enumerate(self._buckets):
@@ -218,37 +233,51 @@ class ShardedOptimizer:
                 self._gather_into(self._recv, self._rs_plan[k], flat)
                 continue
             self._gather_into(self._send, self._rs_plan[k], flat)
-            reqs.append(self.comm.Ireduce_scatter_block(self._send[w * s0:w * s1],
-                                                        self._recv[s0:s1], op=MPI.SUM))
+            self._d2h(self._send[w * s0:w * s1], self._send_h[w * s0:w * s1])
+            reqs.append(self.comm.Ireduce_scatter_block(self._send_h[w * s0:w * s1],
+                                                        self._recv_h[s0:s1], op=MPI.SUM))
             if len(reqs) > 1:
                 MPI.Request.Testall(reqs)     # lets MPI move the buckets already started
         self._pending = reqs
         self._t_start = (t0, time.perf_counter())
+        return also
 
     def poll(self) -> bool:
         """Let MPI progress a started :meth:`reduce_grads`; whether it has completed."""
         from mpi4py import MPI
         return self._pending is None or MPI.Request.Testall(self._pending)
 
-    def step(self, grads=None) -> None:
+    def step(self, grads=None, grad_scale=None, found_inf=None) -> None:
         """One step with this rank's local ``grads`` (matching params; torch params' ``.grad``
         where omitted), or finishing a :meth:`reduce_grads` started before (then without
         grads): the grads averaged across ranks, the owned slice updated, the params
-        all-gathered in buckets."""
+        all-gathered in buckets. ``grad_scale`` (the same on every rank) and ``found_inf``
+        as the wrapped class takes them; a ``found_inf`` on any rank skips the step on all."""
+        from .optim import check_amp
+        amp = grad_scale is not None or found_inf is not None
+
+        def checked():
+            return check_amp(grad_scale, found_inf, "step(): ") if amp else (None, False)
         if self._pending is None:
-            self.reduce_grads(grads)
+            skip = self.reduce_grads(grads, _also=checked, _same=repr(grad_scale))[1]
         elif grads is not None:
             raise RuntimeError("reduce_grads() already took this step's grads; call step() "
                                "without grads")
+        else:
+            skip = self._agree("step()", checked, same=repr(grad_scale))[1]
+        if found_inf is not None:                # found anywhere: skipped everywhere
+            skip = bool(self._flags_of(skip, "step(): found_inf")[:, 0].any())
         reqs, self._pending = self._pending, None
         t0, t1 = self._t_start
         self._wait(reqs, "step(): the grads' reduce-scatter")
         if self.world > 1:
-            np.divide(self._recv, self.world, out=self._recv)   # the sum / R, as DDP
+            self._h2d(self._recv_h, self._recv)
+            self._xp.divide(self._recv, self.world, out=self._recv)   # the sum / R, as DDP
+        kw = {} if not amp else dict(grad_scale=grad_scale, found_inf=1.0 if skip else None)
         t2 = time.perf_counter()
         err = None
         try:
-            self.inner.step(self._pieces)
+            self.inner.step(self._pieces, **kw)
         except BaseException as e:           # noqa: BLE001 - see below
             err = e
         failed = self._flags_of(err is not None, "step(): the update")[:, 0]
@@ -287,6 +316,9 @@ class ShardedOptimizer:
         if inner.max_grad_norm is not None or inner.skip_nonfinite:
             inner._grad_guard = self._global_guard      # the norm of all ranks' slices
         if any(codegen.plan(inner.rule, f).norms for f in inner._flags):
+            if self._xp is not np:
+                raise ValueError(f"{inner.rule.name} takes per-param norms, which span ranks: "
+                                 f"sharded, they run on the CPU (numba) only yet")
             if not hasattr(inner._kernels()[0], "many"):
                 raise ValueError(f"{inner.rule.name} takes per-param norms, which span "
                                  f"ranks: sharded, they need the multi-tensor kernels of "
@@ -317,7 +349,7 @@ class ShardedOptimizer:
         out[real] = total[owner[real]]
         return out
 
-    def _global_guard(self, flat):
+    def _global_guard(self, flat, inv_scale=None):
         """The wrapped optimizer's grad guard over the averaged grads of every rank: each
         rank's float64 sum of squares and non-finite test of its slice, all-gathered and
         added in rank order (the same bits on every rank, so every rank takes the same
@@ -325,6 +357,8 @@ class ShardedOptimizer:
         from .optim import guard_verdict
         inner = self.inner
         sumsq, finite = inner.backend.grad_stats(flat, self._piece_sizes, inner.dtype)
+        if inv_scale is not None:             # the unscaled grads' (as the wrapped class)
+            sumsq *= inv_scale * inv_scale
         mine = np.array([sumsq, 0.0 if finite else 1.0])
         every = np.empty((self.world, 2))
         self._wait([self.comm.Iallgather(mine, every)], "step(): the grads' norm")
@@ -345,7 +379,7 @@ class ShardedOptimizer:
                 if gr is None:
                     raise ValueError(f"params[{i}].grad is None; expected every param to "
                                      f"have a grad (run backward first)")
-        if isinstance(grads, np.ndarray) or interop.foreign(grads):
+        if isinstance(grads, (np.ndarray, self._xp.ndarray)) or interop.foreign(grads):
             grads = [grads]
         grads = [interop.as_array(gr, f"grads[{i}]") if interop.foreign(gr) else gr
                  for i, gr in enumerate(grads)]
@@ -353,12 +387,14 @@ class ShardedOptimizer:
             raise ValueError(f"step() got {len(grads)} grads; expected {len(params)}, one "
                              f"per param")
         for i, (gr, p) in enumerate(zip(grads, params)):
-            if not isinstance(gr, np.ndarray) or gr.dtype != p.dtype or gr.shape != p.shape \
-                    or not gr.flags.c_contiguous:
-                what = (f"{gr.dtype} {gr.shape}" if isinstance(gr, np.ndarray)
+            if type(gr) is not type(p) or gr.dtype != p.dtype or gr.shape != p.shape \
+                    or not gr.flags.c_contiguous or _device_of(gr) != _device_of(p):
+                what = (f"{gr.dtype} {gr.shape}" if hasattr(gr, "dtype")
                         else type(gr).__name__)
-                raise ValueError(f"grads[{i}] is {what}; expected a C-contiguous {p.dtype} "
-                                 f"array of shape {p.shape} like params[{i}]")
+                raise ValueError(f"grads[{i}] is {what} ({type(gr).__module__}, "
+                                 f"{_device_of(gr)}); expected a C-contiguous {p.dtype} "
+                                 f"array of shape {p.shape} like params[{i}] "
+                                 f"({type(p).__module__}, {_device_of(p)})")
         return [gr.reshape(-1) for gr in grads]
 
     def _copies(self, rk, s0, s1, base):
@@ -394,6 +430,22 @@ class ShardedOptimizer:
                                   for c in self._copies(rk, s0, s1, w * s0 + rk * n)[0]])
         self._own_plan = self._copies(self.rank, 0, self._seg, 0)
 
+    def _d2h(self, dev, host):
+        """``transport="staged"``: a buffer's bytes into its host copy, for MPI to read."""
+        if self.transport == "staged":
+            if isinstance(dev, np.ndarray):
+                np.copyto(host, dev)
+            else:
+                dev.get(out=host)         # waits for the stream: the packing is done
+
+    def _h2d(self, host, dev):
+        """``transport="staged"``: what MPI wrote into a host copy, back into the buffer."""
+        if self.transport == "staged":
+            if isinstance(dev, np.ndarray):
+                np.copyto(dev, host)
+            else:
+                dev.set(host)             # ordered before the kernels that read it
+
     @staticmethod
     def _gather_into(buf, plan, arrays):
         copies, zeros = plan
@@ -406,12 +458,15 @@ class ShardedOptimizer:
         from mpi4py import MPI
         mine, w, params = self._recv, self.world, self._flat_params   # _recv: grads consumed
         self._gather_into(mine, self._own_plan, params)
-        reqs = [self.comm.Iallgather(mine[s0:s1], self._send[w * s0:w * s1])
+        self._d2h(mine, self._recv_h)
+        reqs = [self.comm.Iallgather(self._recv_h[s0:s1], self._send_h[w * s0:w * s1])
                 for s0, s1 in self._buckets]
         left, waited, full = set(range(len(reqs))), time.monotonic(), self._send
         while left:             # unpack each bucket as it arrives, while the others fly
             k = MPI.Request.Waitany(reqs) if self.timeout is None else self._any(reqs, waited)
             left.discard(k)
+            s0, s1 = self._buckets[k]
+            self._h2d(self._send_h[w * s0:w * s1], full[w * s0:w * s1])
             for j, a, b, at in self._ag_plan[k]:
                 params[j][a:b] = full[at:at + b - a]
 
@@ -443,7 +498,7 @@ class ShardedOptimizer:
         """The full state in the wrapped class's own ``state_dict`` format, on ``root``
         (``None`` elsewhere): ``opt_class(params).load_state_dict(it)`` resumes the same run
         in one process, and :meth:`load_state_dict` on any number of ranks."""
-        shard = self.state_dict()
+        shard = _on_host(self.state_dict())
         shards = self.comm.gather(shard, root=root)
         if self.rank != root:
             return None
@@ -510,7 +565,8 @@ class ShardedOptimizer:
                 k += 1
                 continue
             for i, a, b in sl["pieces"]:
-                state.append({n: np.ascontiguousarray(v) for n, v in fetch(gi, i, a, b).items()})
+                state.append({n: self._xp.ascontiguousarray(self._xp.asarray(v))
+                              for n, v in fetch(gi, i, a, b).items()})
                 k += 1
         shard = {**inner, "step": meta["step"], "state": state,
                  "param_groups": [{**g, "params": ig["params"]} for g, ig in
@@ -527,7 +583,7 @@ class ShardedOptimizer:
         versions are removed after. A crash before the rename leaves the previous checkpoint
         whole and loadable."""
         path = pathlib.Path(path)
-        inner = self.inner.state_dict()
+        inner = _on_host(self.inner.state_dict())
         version = self.comm.bcast(f"v{inner['step']}-{os.urandom(4).hex()}"
                                   if self.rank == 0 else None, root=0)
         flat, k = [], 0
@@ -650,6 +706,55 @@ def _read(path):
 _replace = os.replace            # tests stand in a failing one to crash a save half-way
 
 
+TRANSPORTS = ("direct", "staged")
+
+
+def _transport(name, first) -> str:
+    """The transport for params like ``first``: ``"direct"`` (MPI reads and writes the
+    arrays: NumPy ones, or CuPy ones where the MPI is CUDA-aware) or ``"staged"`` (through
+    host copies: CuPy arrays and an MPI that is not). ``name`` forces one."""
+    if name is not None:
+        if name not in TRANSPORTS:
+            raise ValueError(f"transport={name!r}; expected None or one of {TRANSPORTS}")
+        return name
+    if isinstance(first, np.ndarray):
+        return "direct"
+    from mpi4py import MPI
+    query = getattr(MPI, "Query_cuda_support", None)
+    return "direct" if query is not None and query() else "staged"
+
+
+def _on_device(a):
+    """The context that allocates on ``a``'s device (nothing to do for NumPy)."""
+    dev = getattr(a, "device", None)
+    return dev if hasattr(dev, "__enter__") else contextlib.nullcontext()
+
+
+def _device_of(a) -> str:
+    dev = getattr(a, "device", None)
+    return "cpu" if isinstance(a, np.ndarray) else f"cuda:{getattr(dev, 'id', dev)}"
+
+
+def _host_buffer(a) -> np.ndarray:
+    """A host array like ``a`` for MPI to use: page-locked where ``a`` is CuPy's (faster
+    copies to and from the device)."""
+    if isinstance(a, np.ndarray):
+        return np.empty_like(a)
+    import cupyx
+    return cupyx.empty_pinned(a.shape, a.dtype)
+
+
+def _on_host(sd):
+    """A state_dict with its arrays as NumPy arrays (CuPy ones copied to the host)."""
+    if isinstance(sd, dict):
+        return {k: _on_host(v) for k, v in sd.items()}
+    if isinstance(sd, list):
+        return [_on_host(v) for v in sd]
+    if hasattr(sd, "get") and hasattr(sd, "__cuda_array_interface__"):
+        return sd.get()
+    return sd
+
+
 def _native(opt_class, hyper):
     """A ``hwoptim.torch`` class's native twin (the same rule), with the torch class's
     defaults for what ``hyper`` leaves out; torch-only switches (``foreach``, ``fused``) that
@@ -674,7 +779,8 @@ def _groups(params) -> tuple:
     """(groups as dicts with ``"params"``: lists of C-contiguous NumPy float arrays, the
     torch tensors they view or ``None``): NumPy arrays as they are, torch CPU tensors (and
     other DLPack arrays) as zero-copy views."""
-    if isinstance(params, np.ndarray) or interop.foreign(params):
+    from .backends import family
+    if family(params) is not None or interop.foreign(params):
         params = [params]
     params = list(params)
     if not params:
@@ -684,22 +790,25 @@ def _groups(params) -> tuple:
     dtype, originals = None, []
     for gi, g in enumerate(groups):
         ps = g.get("params")
-        ps = [ps] if isinstance(ps, np.ndarray) or interop.foreign(ps) else list(ps or ())
+        ps = [ps] if family(ps) is not None or interop.foreign(ps) else list(ps or ())
         if not ps:
             raise ValueError(f"param_groups[{gi}] has no params")
         originals += ps
         ps = [interop.as_array(p, f"param_groups[{gi}] params[{j}]")
               if interop.foreign(p) else p for j, p in enumerate(ps)]
         for p in ps:
-            if not isinstance(p, np.ndarray) or not p.flags.c_contiguous or \
-                    not p.flags.writeable or p.dtype.kind != "f":
+            if family(p) is None or not p.flags.c_contiguous or p.dtype.kind != "f" or \
+                    (isinstance(p, np.ndarray) and not p.flags.writeable):
                 raise TypeError(f"param_groups[{gi}] holds {type(p).__name__}; expected "
-                                f"writeable C-contiguous NumPy float arrays or CPU torch "
-                                f"tensors")
+                                f"writeable C-contiguous float arrays (NumPy, CuPy, or torch "
+                                f"tensors)")
             if dtype is None:
-                dtype = p.dtype
+                dtype, kind = p.dtype, (type(p), _device_of(p))
             elif p.dtype != dtype:
                 raise TypeError(f"params are {dtype} and {p.dtype}; expected one dtype")
+            elif (type(p), _device_of(p)) != kind:
+                raise TypeError(f"params are on {kind[1]} and {_device_of(p)}; expected one "
+                                f"device")
         g["params"] = ps
     torch_params = originals if any(interop.foreign(p) for p in originals) else None
     return groups, torch_params

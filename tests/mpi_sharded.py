@@ -87,9 +87,12 @@ def check():
             salt = f"{rule.name}/{dtype}"
             mine, ref = _params(dtype, salt), _params(dtype, salt)
             lr = 1e-2
-            # buckets of 64 B (many), 128 B, and the default (one)
+            # buckets of 64 B (many), 128 B, the default (one); every other rule staged
+            # through host copies of the buffers (what CuPy arrays take without a
+            # CUDA-aware MPI), NumPy standing in for the device
             opt = ShardedOptimizer(cls, _groups(mine, lr, **second), lr=lr, **extra,
-                                   bucket_bytes=(64, 128, 4 << 20)[ri % 3])
+                                   bucket_bytes=(64, 128, 4 << 20)[ri % 3],
+                                   transport=("direct", "staged")[ri % 2])
             one = cls(_groups(ref, lr, **second), lr=lr, **extra)
             for t in range(STEPS):
                 g, avg = _grads(t, dtype, salt)
@@ -134,6 +137,7 @@ def check():
             done += 1
     _bad_grad_is_refused_everywhere()
     _guard()
+    _amp()
     if RANK == 0:
         print(f"OK check R={R}: {done} rule x dtype runs")
 
@@ -164,7 +168,7 @@ def _bad_grad_is_refused_everywhere():
         try:
             opt.step(g)
         except ValueError as e:
-            assert "param_groups differ across ranks" in str(e), str(e)
+            assert "differ across ranks" in str(e), str(e)
         else:
             raise AssertionError("param_groups that differ across ranks were not refused")
     opt.param_groups[1]["lr"] = 1e-2 * 0.5
@@ -205,6 +209,34 @@ def _guard():
         assert opt.last_step_skipped and opt.skipped_steps == 1 and opt.step_count == STEPS
         assert all(a.tobytes() == b.tobytes() for a, b in zip(flat_m, before))
         assert pickle.dumps(opt.state_dict()) == sd
+
+
+def _amp():
+    """Loss scaling: grads scaled by 2^10 with grad_scale=2^10 give the unscaled step's
+    bytes (on every rank, and as one process on the averaged unscaled grads); a found_inf on
+    one rank skips the step on every rank."""
+    mine, ref = _params("float32", "amp"), _params("float32", "amp")
+    opt = ShardedOptimizer(hwoptim.Adam, _groups(mine, 1e-2), lr=1e-2, bucket_bytes=128)
+    one = hwoptim.Adam(_groups(ref, 1e-2), lr=1e-2)
+    for t in range(STEPS):
+        g, avg = _grads(t, "float32", "amp")
+        if t == 1:
+            opt.reduce_grads([x * np.float32(1024) for x in g])
+            opt.step(grad_scale=1024.0)
+        else:
+            opt.step([x * np.float32(1024) for x in g], grad_scale=np.float32(1024))
+        one.step(avg)
+    flat_m, flat_r = [p for grp in mine for p in grp], [p for grp in ref for p in grp]
+    for a, b in zip(flat_m, flat_r):
+        assert a.tobytes() == b.tobytes(), f"scaled steps on {R} ranks: {a} vs {b}"
+    before = [p.copy() for p in flat_m]
+    g, _ = _grads(STEPS, "float32", "amp")
+    opt.step(g, grad_scale=1024.0, found_inf=1.0 if RANK == R - 1 else 0.0)
+    assert opt.last_step_skipped and opt.step_count == STEPS
+    assert all(a.tobytes() == b.tobytes() for a, b in zip(flat_m, before))
+    opt.step(g, grad_scale=1024.0, found_inf=0.0)
+    assert not opt.last_step_skipped and opt.step_count == STEPS + 1
+    _same_everywhere(flat_m, "after found_inf")
 
 
 def save(path):
@@ -325,6 +357,37 @@ def torch_params():
         print(f"OK torch R={R}")
 
 
+def gpu():
+    """CuPy params on the one GPU every rank shares: the host-staged transport (or direct,
+    where the MPI is CUDA-aware); the params the same bytes as one process's CuPy optimizer
+    on the averaged grads, for Adam and SGD, float32 and float64; the checkpoint state on
+    the host."""
+    import cupy
+    for name in ("Adam", "SGD"):
+        cls = getattr(hwoptim, name)
+        for dtype in ("float32", "float64"):
+            host = _params(dtype, f"gpu/{name}")
+            mine = [[cupy.asarray(p) for p in grp] for grp in host]
+            ref = [[cupy.asarray(p) for p in grp] for grp in host]
+            opt = ShardedOptimizer(cls, _groups(mine, 1e-2), lr=1e-2, bucket_bytes=128)
+            one = cls(_groups(ref, 1e-2), lr=1e-2)
+            for t in range(STEPS):
+                g, avg = _grads(t, dtype, f"gpu/{name}")
+                opt.step([cupy.asarray(x) for x in g])
+                one.step([cupy.asarray(x) for x in avg])
+            for a, b in zip([p for grp in mine for p in grp], [p for grp in ref for p in grp]):
+                assert a.get().tobytes() == b.get().tobytes(), \
+                    f"{name} {dtype} on the GPU, {R} ranks ({opt.transport})"
+            _same_everywhere([p.get() for grp in mine for p in grp], f"gpu {name} {dtype}")
+            full = opt.consolidated_state_dict()
+            if RANK == 0:
+                for a, b in zip(full["state"], one.state_dict()["state"]):
+                    for k in a:
+                        assert np.array_equal(np.asarray(a[k]), cupy.asnumpy(b[k])), k
+    if RANK == 0:
+        print(f"OK gpu R={R} ({opt.transport})")
+
+
 def fault(kind, timeout):
     """A rank that fails inside the update (``raise``), or never arrives (``hang``): the
     others must not wait forever. Ends the job through MPI_Abort; never prints OK."""
@@ -352,6 +415,7 @@ if __name__ == "__main__":
          "checkpoint-save": lambda: checkpoint(sys.argv[2], "save"),
          "checkpoint-load": lambda: checkpoint(sys.argv[2], "load"),
          "torch": torch_params,
+         "gpu": gpu,
          "fault": lambda: fault(sys.argv[2], sys.argv[3])}[mode]()
     except BaseException:             # a failed check on one rank ends every rank at once
         traceback.print_exc()

@@ -770,3 +770,52 @@ def test_torch_dropin_on_cuda_equals_cpu():
     for other in out[1:]:
         for a, b in zip(out[0], other):
             assert float((a - b).abs().max() / b.abs().max()) <= 1e-12
+
+
+# ----------------------------------------------------------------------------- loss scaling
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_grad_scale_and_found_inf_on_the_gpu(dtype):
+    """step(grads, grad_scale=2^10) on CuPy arrays is the unscaled step bit for bit; a
+    found_inf step changes nothing (read on the host: one synchronisation, for now)."""
+    rng = np.random.default_rng(5)
+    init = rng.standard_normal(N).astype(dtype)
+    a_p, b_p = cupy.asarray(init), cupy.asarray(init)
+    a, b = hwoptim.Adam(a_p, lr=1e-2), hwoptim.Adam(b_p, lr=1e-2)
+    for _ in range(5):
+        g = cupy.asarray(rng.standard_normal(N).astype(dtype))
+        a.step(g * 1024, grad_scale=1024.0)
+        b.step(g)
+    assert cupy.array_equal(a_p, b_p)
+    before = a_p.copy()
+    a.step(g, grad_scale=cupy.asarray([1024.0], np.float32), found_inf=cupy.ones(1))
+    assert cupy.array_equal(a_p, before) and a.step_count == 5 and a.skipped_steps == 1
+
+
+# ----------------------------------------------------------------------------- sharded
+
+def test_sharded_ranks_share_one_gpu():
+    """ShardedOptimizer with CuPy params, 2 and 3 mpiexec ranks on the one GPU: the
+    host-staged transport (the MPICH wheel is not CUDA-aware), the same bytes as one
+    process (tests/mpi_sharded.py's ``gpu`` mode). Needs mpi4py and mpiexec there."""
+    import pathlib
+    import shutil
+    import subprocess
+    import sys
+    try:
+        import mpi4py  # noqa: F401
+    except ImportError as e:
+        pytest.skip(f"mpi4py is not installed here ({e}): pip install mpi4py mpich")
+    exe = shutil.which("mpiexec", path=os.pathsep.join(
+        [str(pathlib.Path(sys.executable).parent), os.environ.get("PATH", "")]))
+    if exe is None:
+        pytest.skip("no mpiexec on PATH")
+    here = pathlib.Path(__file__).resolve().parent
+    env = dict(os.environ, NUMBA_NUM_THREADS="1", PYTHONPATH=os.pathsep.join(
+        [str(here.parent), os.environ.get("PYTHONPATH", "")]))
+    for ranks in (2, 3):
+        res = subprocess.run([exe, "-n", str(ranks), sys.executable,
+                              str(here / "mpi_sharded.py"), "gpu"], capture_output=True,
+                             text=True, timeout=300, env=env)
+        assert res.returncode == 0 and f"OK gpu R={ranks}" in res.stdout, \
+            f"{res.stdout}\n{res.stderr[-4000:]}"
