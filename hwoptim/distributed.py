@@ -95,6 +95,13 @@ class ShardedOptimizer:
         with _on_device(first):
             self._send = xp.empty(self.world * self._seg, self.dtype)
             self._recv = xp.empty(self._seg, self.dtype)
+        if self.transport == "nccl":          # one communicator, its id sent over MPI
+            from cupy.cuda import nccl
+            uid = comm.bcast(nccl.get_unique_id() if self.rank == 0 else None, root=0)
+            with _on_device(first):
+                self._nccl = self._agree("ShardedOptimizer()", lambda: nccl.NcclCommunicator(
+                    self.world, uid, self.rank))
+            self._nccl_type = {4: nccl.NCCL_FLOAT32, 8: nccl.NCCL_FLOAT64}[self.dtype.itemsize]
         # what MPI reads and writes: the buffers themselves, or host copies of them
         self._send_h, self._recv_h = ((_host_buffer(self._send), _host_buffer(self._recv))
                                       if self.transport == "staged"
@@ -178,15 +185,20 @@ class ShardedOptimizer:
         return out
 
     def _wait(self, reqs, what) -> None:
-        """Wait for the requests ``reqs``; past ``timeout`` seconds, abort every rank with a
-        message saying what did not complete (a rank that died, hangs, or stopped calling
-        the collective would otherwise leave the others waiting forever)."""
-        from mpi4py import MPI
+        """Wait for ``reqs`` (MPI requests, or CUDA events after NCCL's collectives); past
+        ``timeout`` seconds, abort every rank with a message saying what did not complete
+        (a rank that died, hangs, or stopped calling the collective would otherwise leave
+        the others waiting forever)."""
         if self.timeout is None:
-            MPI.Request.Waitall(reqs)
+            if reqs and hasattr(reqs[0], "synchronize"):
+                for e in reqs:
+                    e.synchronize()
+            else:
+                from mpi4py import MPI
+                MPI.Request.Waitall(reqs)
             return
         deadline = time.monotonic() + self.timeout
-        while not MPI.Request.Testall(reqs):
+        while not _test_all(reqs):
             if time.monotonic() > deadline:
                 self._abort(f"{what} did not complete within timeout={self.timeout} s: "
                             f"another rank has died, hangs, or did not call it")
@@ -233,19 +245,43 @@ class ShardedOptimizer:
                 self._gather_into(self._recv, self._rs_plan[k], flat)
                 continue
             self._gather_into(self._send, self._rs_plan[k], flat)
-            self._d2h(self._send[w * s0:w * s1], self._send_h[w * s0:w * s1])
-            reqs.append(self.comm.Ireduce_scatter_block(self._send_h[w * s0:w * s1],
-                                                        self._recv_h[s0:s1], op=MPI.SUM))
+            reqs.append(self._start(k, gather=False))
             if len(reqs) > 1:
-                MPI.Request.Testall(reqs)     # lets MPI move the buckets already started
+                _test_all(reqs)               # lets MPI move the buckets already started
         self._pending = reqs
         self._t_start = (t0, time.perf_counter())
         return also
 
     def poll(self) -> bool:
         """Let MPI progress a started :meth:`reduce_grads`; whether it has completed."""
+        return self._pending is None or _test_all(self._pending)
+
+    def _start(self, k, gather: bool):
+        """Start bucket ``k``'s reduce-scatter (grads, ``_send`` -> ``_recv``) or all-gather
+        (params, ``_recv`` -> ``_send``): an MPI request, or with NCCL a CUDA event recorded
+        after the collective on the current stream."""
+        s0, s1 = self._buckets[k]
+        w, n = self.world, s1 - s0
+        whole, mine = slice(w * s0, w * s1), slice(s0, s1)
+        if self.transport == "nccl":
+            import cupy
+            from cupy.cuda import nccl
+            stream = cupy.cuda.get_current_stream()
+            if gather:
+                self._nccl.allGather(self._recv[mine].data.ptr, self._send[whole].data.ptr, n,
+                                     self._nccl_type, stream.ptr)
+            else:
+                self._nccl.reduceScatter(self._send[whole].data.ptr, self._recv[mine].data.ptr,
+                                         n, self._nccl_type, nccl.NCCL_SUM, stream.ptr)
+            done = cupy.cuda.Event(block=False, disable_timing=True)
+            done.record(stream)
+            return done
         from mpi4py import MPI
-        return self._pending is None or MPI.Request.Testall(self._pending)
+        if gather:
+            return self.comm.Iallgather(self._recv_h[mine], self._send_h[whole])
+        self._d2h(self._send[whole], self._send_h[whole])
+        return self.comm.Ireduce_scatter_block(self._send_h[whole], self._recv_h[mine],
+                                               op=MPI.SUM)
 
     def step(self, grads=None, grad_scale=None, found_inf=None) -> None:
         """One step with this rank's local ``grads`` (matching params; torch params' ``.grad``
@@ -458,25 +494,25 @@ class ShardedOptimizer:
         from mpi4py import MPI
         mine, w, params = self._recv, self.world, self._flat_params   # _recv: grads consumed
         self._gather_into(mine, self._own_plan, params)
-        self._d2h(mine, self._recv_h)
-        reqs = [self.comm.Iallgather(self._recv_h[s0:s1], self._send_h[w * s0:w * s1])
-                for s0, s1 in self._buckets]
-        left, waited, full = set(range(len(reqs))), time.monotonic(), self._send
+        self._d2h(mine, self._recv_h)          # (staged: all buckets' bytes at once)
+        reqs = [self._start(k, gather=True) for k in range(len(self._buckets))]
+        left, waited, full = list(range(len(reqs))), time.monotonic(), self._send
         while left:             # unpack each bucket as it arrives, while the others fly
-            k = MPI.Request.Waitany(reqs) if self.timeout is None else self._any(reqs, waited)
-            left.discard(k)
+            k = self._next_done(reqs, left, waited)
+            left.remove(k)
             s0, s1 = self._buckets[k]
             self._h2d(self._send_h[w * s0:w * s1], full[w * s0:w * s1])
             for j, a, b, at in self._ag_plan[k]:
                 params[j][a:b] = full[at:at + b - a]
 
-    def _any(self, reqs, since):
-        from mpi4py import MPI
+    def _next_done(self, reqs, left, since):
+        """The index in ``left`` of a completed request (waiting for one), under the
+        timeout."""
         while True:
-            k, done = MPI.Request.Testany(reqs)
-            if done and k != MPI.UNDEFINED:
-                return k
-            if time.monotonic() - since > self.timeout:
+            for k in left:
+                if _test_all([reqs[k]]):
+                    return k
+            if self.timeout is not None and time.monotonic() - since > self.timeout:
                 self._abort(f"step(): the params' all-gather did not complete within "
                             f"timeout={self.timeout} s: another rank has died or hangs")
             os.sched_yield()
@@ -706,16 +742,32 @@ def _read(path):
 _replace = os.replace            # tests stand in a failing one to crash a save half-way
 
 
-TRANSPORTS = ("direct", "staged")
+TRANSPORTS = ("direct", "staged", "nccl")
+
+
+def _test_all(reqs) -> bool:
+    """Whether every request has completed (MPI requests: progressing them; CUDA events)."""
+    if reqs and hasattr(reqs[0], "synchronize"):
+        return all(e.done for e in reqs)
+    from mpi4py import MPI
+    return MPI.Request.Testall(reqs)
 
 
 def _transport(name, first) -> str:
     """The transport for params like ``first``: ``"direct"`` (MPI reads and writes the
-    arrays: NumPy ones, or CuPy ones where the MPI is CUDA-aware) or ``"staged"`` (through
-    host copies: CuPy arrays and an MPI that is not). ``name`` forces one."""
+    arrays: NumPy ones, or CuPy ones where the MPI is CUDA-aware), ``"staged"`` (through
+    host copies: CuPy arrays and an MPI that is not), or ``"nccl"`` (CuPy arrays, one GPU
+    per rank; only when asked for). ``name`` forces one."""
     if name is not None:
         if name not in TRANSPORTS:
             raise ValueError(f"transport={name!r}; expected None or one of {TRANSPORTS}")
+        if name == "nccl":
+            if isinstance(first, np.ndarray):
+                raise ValueError("transport='nccl' moves CuPy arrays; these params are NumPy's")
+            from cupy.cuda import nccl
+            if not nccl.available:
+                raise ValueError("transport='nccl': this CuPy has no NCCL (pip install "
+                                 "nvidia-nccl-cu12, or use 'staged')")
         return name
     if isinstance(first, np.ndarray):
         return "direct"

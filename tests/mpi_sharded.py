@@ -357,11 +357,11 @@ def torch_params():
         print(f"OK torch R={R}")
 
 
-def gpu():
+def gpu(transport=None):
     """CuPy params on the one GPU every rank shares: the host-staged transport (or direct,
-    where the MPI is CUDA-aware); the params the same bytes as one process's CuPy optimizer
-    on the averaged grads, for Adam and SGD, float32 and float64; the checkpoint state on
-    the host."""
+    where the MPI is CUDA-aware; or ``transport``, e.g. ``nccl`` on one rank); the params the
+    same bytes as one process's CuPy optimizer on the averaged grads, for Adam and SGD,
+    float32 and float64; the consolidated state on the host."""
     import cupy
     for name in ("Adam", "SGD"):
         cls = getattr(hwoptim, name)
@@ -369,7 +369,8 @@ def gpu():
             host = _params(dtype, f"gpu/{name}")
             mine = [[cupy.asarray(p) for p in grp] for grp in host]
             ref = [[cupy.asarray(p) for p in grp] for grp in host]
-            opt = ShardedOptimizer(cls, _groups(mine, 1e-2), lr=1e-2, bucket_bytes=128)
+            opt = ShardedOptimizer(cls, _groups(mine, 1e-2), lr=1e-2, bucket_bytes=128,
+                                   transport=transport)
             one = cls(_groups(ref, 1e-2), lr=1e-2)
             for t in range(STEPS):
                 g, avg = _grads(t, dtype, f"gpu/{name}")
@@ -415,7 +416,7 @@ if __name__ == "__main__":
          "checkpoint-save": lambda: checkpoint(sys.argv[2], "save"),
          "checkpoint-load": lambda: checkpoint(sys.argv[2], "load"),
          "torch": torch_params,
-         "gpu": gpu,
+         "gpu": lambda: gpu(sys.argv[2] if len(sys.argv) > 2 else None),
          "fault": lambda: fault(sys.argv[2], sys.argv[3])}[mode]()
     except BaseException:             # a failed check on one rank ends every rank at once
         traceback.print_exc()

@@ -797,7 +797,8 @@ def test_grad_scale_and_found_inf_on_the_gpu(dtype):
 def test_sharded_ranks_share_one_gpu():
     """ShardedOptimizer with CuPy params, 2 and 3 mpiexec ranks on the one GPU: the
     host-staged transport (the MPICH wheel is not CUDA-aware), the same bytes as one
-    process (tests/mpi_sharded.py's ``gpu`` mode). Needs mpi4py and mpiexec there."""
+    process (tests/mpi_sharded.py's ``gpu`` mode); and NCCL's transport on one rank where
+    CuPy has NCCL. Needs mpi4py and mpiexec there."""
     import pathlib
     import shutil
     import subprocess
@@ -813,9 +814,11 @@ def test_sharded_ranks_share_one_gpu():
     here = pathlib.Path(__file__).resolve().parent
     env = dict(os.environ, NUMBA_NUM_THREADS="1", PYTHONPATH=os.pathsep.join(
         [str(here.parent), os.environ.get("PYTHONPATH", "")]))
-    for ranks in (2, 3):
+    from cupy.cuda import nccl
+    runs = [(2, []), (3, [])] + ([(1, ["nccl"])] if nccl.available else [])
+    for ranks, extra in runs:       # NCCL wants a GPU per rank: one rank on this one
         res = subprocess.run([exe, "-n", str(ranks), sys.executable,
-                              str(here / "mpi_sharded.py"), "gpu"], capture_output=True,
-                             text=True, timeout=300, env=env)
+                              str(here / "mpi_sharded.py"), "gpu", *extra],
+                             capture_output=True, text=True, timeout=300, env=env)
         assert res.returncode == 0 and f"OK gpu R={ranks}" in res.stdout, \
             f"{res.stdout}\n{res.stderr[-4000:]}"
