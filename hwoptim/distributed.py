@@ -68,6 +68,7 @@ class ShardedOptimizer:
         if not isinstance(bucket_bytes, int) or bucket_bytes < 1:
             raise ValueError(f"bucket_bytes={bucket_bytes!r}; expected an int >= 1")
         self.timeout = timeout
+        self._torch_class = opt_class if opt_class is not _native(opt_class, {})[0] else None
         opt_class, hyperparameters = _native(opt_class, hyperparameters)
         if hyperparameters.get("capturable"):  # the same on every rank: every rank raises
             raise ValueError("ShardedOptimizer: capturable is not supported (a step waits "
@@ -533,7 +534,14 @@ class ShardedOptimizer:
     def consolidated_state_dict(self, root: int = 0):
         """The full state in the wrapped class's own ``state_dict`` format, on ``root``
         (``None`` elsewhere): ``opt_class(params).load_state_dict(it)`` resumes the same run
-        in one process, and :meth:`load_state_dict` on any number of ranks."""
+        in one process, and :meth:`load_state_dict` on any number of ranks. For a
+        ``hwoptim.torch`` class: torch's format (``torch.optim``'s twin loads it too)."""
+        out = self._consolidated(root)
+        if out is not None and self._torch_class is not None:
+            out = _to_torch(out, self._torch_class)
+        return out
+
+    def _consolidated(self, root):
         shard = _on_host(self.state_dict())
         shards = self.comm.gather(shard, root=root)
         if self.rank != root:
@@ -580,6 +588,10 @@ class ShardedOptimizer:
         full = self.comm.bcast(full if self.rank == root else None, root=root)
         params = [p for g in self.groups for p in g["params"]]
         first = np.cumsum([0] + [len(g["params"]) for g in self.groups])
+        if isinstance(full, dict) and "rule" not in full and "state" in full:
+            full = self._agree("load_state_dict()", lambda: _from_torch(
+                full, self.inner, [tuple(p.shape) for p in params],
+                [len(g["params"]) for g in self.groups]))
 
         def fetch(gi, i, a, b):
             return {n: np.asarray(v).reshape(-1)[a:b]
@@ -805,6 +817,73 @@ def _on_host(sd):
     if hasattr(sd, "get") and hasattr(sd, "__cuda_array_interface__"):
         return sd.get()
     return sd
+
+
+def _to_torch(full: dict, torch_class) -> dict:
+    """A native consolidated state_dict in torch's format for ``torch_class`` (a
+    ``hwoptim.torch`` class): per param ``step`` and the carried scalars as 0-d tensors of
+    torch's scalar dtype, the buffers as tensors; the groups as the class writes them."""
+    import torch
+
+    from . import torch as ht
+    sdt, rule = ht._scalar_dtype(), torch_class.rule
+    dtype = getattr(torch, full["dtype"])
+    state = {}
+    for gi, g in enumerate(full["param_groups"]):
+        c = (full.get("carry") or [None] * len(full["param_groups"]))[gi]
+        for i in g["params"]:
+            if full["step"] == 0 and rule.name not in ht._EAGER_STATE:
+                continue                     # torch creates state at a param's first step
+            st = {} if rule.name in ht._NO_STEP else {
+                "step": torch.tensor(float(full["step"]), dtype=sdt)}
+            st.update({k: torch.tensor(float(v), dtype=sdt) for k, v in (c or {}).items()})
+            st.update({k: torch.from_numpy(np.array(v)) for k, v in full["state"][i].items()})
+            state[i] = st
+    template = torch_class([{**{k: v for k, v in g.items() if k != "params"},
+                             "params": [torch.zeros(full["shapes"][i], dtype=dtype)
+                                        for i in g["params"]]}
+                            for g in full["param_groups"]])
+    return {"state": state, "param_groups": template.state_dict()["param_groups"]}
+
+
+def _from_torch(sd: dict, inner, shapes, group_sizes) -> dict:
+    """A torch-format state_dict (``hwoptim.torch``'s or ``torch.optim``'s twin's) as the
+    native consolidated one ``inner`` (the wrapped optimizer) loads; a param without state
+    (torch creates it at the param's first step) gets the rule's initial buffers."""
+    rule, groups = inner.rule, sd["param_groups"]
+    sizes = [len(g["params"]) for g in groups]
+    if sizes != list(group_sizes):
+        raise ValueError(f"the state_dict has groups of {sizes} params; expected "
+                         f"{list(group_sizes)}")
+    states = [sd["state"].get(i, {}) for g in groups for i in g["params"]]
+    steps = {float(st["step"]) for st in states if "step" in st}
+    if len(steps) > 1:
+        raise ValueError(f"the params' step counts differ ({sorted(steps)}); a sharded "
+                         f"optimizer keeps one")
+    carried = {c.name for c in rule.carry}
+    # torch's SGD keeps no count: a momentum buffer means at least one step was taken
+    buffered = any(v is not None for st in states for v in st.values())
+    out = {"rule": rule.name, "step": int(steps.pop()) if steps else int(buffered),
+           "dtype": inner.dtype,
+           "shapes": shapes, "param_groups": [], "state": []}
+    carry, k = [], 0
+    for gi, g in enumerate(groups):
+        h = {x: g[x] for x in (*rule.hypers, *rule.options) if x in g}
+        out["param_groups"].append({**h, "params": list(range(k, k + len(g["params"])))})
+        first = states[k]
+        carry.append({c: float(first[c]) for c in carried if c in first} or None)
+        for j in range(k, k + len(g["params"])):
+            st = {x: v.detach().cpu().numpy().reshape(shapes[j]) for x, v in states[j].items()
+                  if x not in carried and x != "step" and v is not None}
+            for b in rule.active_states(inner._flags[gi]):
+                if b.name not in st:          # torch has not created it yet
+                    init = h[b.init] if isinstance(b.init, str) else b.init
+                    st[b.name] = np.full(shapes[j], init, inner.dtype)
+            out["state"].append(st)
+        k += len(g["params"])
+    if rule.carry:
+        out["carry"] = carry
+    return out
 
 
 def _native(opt_class, hyper):

@@ -322,19 +322,39 @@ def checkpoint(path, mode):
 
 
 def torch_params():
-    """torch CPU tensors and a hwoptim.torch class: the grads taken from ``.grad``, the
-    params the same bytes as hwoptim.torch's own class stepping on the averaged grads in one
-    process (its defaults: AdamW's weight_decay 1e-2, as torch's)."""
+    """torch CPU tensors and hwoptim.torch classes (AdamW: torch's defaults, weight_decay
+    1e-2; NAdam: a carried scalar; SGD with momentum: no step count): the grads taken from
+    ``.grad``, the params the same bytes as the class stepping on the averaged grads in one
+    process; the consolidated state in torch's format, equal to the one process's and
+    loaded by torch.optim's twin; a torch-format state_dict resumed on R ranks."""
     import torch
 
     import hwoptim.torch as ht
+    for name, kw in (("AdamW", {}), ("NAdam", {}), ("SGD", {"momentum": 0.9})):
+        _torch_class(torch, getattr(ht, name), getattr(torch.optim, name), kw)
+    if RANK == 0:
+        print(f"OK torch R={R}")
+
+
+def _torch_class(torch, cls, twin, kw):
+    """One hwoptim.torch class (see torch_params). Carried scalars (NAdam's mu_product) are
+    float64 in the native twin that runs sharded and float32 (torch's) in the class: those,
+    and the params they steer, agree to float32's precision rather than bit for bit."""
+    carried = {c.name for c in cls.rule.carry}
+
+    def same(a, b, what):
+        if carried:
+            np.testing.assert_allclose(a.detach().numpy(), b.detach().numpy(), rtol=1e-6,
+                                       atol=1e-7, err_msg=what)
+        else:
+            assert a.detach().numpy().tobytes() == b.detach().numpy().tobytes(), what
     shapes = [(33, 7), (5,), (1,)]
     rng = np.random.default_rng(7)
     init = [_ints(rng, s, "float32", 16) for s in shapes]
     mine = [torch.nn.Parameter(torch.from_numpy(a.copy())) for a in init]
     ref = [torch.nn.Parameter(torch.from_numpy(a.copy())) for a in init]
-    opt = ShardedOptimizer(ht.AdamW, mine, lr=1e-2, bucket_bytes=256)
-    one = ht.AdamW(ref, lr=1e-2)
+    opt = ShardedOptimizer(cls, mine, lr=1e-2, bucket_bytes=256, **kw)
+    one = cls(ref, lr=1e-2, **kw)
     for t in range(4):
         g, avg = [], []
         for k, s in enumerate(shapes):
@@ -350,11 +370,44 @@ def torch_params():
         opt.step()
         one.step()
         for a, b in zip(mine, ref):
-            assert a.detach().numpy().tobytes() == b.detach().numpy().tobytes(), \
-                f"torch params on {R} ranks differ from one process at step {t}"
+            same(a, b, f"{cls.__name__}: torch params on {R} ranks differ from one process "
+                       f"at step {t}")
     _same_everywhere([p.detach().numpy() for p in mine], "torch params")
+    # the consolidated state in torch's format: hwoptim.torch's one-process state_dict, and
+    # torch.optim.AdamW loads it
+    full = opt.consolidated_state_dict()
     if RANK == 0:
-        print(f"OK torch R={R}")
+        want = one.state_dict()
+        assert full["param_groups"] == want["param_groups"], (full["param_groups"], want)
+        assert full["state"].keys() == want["state"].keys()
+        for i, st in want["state"].items():
+            assert st.keys() == full["state"][i].keys(), (st.keys(), full["state"][i].keys())
+            for k, v in st.items():
+                got = full["state"][i][k]
+                assert v.dtype == got.dtype, (k, v.dtype, got.dtype)
+                if k in carried:    # float64 in the native twin, torch's float32 here
+                    torch.testing.assert_close(got, v, rtol=1e-6, atol=0)
+                else:
+                    assert torch.equal(v, got), k
+        twin([torch.nn.Parameter(p.detach().clone()) for p in ref], lr=1e-2,
+             **kw).load_state_dict(full)
+    # a torch-format state_dict resumes on any number of ranks: continue both 2 steps
+    again = [torch.nn.Parameter(p.detach().clone()) for p in ref]
+    opt2 = ShardedOptimizer(cls, again, lr=1e-2, **kw)
+    opt2.load_state_dict(one.state_dict() if RANK == 0 else None)
+    assert opt2.step_count == (1 if cls.rule.name == "SGD" else 4)   # torch's SGD: no count
+    for t in range(4, 6):
+        avg = [np.random.default_rng(zlib.crc32(f"r/{t}/{k}".encode())).standard_normal(s)
+               .astype(np.float32) for k, s in enumerate(shapes)]
+        for p, x in zip(again, avg):
+            p.grad = torch.from_numpy(x.copy())
+        for p, x in zip(ref, avg):
+            p.grad = torch.from_numpy(x.copy())
+        opt2.step()                   # the same grads on every rank: their average
+        one.step()
+    for a, b in zip(again, ref):
+        same(a, b, f"{cls.__name__} resumed from a torch state_dict on {R} ranks: differs "
+                   f"from one process")
 
 
 def gpu(transport=None):
