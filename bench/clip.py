@@ -1,7 +1,9 @@
 """Issue 11's target for ``max_grad_norm``: a 200-array model's step with global-norm clipping
 against the same model's plain step plus one read of its grads, side by side in one run
 (interleaved rounds, the order rotating, medians). Also ``skip_nonfinite``, and torch's
-``clip_grad_norm_`` + fused Adam over the same arrays as the outside yardstick.
+``clip_grad_norm_`` + fused Adam over the same arrays as the outside yardstick; and loss
+scaling (issue 10): the step with ``grad_scale`` (the kernels' grad factor) against the plain
+step, and torch's fused Adam given a scale and ``found_inf`` as GradScaler hands them.
 
     python bench/clip.py [--rounds 21] [--sizes 1e6,5e7]
 
@@ -43,12 +45,14 @@ def case(total, rounds, torch):
     plain = hwoptim.Adam([p.copy() for p in params])
     clip = hwoptim.Adam([p.copy() for p in params], max_grad_norm=1.0)
     skip = hwoptim.Adam([p.copy() for p in params], skip_nonfinite=True)
+    scaled = hwoptim.Adam([p.copy() for p in params])
     read = _reader()
     flat = np.concatenate([g.reshape(-1) for g in grads])    # the grads' bytes, one buffer
     fns = {
         "plain": lambda: plain.step(grads),
         "max_grad_norm": lambda: clip.step(grads),
         "skip_nonfinite": lambda: skip.step(grads),
+        "grad_scale": lambda: scaled.step(grads, grad_scale=1024.0),
         "read": lambda: read(flat),
     }
     if torch is not None:
@@ -61,6 +65,16 @@ def case(total, rounds, torch):
             torch.nn.utils.clip_grad_norm_(tp, 1.0, foreach=True)
             topt.step()
         fns["torch clip+fused"] = torch_clip
+        sp = [torch.from_numpy(p.copy()) for p in params]
+        for t, g in zip(sp, grads):
+            t.grad = torch.from_numpy(g.copy())
+        sopt = torch.optim.Adam(sp, fused=True)
+        scale, found = torch.tensor(1024.0), torch.tensor(0.0)
+
+        def torch_scaled():               # what GradScaler hands a fused optimizer
+            sopt.grad_scale, sopt.found_inf = scale, found
+            sopt.step()
+        fns["torch fused scaled"] = torch_scaled
     for f in fns.values():
         for _ in range(3):
             f()
@@ -92,16 +106,19 @@ def main(argv=None) -> int:
     print(f"threads {hwoptim.get_num_threads()}, Adam float32, medians of {args.rounds} "
           f"interleaved rounds")
     print("| elements | arrays | plain ms | read ms | max_grad_norm ms | (plain+read)/clip "
-          "| skip_nonfinite ms | torch clip+fused ms |")
-    print("| --- | --- | --- | --- | --- | --- | --- | --- |")
+          "| skip_nonfinite ms | torch clip+fused ms | grad_scale ms | plain/scaled "
+          "| torch fused scaled ms |")
+    print("| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |")
     for total in (int(float(s)) for s in args.sizes.split(",")):
         n, k, m = case(total, args.rounds, torch)
-        tc = m.get("torch clip+fused")
+        tc, ts = m.get("torch clip+fused"), m.get("torch fused scaled")
         print(f"| {n:.3g} | {k} | {m['plain'] * 1e3:.3f} | {m['read'] * 1e3:.3f} | "
               f"{m['max_grad_norm'] * 1e3:.3f} | "
               f"{(m['plain'] + m['read']) / m['max_grad_norm']:.2f} | "
               f"{m['skip_nonfinite'] * 1e3:.3f} | "
-              f"{'—' if tc is None else f'{tc * 1e3:.3f}'} |")
+              f"{'—' if tc is None else f'{tc * 1e3:.3f}'} | "
+              f"{m['grad_scale'] * 1e3:.3f} | {m['plain'] / m['grad_scale']:.2f} | "
+              f"{'—' if ts is None else f'{ts * 1e3:.3f}'} |")
     return 0
 
 

@@ -987,6 +987,7 @@ class Optimizer:
             scale = inv_scale * (scale if self.max_grad_norm is not None else 1.0)
         elif self.max_grad_norm is None:
             scale = None
+        self._kernels()                      # (rebuilt after a change of flags)
         scal, carry = [], self._carry
         for gi, g in enumerate(self.param_groups):
             lr = g["lr"]

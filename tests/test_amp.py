@@ -171,3 +171,19 @@ def test_grad_scaler_drives_hwoptim_torch_like_torch_fused(name, make, torch):
     for p, q in zip(net.parameters(), twin.parameters()):
         torch.testing.assert_close(p, q, rtol=2e-5, atol=1e-7)
     assert not hasattr(ours, "grad_scale") and not hasattr(ours, "found_inf")
+
+
+@pytest.mark.parametrize("backend", HOST)
+def test_many_arrays_scaled(backend, rng):
+    """200 arrays (the multi-tensor launch, grads checked by address): the first scaled
+    step switches kernels after the grads' check, and still gives the unscaled bits."""
+    shapes = [(int(n),) for n in rng.integers(1, 300, 200)]
+    init = [random_values(rng, s, np.float64).astype(np.float32) for s in shapes]
+    mine, plain = [p.copy() for p in init], [p.copy() for p in init]
+    a = hwoptim.Adam(mine, lr=1e-2, backend=backend)
+    b = hwoptim.Adam(plain, lr=1e-2, backend=backend)
+    for t in range(3):
+        g = [random_values(rng, s, np.float64).astype(np.float32) for s in shapes]
+        a.step([x * np.float32(2.0 ** 12) for x in g], grad_scale=2.0 ** 12)
+        b.step(g)
+    assert all(np.array_equal(x, y) for x, y in zip(mine, plain))
