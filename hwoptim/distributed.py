@@ -74,6 +74,7 @@ class ShardedOptimizer:
             raise ValueError("ShardedOptimizer: capturable is not supported (a step waits "
                              "on MPI on the host)")
         groups, self._torch = self._agree("ShardedOptimizer()", lambda: _groups(params))
+        self._stream = interop.torch_stream(self._torch) if self._torch else None
         self.groups = groups
         self.dtype = np.dtype(groups[0]["params"][0].dtype)
         self.transport = self._agree("ShardedOptimizer()",
@@ -226,11 +227,20 @@ class ShardedOptimizer:
     def step_count(self) -> int:
         return self.inner.step_count
 
-    def reduce_grads(self, grads=None, *, _also=None, _same=""):
+    def reduce_grads(self, grads=None):
         """Start averaging this rank's ``grads`` across ranks and return: the reduce-scatter
         runs in buckets of ``bucket_bytes``, non-blocking, while the caller does other work
         (call :meth:`poll` now and then to let MPI progress it); :meth:`step` then finishes
         it and updates. ``grads`` default to the ``.grad`` of torch params."""
+        with self._on_stream():
+            self._reduce_grads(grads)
+
+    def _on_stream(self):
+        """CUDA torch tensors: the device work on torch's current stream (ordered with the
+        caller's backward), as the plain classes do; else nothing."""
+        return self._stream() if self._stream is not None else contextlib.nullcontext()
+
+    def _reduce_grads(self, grads=None, *, _also=None, _same=""):
         if self._pending is not None:
             raise RuntimeError("reduce_grads() was already called; call step() (without "
                                "grads) to finish that step first")
@@ -290,13 +300,17 @@ class ShardedOptimizer:
         grads): the grads averaged across ranks, the owned slice updated, the params
         all-gathered in buckets. ``grad_scale`` (the same on every rank) and ``found_inf``
         as the wrapped class takes them; a ``found_inf`` on any rank skips the step on all."""
+        with self._on_stream():
+            self._step(grads, grad_scale, found_inf)
+
+    def _step(self, grads, grad_scale, found_inf) -> None:
         from .optim import check_amp
         amp = grad_scale is not None or found_inf is not None
 
         def checked():
             return check_amp(grad_scale, found_inf, "step(): ") if amp else (None, False)
         if self._pending is None:
-            skip = self.reduce_grads(grads, _also=checked, _same=repr(grad_scale))[1]
+            skip = self._reduce_grads(grads, _also=checked, _same=repr(grad_scale))[1]
         elif grads is not None:
             raise RuntimeError("reduce_grads() already took this step's grads; call step() "
                                "without grads")
@@ -657,6 +671,7 @@ class ShardedOptimizer:
                                     for g in meta["param_groups"]]
             meta["shapes"] = [tuple(p.shape) for g in self.groups for p in g["params"]]
             meta["group_sizes"] = [len(g["params"]) for g in self.groups]
+            meta["torch_class"] = getattr(self._torch_class, "__name__", None)
             index = {"format": 1, "version": version, "world": self.world,
                      "slices": self.comm.gather(shard["slices"], root=0), "meta": meta}
         else:
@@ -700,7 +715,8 @@ def load_index(path) -> dict:
 
 def load_consolidated(path) -> dict:
     """A :meth:`ShardedOptimizer.save`d folder as one state_dict in the wrapped class's own
-    format, in one process without MPI: ``hwoptim.Adam(params).load_state_dict(it)``."""
+    format, in one process without MPI: ``hwoptim.Adam(params).load_state_dict(it)`` (torch's
+    format where a ``hwoptim.torch`` class was wrapped)."""
     index = load_index(path)
     meta = index["meta"]
     sizes = [int(np.prod(s, dtype=np.int64)) for s in meta["shapes"]]
@@ -730,6 +746,9 @@ def load_consolidated(path) -> dict:
            "state": state}
     if meta.get("carry") is not None:
         out["carry"] = meta["carry"]
+    if meta.get("torch_class"):               # saved from a hwoptim.torch class: its format
+        from . import torch as ht
+        out = _to_torch(out, getattr(ht, meta["torch_class"]))
     return out
 
 

@@ -391,6 +391,17 @@ def _torch_class(torch, cls, twin, kw):
                     assert torch.equal(v, got), k
         twin([torch.nn.Parameter(p.detach().clone()) for p in ref], lr=1e-2,
              **kw).load_state_dict(full)
+    # a checkpoint folder of a torch class: load_consolidated gives torch's format too
+    import tempfile
+
+    import hwoptim.distributed as D
+    folder = COMM.bcast(tempfile.mkdtemp() if RANK == 0 else None, root=0)
+    opt.save(folder)
+    if RANK == 0:
+        back = D.load_consolidated(folder)
+        assert back["param_groups"] == full["param_groups"]
+        for i, st in full["state"].items():
+            assert all(torch.equal(v, back["state"][i][k]) for k, v in st.items()), i
     # a torch-format state_dict resumes on any number of ranks: continue both 2 steps
     again = [torch.nn.Parameter(p.detach().clone()) for p in ref]
     opt2 = ShardedOptimizer(cls, again, lr=1e-2, **kw)
