@@ -747,20 +747,19 @@ def c_reduce_function(p: KernelPlan) -> str:
     return f"__device__ __forceinline__ void {p.key}_reduce(\n    {sig})\n{{\n{body}\n}}\n"
 
 
-def _cuda_reduce_kernel(p: KernelPlan, name: str) -> str:
-    """The reduction kernel: one block per chunk (grid-stride over chunks), each thread
-    summing its elements' squares in double, the block's sums combined (warp shuffles, then
-    shared memory) and added atomically to ``sums[tensor * K + j]`` (zeroed by the caller).
-    Arguments as the multi-tensor kernel's, then ``sums``."""
-    na, ns, k = len(p.arrays), len(p.scalars), len(p.norms)
-    idx = {a: p.arrays.index(a) for a in p.reduce_reads}
+def _chunk_loop_head(p: KernelPlan, name: str, extra_arg: str = "", prologue: str = "") -> list:
+    """The opening every multi-tensor CUDA kernel shares: the signature (``table``,
+    ``chunks``, ``n_tensors``, ``n_chunks``, then ``extra_arg``), ``prologue``, the row and
+    scalar tables, and the grid-stride loop over chunks down to this chunk's tensor ``t``,
+    start ``lo``, length ``n``, addresses ``at`` and kernel scalars ``k_<name>``. The caller
+    writes the loop's body and closes both braces."""
+    na, ns = len(p.arrays), len(p.scalars)
+    extra = f",\n    {extra_arg}" if extra_arg else ""
     text = [f'extern "C" __global__ void {name}(\n'
             f"    const long long* __restrict__ table,\n"
             f"    const long long* __restrict__ chunks,\n"
             f"    const long long n_tensors,\n"
-            f"    const long long n_chunks,\n"
-            f"    double* __restrict__ sums)\n{{\n"
-            f"    __shared__ double part[{k}][32];\n"]
+            f"    const long long n_chunks{extra})\n{{\n{prologue}"]
     if ns:
         text.append(f"    const long long* const rows = table + n_tensors * {na};\n"
                     f"    const TC* const scalars = reinterpret_cast<const TC*>"
@@ -773,6 +772,18 @@ def _cuda_reduce_kernel(p: KernelPlan, name: str) -> str:
     if ns:
         text.append(f"        const TC* const k_row = scalars + rows[t] * {ns};\n")
         text += [f"        const TC k_{s} = k_row[{i}];\n" for i, s in enumerate(p.scalars)]
+    return text
+
+
+def _cuda_reduce_kernel(p: KernelPlan, name: str) -> str:
+    """The reduction kernel: one block per chunk (grid-stride over chunks), each thread
+    summing its elements' squares in double, the block's sums combined (warp shuffles, then
+    shared memory) and added atomically to ``sums[tensor * K + j]`` (zeroed by the caller).
+    Arguments as the multi-tensor kernel's, then ``sums``."""
+    k = len(p.norms)
+    idx = {a: p.arrays.index(a) for a in p.reduce_reads}
+    text = _chunk_loop_head(p, name, "double* __restrict__ sums",
+                            f"    __shared__ double part[{k}][32];\n")
     for a in p.reduce_reads:
         t = _array_ctype(a)
         text.append(f"        const {t}* const {a} = reinterpret_cast<const {t}*>"
@@ -820,26 +831,9 @@ def cuda_multi_source(p: KernelPlan, dtype: str) -> CudaMulti:
     name = base + "_multi"
     vec = 16 // np.dtype(dtype).itemsize
     used = _c_used(p)
-    na, ns, k = len(p.arrays), len(p.scalars), len(p.norms)
+    k = len(p.norms)
     idx = {a: p.arrays.index(a) for a in used}
-    sums = ",\n    const double* __restrict__ sums" if k else ""
-    text = [f'extern "C" __global__ void {name}(\n'
-            f"    const long long* __restrict__ table,\n"
-            f"    const long long* __restrict__ chunks,\n"
-            f"    const long long n_tensors,\n"
-            f"    const long long n_chunks{sums})\n{{\n"]
-    if ns:
-        text.append(f"    const long long* const rows = table + n_tensors * {na};\n"
-                    f"    const TC* const scalars = reinterpret_cast<const TC*>"
-                    f"(table + n_tensors * {na + 1});\n")
-    text.append("    for (long long c = blockIdx.x; c < n_chunks; c += gridDim.x) {\n"
-                "        const long long t = chunks[3 * c];\n"
-                "        const long long lo = chunks[3 * c + 1];\n"
-                "        const long long n = chunks[3 * c + 2] - lo;\n"
-                f"        const long long* const at = table + t * {na};\n")
-    if ns:
-        text.append(f"        const TC* const k_row = scalars + rows[t] * {ns};\n")
-        text += [f"        const TC k_{s} = k_row[{i}];\n" for i, s in enumerate(p.scalars)]
+    text = _chunk_loop_head(p, name, "const double* __restrict__ sums" if k else "")
     # the norms the reduction kernel summed, for this tensor
     text += [f"        const TC k_{s} = (TC)sqrt(sums[t * {k} + {j}]);\n"
              for j, s in enumerate(p.norm_names)]
