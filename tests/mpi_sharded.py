@@ -32,7 +32,7 @@ STEPS = 3
 
 
 def _ints(rng, shape, dtype, scale=64):
-    return (rng.integers(-512, 512, shape) / scale).astype(dtype)
+    return np.array(rng.integers(-512, 512, shape) / scale, dtype=dtype)   # 0-d too
 
 
 def _grads(step, dtype, salt, shapes=None):
@@ -47,7 +47,7 @@ def _grads(step, dtype, salt, shapes=None):
             per_rank = [_ints(rng, s, dtype) for _ in range(R)]
             total = sum(g.astype(np.float64) for g in per_rank).astype(dtype)
             out_mine.append(per_rank[RANK])
-            out_avg.append(np.divide(total, np.dtype(dtype).type(R)))
+            out_avg.append(np.asarray(np.divide(total, np.dtype(dtype).type(R))))
     return out_mine, out_avg
 
 
@@ -138,6 +138,7 @@ def check():
     _bad_grad_is_refused_everywhere()
     _guard()
     _amp()
+    _random_layouts()
     if RANK == 0:
         print(f"OK check R={R}: {done} rule x dtype runs")
 
@@ -209,6 +210,34 @@ def _guard():
         assert opt.last_step_skipped and opt.skipped_steps == 1 and opt.step_count == STEPS
         assert all(a.tobytes() == b.tobytes() for a, b in zip(flat_m, before))
         assert pickle.dumps(opt.state_dict()) == sd
+
+
+def _random_layouts(cases=12):
+    """The slicing and bucket copy plans on random layouts: 1 to 3 groups of 1 to 6 arrays
+    of random shapes (empty arrays, scalars, arrays smaller and larger than a slice), random
+    bucket sizes from one alignment unit up, direct or staged: two Adam steps byte-identical
+    to one process on the averaged grads, on every rank."""
+    rng = np.random.default_rng(zlib.crc32(f"layouts/{R}".encode()))
+    for case in range(cases):
+        dtype = ("float32", "float64")[case % 2]
+        shapes = [[tuple(int(d) for d in rng.integers(0, 9, rng.integers(0, 3)))
+                   for _ in range(rng.integers(1, 7))] for _ in range(rng.integers(1, 4))]
+        mine = _params(dtype, f"layout/{case}", shapes)
+        ref = [[p.copy() for p in grp] for grp in mine]
+        bucket = int(rng.integers(1, 40)) * 64
+        groups = lambda ps: [{"params": g, "lr": 1e-2 * (i + 1)} for i, g in enumerate(ps)]
+        opt = ShardedOptimizer(hwoptim.Adam, groups(mine), lr=1e-2, bucket_bytes=bucket,
+                               transport=("direct", "staged")[case % 3 == 0])
+        one = hwoptim.Adam(groups(ref), lr=1e-2)
+        for t in range(2):
+            g, avg = _grads(t, dtype, f"layout/{case}", shapes)
+            opt.step(g)
+            one.step(avg)
+        flat_m, flat_r = [p for grp in mine for p in grp], [p for grp in ref for p in grp]
+        for i, (a, b) in enumerate(zip(flat_m, flat_r)):
+            assert a.tobytes() == b.tobytes(), \
+                f"layout {shapes} ({dtype}, buckets of {bucket} B) R={R}: params[{i}] differ"
+        _same_everywhere(flat_m, f"layout {case}")
 
 
 def _amp():
