@@ -38,6 +38,23 @@ if _hypothesis_settings is not None:
                                       or ("ci" if os.environ.get("CI") else "dev"))
 
 
+def snapshot(opt, params):
+    """(copies of ``params``, ``opt.state_dict()``): what a skipped or refused step must
+    leave exactly as it was (compare with :func:`assert_same_snapshot`)."""
+    return [p.copy() for p in params], opt.state_dict()
+
+
+def assert_same_snapshot(a, b):
+    """Two snapshots (:func:`snapshot`) are the same bits: params, step, carried scalars,
+    state."""
+    (pa, sa), (pb, sb) = a, b
+    assert all(np.array_equal(x, y, equal_nan=True) for x, y in zip(pa, pb))
+    assert sa["step"] == sb["step"] and sa.get("carry") == sb.get("carry")
+    for x, y in zip(sa["state"], sb["state"]):
+        assert x.keys() == y.keys()
+        assert all(np.array_equal(x[k], y[k], equal_nan=True) for k in x)
+
+
 def import_torch():
     """``torch``; skip without it, or fail when ``HWOPTIM_REQUIRE_TORCH=1``."""
     try:

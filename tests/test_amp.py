@@ -18,6 +18,7 @@ import numpy as np
 import pytest
 
 import hwoptim
+from conftest import assert_same_snapshot, snapshot
 from hwoptim import backends
 from hwoptim.rules import RULES
 from hwoptim.testing import option_sets, random_values
@@ -27,20 +28,6 @@ DTYPES = ["float32", "float64"]
 SHAPES = [(13, 7), (5,), (40,)]
 CASES = [pytest.param(rule, opts, id=oid) for rule in RULES.values()
          for oid, opts in option_sets(rule)]
-
-
-def _snapshot(opt, params):
-    sd = opt.state_dict()
-    return [p.copy() for p in params], sd
-
-
-def _same(a, b):
-    (pa, sa), (pb, sb) = a, b
-    assert all(np.array_equal(x, y, equal_nan=True) for x, y in zip(pa, pb))
-    assert sa["step"] == sb["step"] and sa.get("carry") == sb.get("carry")
-    for x, y in zip(sa["state"], sb["state"]):
-        assert x.keys() == y.keys()
-        assert all(np.array_equal(x[k], y[k], equal_nan=True) for k in x)
 
 
 @pytest.mark.parametrize("backend", HOST)
@@ -71,10 +58,10 @@ def test_scaled_step_is_the_unscaled_step(rule, opts, clip, dtype, backend, rng)
                 assert np.array_equal(x, y), (rule.name, t, scale)
         if clip is not None:
             assert a.last_grad_norm == pytest.approx(b.last_grad_norm, rel=1e-12)
-    before = _snapshot(a, mine)
+    before = snapshot(a, mine)
     a.step([np.full(s, np.inf, dtype) for s in SHAPES], grad_scale=8.0,
            found_inf=np.array(1.0, np.float32))
-    _same(_snapshot(a, mine), before)
+    assert_same_snapshot(snapshot(a, mine), before)
     assert a.skipped_steps == 1 and a.last_step_skipped
 
 
@@ -109,9 +96,9 @@ def test_found_inf_skips_everything(found_inf, rng):
     opt = hwoptim.NAdam(params, lr=1e-2)
     g = [random_values(rng, s, np.float64).astype(np.float32) for s in SHAPES]
     opt.step(g)
-    before = _snapshot(opt, params)
+    before = snapshot(opt, params)
     opt.step(g, found_inf=found_inf)
-    _same(_snapshot(opt, params), before)
+    assert_same_snapshot(snapshot(opt, params), before)
     assert opt.step_count == 1 and opt.skipped_steps == 1 and opt.last_step_skipped
     opt.step(g, found_inf=0.0)              # no inf found: a normal step
     assert opt.step_count == 2 and not opt.last_step_skipped
@@ -132,10 +119,10 @@ def test_bad_scale_is_refused_and_changes_nothing(kw, match, rng):
     opt = hwoptim.Adam(params, lr=1e-2)
     g = [random_values(rng, s, np.float64).astype(np.float32) for s in SHAPES]
     opt.step(g)
-    before = _snapshot(opt, params)
+    before = snapshot(opt, params)
     with pytest.raises(ValueError, match=match.replace("(", r"\(").replace(".", r"\.")):
         opt.step(g, **kw)
-    _same(_snapshot(opt, params), before)
+    assert_same_snapshot(snapshot(opt, params), before)
     assert opt.skipped_steps == 0
 
 

@@ -20,6 +20,7 @@ import numpy as np
 import pytest
 
 import hwoptim
+from conftest import assert_same_snapshot, snapshot
 from hwoptim import backends, codegen
 from hwoptim.rules import RULES
 from hwoptim.testing import option_sets, random_values
@@ -33,20 +34,6 @@ CASES = [pytest.param(rule, opts, id=oid) for rule in RULES.values()
 
 def _grads(rng, dtype, scale):
     return [(random_values(rng, s, np.float64) * scale).astype(dtype) for s in SHAPES]
-
-
-def _snapshot(opt, params):
-    sd = opt.state_dict()
-    return [p.copy() for p in params], sd
-
-
-def _same(a, b):
-    (pa, sa), (pb, sb) = a, b
-    assert all(np.array_equal(x, y, equal_nan=True) for x, y in zip(pa, pb))
-    assert sa["step"] == sb["step"] and sa.get("carry") == sb.get("carry")
-    for x, y in zip(sa["state"], sb["state"]):
-        assert x.keys() == y.keys()
-        assert all(np.array_equal(x[k], y[k], equal_nan=True) for k in x)
 
 
 @pytest.mark.parametrize("backend", HOST)
@@ -134,16 +121,16 @@ def test_nonfinite_grad_skips_the_whole_step(rule, opts, dtype, backend, guard, 
             bad = [g.copy() for g in grads]
             i = int(rng.integers(len(bad)))
             bad[i].reshape(-1)[rng.integers(bad[i].size)] = rng.choice([np.nan, np.inf, -np.inf])
-            before = _snapshot(opt, mine)
+            before = snapshot(opt, mine)
             opt.step(bad)
             skipped += 1
             assert opt.last_step_skipped and opt.skipped_steps == skipped
             assert math.isnan(opt.last_grad_norm)
-            _same(before, _snapshot(opt, mine))
+            assert_same_snapshot(before, snapshot(opt, mine))
         opt.step(grads)
         twin.step(grads)
         assert not opt.last_step_skipped
-        _same(_snapshot(opt, mine), _snapshot(twin, ref))
+        assert_same_snapshot(snapshot(opt, mine), snapshot(twin, ref))
 
 
 @pytest.mark.parametrize("backend", HOST)
@@ -181,12 +168,12 @@ def test_rejected_step_with_a_guard_changes_nothing(backend, rng):
     params = [random_values(rng, s, np.float64) for s in SHAPES]
     opt = hwoptim.Adam(params, backend=backend, max_grad_norm=1.0, skip_nonfinite=True)
     opt.step(_grads(rng, np.float64, 1.0))
-    before = _snapshot(opt, params)
+    before = snapshot(opt, params)
     bad = _grads(rng, np.float64, 1.0)
     bad[1] = np.zeros(6)
     with pytest.raises(ValueError, match=r"grads\[1\] has shape \(6,\); expected \(5,\)"):
         opt.step(bad)
-    _same(before, _snapshot(opt, params))
+    assert_same_snapshot(before, snapshot(opt, params))
     assert opt.skipped_steps == 0 and not opt.last_step_skipped
 
 
