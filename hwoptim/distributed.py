@@ -199,12 +199,12 @@ class ShardedOptimizer:
                 from mpi4py import MPI
                 MPI.Request.Waitall(reqs)
             return
-        deadline = time.monotonic() + self.timeout
+        start = time.monotonic()
         while not _test_all(reqs):
-            if time.monotonic() > deadline:
+            if time.monotonic() - start > self.timeout:
                 self._abort(f"{what} did not complete within timeout={self.timeout} s: "
                             f"another rank has died, hangs, or did not call it")
-            os.sched_yield()
+            _pause(start)
 
     def _abort(self, message: str):
         """Say why on stderr, then ``MPI_Abort`` the communicator: every rank ends, this one
@@ -212,6 +212,10 @@ class ShardedOptimizer:
         sys.stderr.write(f"hwoptim.distributed: rank {self.rank} of {self.world}: {message}; "
                          f"aborting all ranks (MPI_Abort)\n")
         sys.stderr.flush()
+        # the process manager kills every rank on the abort, and may do so before it has
+        # forwarded what this rank just wrote (seen: 1 run in 10 lost the message); give it
+        # a moment to pass the message on first
+        time.sleep(0.5)
         self.comm.Abort(1)
         os._exit(1)      # MPICH's MPI_Abort may return before the process manager acts:
         # this rank must not go on (its params would differ from the others')
@@ -530,7 +534,7 @@ class ShardedOptimizer:
             if self.timeout is not None and time.monotonic() - since > self.timeout:
                 self._abort(f"step(): the params' all-gather did not complete within "
                             f"timeout={self.timeout} s: another rank has died or hangs")
-            os.sched_yield()
+            _pause(since)
 
     # ------------------------------------------------------------------ state
     def state_dict(self) -> dict:
@@ -784,6 +788,18 @@ def _test_all(reqs) -> bool:
     return MPI.Request.Testall(reqs)
 
 
+def _pause(since: float) -> None:
+    """Between polls of a wait that began at ``since``: yield at first (collectives of a step
+    finish in milliseconds), then sleep a little, growing to 1 ms, so a rank waiting for a
+    slow peer (its backward pass still running) leaves the cores to the process's other
+    threads (BLAS, torch) and to ranks sharing them, instead of spinning."""
+    waited = time.monotonic() - since
+    if waited < 2e-3:
+        os.sched_yield()
+    else:
+        time.sleep(min(1e-3, waited / 100))
+
+
 def _transport(name, first) -> str:
     """The transport for params like ``first``: ``"direct"`` (MPI reads and writes the
     arrays: NumPy ones, or CuPy ones where the MPI is CUDA-aware), ``"staged"`` (through
@@ -814,8 +830,12 @@ def _on_device(a):
 
 
 def _device_of(a) -> str:
-    dev = getattr(a, "device", None)
-    return "cpu" if isinstance(a, np.ndarray) else f"cuda:{getattr(dev, 'id', dev)}"
+    """``"cpu"`` or ``"cuda:N"`` for an array (hwoptim.optim's naming); the type's name for
+    anything else, for messages."""
+    from .backends import family
+    from .optim import _device
+    fam = family(a)
+    return _device(a, fam) if fam is not None else type(a).__name__
 
 
 def _host_buffer(a) -> np.ndarray:

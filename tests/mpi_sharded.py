@@ -482,6 +482,25 @@ def gpu(transport=None):
         print(f"OK gpu R={R} ({opt.transport})")
 
 
+def idle():
+    """A rank that waits for a slow peer (here 2 s) does not spin a core meanwhile: its CPU
+    time over the wait stays a fraction of the wall time (the waits sleep after the first
+    milliseconds), leaving the cores to the process's other threads and to other ranks."""
+    import time
+    ps = _params("float32", "idle")
+    opt = ShardedOptimizer(hwoptim.Adam, _groups(ps, 1e-2), lr=1e-2)
+    opt.step(_grads(0, "float32", "idle")[0])
+    COMM.Barrier()
+    if RANK == R - 1:
+        time.sleep(2.0)
+    wall, cpu = time.perf_counter(), time.process_time()
+    opt.step(_grads(1, "float32", "idle")[0])
+    wall, cpu = time.perf_counter() - wall, time.process_time() - cpu
+    if RANK == 0:
+        assert wall > 1.5 and cpu < 0.25 * wall, f"waited {wall:.2f} s using {cpu:.2f} s CPU"
+        print(f"OK idle R={R}: waited {wall:.2f} s using {cpu:.3f} s of CPU")
+
+
 def fault(kind, timeout):
     """A rank that fails inside the update (``raise``), or never arrives (``hang``): the
     others must not wait forever. Ends the job through MPI_Abort; never prints OK."""
@@ -509,6 +528,7 @@ if __name__ == "__main__":
          "checkpoint-save": lambda: checkpoint(sys.argv[2], "save"),
          "checkpoint-load": lambda: checkpoint(sys.argv[2], "load"),
          "torch": torch_params,
+         "idle": idle,
          "gpu": lambda: gpu(sys.argv[2] if len(sys.argv) > 2 else None),
          "fault": lambda: fault(sys.argv[2], sys.argv[3])}[mode]()
     except BaseException:             # a failed check on one rank ends every rank at once

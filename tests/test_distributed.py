@@ -140,3 +140,9 @@ def test_a_rank_that_never_arrives_times_out_every_rank():
     assert res.returncode != 0 and "stepped past the fault" not in res.stdout, res.stdout
     assert "did not complete within timeout=3.0 s" in res.stderr, res.stderr[-3000:]
     assert time.monotonic() - t0 < 100      # not the 300 s the hung rank sleeps
+
+
+def test_a_waiting_rank_does_not_spin():
+    """Rank 1 arrives 2 s late: rank 0's step waits without spinning a core."""
+    out = _run(2, "idle")
+    assert "OK idle R=2" in out, out
