@@ -73,6 +73,12 @@ class ShardedOptimizer:
         if hyperparameters.get("capturable"):  # the same on every rank: every rank raises
             raise ValueError("ShardedOptimizer: capturable is not supported (a step waits "
                              "on MPI on the host)")
+        rule = getattr(opt_class, "rule", None)
+        if rule is not None and rule.shape_flags is not None:
+            raise ValueError(f"ShardedOptimizer: {rule.name} is not supported yet: its step "
+                             f"depends on each param's shape and RMS (factored row and "
+                             f"column moments), which a rank's flat slice of the param does "
+                             f"not have; step it unsharded on every rank")
         groups, self._torch = self._agree("ShardedOptimizer()", lambda: _groups(params))
         self._stream = interop.torch_stream(self._torch) if self._torch else None
         self.groups = groups

@@ -251,8 +251,10 @@ def check_value(rule: Rule, name, value, where: str):
         bad = hy.check(tuple(value) if isinstance(value, (list, tuple)) else value)
         if bad:
             raise ValueError(f"{where}{name}={value!r} is invalid: expected {bad}")
-        return tuple(_finite(b, lambda: f"{where}{name}={_short(value)}", "finite numbers")
-                     for b in value)
+        # None where the default has it (Adafactor's eps1: resolved per dtype, Rule.resolve)
+        return tuple(None if b is None and d is None else
+                     _finite(b, lambda: f"{where}{name}={_short(value)}", "finite numbers")
+                     for b, d in zip(value, hy.default))
     if isinstance(value, (bool, np.bool_)) or not isinstance(value, numbers.Real):
         raise TypeError(f"{where}{name}={value!r}: expected a real number")
     x = _finite(value, lambda: f"{where}{name}={_short(value)}", "a finite number")
@@ -431,6 +433,16 @@ class Optimizer:
             raise ValueError(f"capturable=True needs backend='cupy' (device-side scalars for "
                              f"CUDA graphs); this optimizer uses {self.backend_name!r}")
         self.capturable = bool(capturable)
+        if rule.shape_flags is not None and not getattr(self.backend, "STAGED", False):
+            shaped = [i for i, a in enumerate(arrays)
+                      if rule.shape_flags(tuple(a.shape)) != rule.shape_flags((1,))]
+            if shaped:
+                raise ValueError(f"params[{shaped[0]}] has shape {tuple(arrays[shaped[0]].shape)}"
+                                 f": {rule.name} updates arrays of that shape in stages "
+                                 f"(its state has other shapes), which the "
+                                 f"{self.backend_name!r} backend cannot run yet (numba and "
+                                 f"numpy can); pass it to an optimizer on the CPU, or flatten "
+                                 f"it into a vector")
         self.param_groups = _Frozen([], "param_groups cannot be changed directly; add a "
                                         "group with opt.add_param_group({'params': [...], "
                                         "...}), or change a group's values in place")
@@ -484,14 +496,14 @@ class Optimizer:
             for p in g["params"]:
                 i = len(self.state)
                 st = {}
-                for s in rule.active_states(flags):
+                for s in rule.active_states(rule.array_flags(flags, p.shape)):
                     if states is not None:
                         st[s.name] = states[i][s.name]
                         continue
                     init = merged[s.init] if isinstance(s.init, str) else s.init
                     if callable(init):           # a state starting at lr: the first step's
                         init = self._call_lr(gi, init, 1)
-                    st[s.name] = self.backend.full(p, init)
+                    st[s.name] = self.backend.full(p, init, s.shape_for(p.shape))
                 list.append(self.state, _StateDict(self, i, st))
                 self._params.append(p)
                 self._group_of.append(gi)
@@ -504,14 +516,18 @@ class Optimizer:
         self._refresh_owned()
 
     def _refresh_views(self, gi: int):
-        """Flat views of each param of group ``gi`` and its state, in its kernel's order."""
-        plan = _plan(self.rule, self._flags[gi])
+        """Flat views of each param of group ``gi`` and its state, in its kernel's order
+        (a staged rule's arrays on their shapes)."""
         self._tables = None                  # pointer tables of the multi-tensor launch
         for i, g in enumerate(self._group_of):
             if g == gi:
-                st = self.state[i]
-                self._views[i] = ([self._params[i].reshape(-1)]
-                                  + [st[n].reshape(-1) for n in plan.arrays[2:]])
+                st, p = self.state[i], self._params[i]
+                plan = _plan(self.rule, self.rule.array_flags(self._flags[gi], p.shape))
+                if plan.stages is not None:
+                    self._views[i] = [p] + [st[n] for n in plan.arrays[2:]]
+                else:
+                    self._views[i] = [p.reshape(-1)] + [st[n].reshape(-1)
+                                                        for n in plan.arrays[2:]]
 
     def _refresh_owned(self):
         """The byte ranges that grads must not overlap: every param and state buffer."""
@@ -650,9 +666,9 @@ class Optimizer:
         if _device(value, fam) != _device(p, fam):
             raise TypeError(f"{where} is on {_device(value, fam)}; expected "
                             f"{_device(p, fam)} like params[{i}]")
-        if value.dtype != st[key].dtype or tuple(value.shape) != tuple(p.shape):
+        if value.dtype != st[key].dtype or tuple(value.shape) != tuple(st[key].shape):
             raise ValueError(f"{where} is {value.dtype} {tuple(value.shape)}; expected "
-                             f"{st[key].dtype} {tuple(p.shape)}")
+                             f"{st[key].dtype} {tuple(st[key].shape)}")
         if not value.flags.c_contiguous or (fam == "host" and not value.flags.writeable):
             raise ValueError(f"{where} is not a writeable C-contiguous array; expected one "
                              f"(the kernels update it in place)")
@@ -907,10 +923,25 @@ class Optimizer:
         return float(value)
 
     def _kernels(self) -> list:
-        """Each group's kernel, built (or loaded from the disk cache) on first use."""
+        """Each kernel slot's kernel, built (or loaded from the disk cache) on first use: a
+        slot per group, then one per group and kind of param whose shape changes the
+        flags (Adafactor's factored arrays); ``_slot_of[i]``: param ``i``'s slot."""
         if self._kern is None:
-            kern = [_kernel(self.backend, _plan(self.rule, f), self.dtype)
-                    for f in self._flags]
+            plans = [_plan(self.rule, f) for f in self._flags]
+            slot_group, slot_of, index = list(range(len(plans))), [], {}
+            for p, gi in zip(self._params, self._group_of):
+                f = self.rule.array_flags(self._flags[gi], p.shape)
+                if f is self._flags[gi]:
+                    slot_of.append(gi)
+                    continue
+                pl = _plan(self.rule, f)
+                if (gi, pl.key) not in index:
+                    index[(gi, pl.key)] = len(plans)
+                    plans.append(pl)
+                    slot_group.append(gi)
+                slot_of.append(index[(gi, pl.key)])
+            self._slot_of, self._slot_group = slot_of, slot_group
+            kern = [_kernel(self.backend, pl, self.dtype) for pl in plans]
             # backends may offer a launch that skips re-checking what step() has checked
             self._launch = [getattr(k, "unchecked", k) for k in kern]
             self._prepare = [getattr(k, "prepare_unchecked", k.prepare) for k in kern]
@@ -927,8 +958,8 @@ class Optimizer:
             return None
         key = key()
         if key != self._launch_key:
-            self._entries = [kern[gi].launcher(v[0].shape[0], key)
-                             for v, gi in zip(self._views, self._group_of)]
+            self._entries = [kern[s].launcher(v[0].shape[0], key)
+                             for v, s in zip(self._views, self._slot_of)]
             self._launch_key = key
         return self._entries
 
@@ -988,7 +1019,7 @@ class Optimizer:
         elif self.max_grad_norm is None:
             scale = None
         self._kernels()                      # (rebuilt after a change of flags)
-        scal, carry = [], self._carry
+        hs, carry = [], self._carry
         for gi, g in enumerate(self.param_groups):
             lr = g["lr"]
             h = {**g, "lr": self._call_lr(gi, lr, t)} if callable(lr) else g
@@ -996,7 +1027,8 @@ class Optimizer:
                 h = {**h, "_clip": 1.0 if scale is None else scale}
             if self.rule.carry:
                 h, carry = self._carried(gi, h, t, carry)
-            scal.append(self._prepare[gi](h, t))
+            hs.append(h)
+        scal = [prep(hs[gi], t) for prep, gi in zip(self._prepare, self._slot_group)]
         tables = self._multi_tables() if isinstance(flat, np.ndarray) else None
         self._step, self._carry = t, carry   # everything is checked: from here on, update
         if self._stream is not None:         # torch CUDA tensors: on torch's current stream
@@ -1051,12 +1083,12 @@ class Optimizer:
                            combine=lambda total, gi=gi: combine(gi, total))
             return
         if entries is not None:
-            for views, gi, gr, e in zip(self._views, self._group_of, flat, entries):
-                e(views[0], gr, *views[1:], *scal[gi])
+            for views, s, gr, e in zip(self._views, self._slot_of, flat, entries):
+                e(views[0], gr, *views[1:], *scal[s])
             return
         launch = self._launch
-        for views, gi, gr in zip(self._views, self._group_of, flat):
-            launch[gi]([views[0], gr, *views[1:]], scal[gi])
+        for views, s, gr in zip(self._views, self._slot_of, flat):
+            launch[s]([views[0], gr, *views[1:]], scal[s])
 
     # ------------------------------------------------------------------ capturable (CuPy)
     def _hyper_vector(self, group):

@@ -121,6 +121,24 @@ class _MathOps:
         return abs(x)
 
     @staticmethod
+    def rms(x):
+        """The root mean square of all of ``x`` (one array), summed in float64 and rounded
+        once to ``x``'s dtype: ``norm(x) / sqrt(x.size)``."""
+        if isinstance(x, np.ndarray):
+            x64 = x.astype(np.float64, copy=False).reshape(-1)
+            return x.dtype.type(np.sqrt(np.dot(x64, x64) / x64.size) if x64.size else np.nan)
+        return abs(x)
+
+    @staticmethod
+    def mean(x, axis):
+        """The mean along ``axis`` (-1: over each row's columns, -2: over each matrix's
+        rows), kept as an axis of length 1, summed in float64 and rounded once to ``x``'s
+        dtype."""
+        if isinstance(x, np.ndarray):
+            return np.mean(x, axis=axis, dtype=np.float64, keepdims=True).astype(x.dtype)
+        return x
+
+    @staticmethod
     def where(c, a, b):
         if isinstance(c, (bool, np.bool_)):
             return a if c else b
@@ -148,6 +166,7 @@ def _eval(op, a, m):
     if op == "min": return m.minimum(a[0], a[1])
     if op == "where": return m.where(a[0], a[1], a[2])
     if op == "norm": return m.norm(a[0])
+    if op == "rms": return m.rms(a[0])
     raise ValueError(f"unknown operation {op!r}")
 
 
@@ -180,6 +199,21 @@ class ops:
     # a reduction: the 2-norm of a whole array's values of an element expression (LAMB's
     # ‖p‖ and ‖u‖); the kernels compute it in a pass before the update (codegen)
     norm = staticmethod(_dispatch("norm", "norm"))
+    # the root mean square of a whole array's values (Adafactor's RMS(p), RMS(u)): a norm
+    # divided by the square root of the array's size
+    rms = staticmethod(_dispatch("rms", "rms"))
+
+    @staticmethod
+    def mean(x, axis: int):
+        """The mean along the last axis (``axis=-1``: one value per row) or the one before
+        (``axis=-2``: one per column, or per matrix of a row-shaped value), as in
+        ``x.mean(axis, keepdims=True)``: Adafactor's factored second moments. A rule using
+        it runs on the param's shape (``Rule.shape_flags``), in stages (codegen)."""
+        if axis not in (-1, -2):
+            raise ValueError(f"ops.mean(x, axis={axis!r}): expected axis -1 or -2")
+        if isinstance(x, Expr):
+            return Expr("mean", (x,), axis)
+        return math_ops.mean(x, axis)
 
 
 # ----------------------------------------------------------------------------- rule data
@@ -216,6 +250,15 @@ class State:
     when: Callable | None = None
     dtype: str | None = None
     doc: str = ""
+    shape: str | None = None       # None: the param's; "rows": (..., m, 1); "cols": (..., 1, n)
+
+    def shape_for(self, shape: tuple) -> tuple:
+        """The buffer's shape for a param of ``shape``."""
+        if self.shape == "rows":
+            return tuple(shape[:-1]) + (1,)
+        if self.shape == "cols":
+            return tuple(shape[:-2]) + (1, shape[-1])
+        return tuple(shape)
 
 
 @dataclass(frozen=True)
@@ -248,6 +291,12 @@ class Rule:
     test_options: tuple = ({},)    # option sets tests and benchmarks cover
     differs: str = ""              # where hwoptim differs from torch, for the docs
     carry: tuple = ()              # Carry, ...: host scalars carried from step to step
+    # static flags that depend on a param's shape (Adafactor: factored for >= 2 dims), as
+    # (shape) -> dict; the group's flags hold the values for a flat (1-D) array
+    shape_flags: Callable | None = None
+    # (h, dtype) -> h: hyperparameters whose value depends on the params' dtype (Adafactor's
+    # eps1=None: that dtype's machine epsilon), resolved before the per-step scalars
+    resolve: Callable | None = None
 
     # -- derived facts, all from the functions above
     def static_flags(self, h: dict, opt: dict) -> SimpleNamespace:
@@ -262,6 +311,21 @@ class Rule:
     def scalar_names(self, flags) -> tuple:
         return tuple(trace_scalars(self, flags)[0])
 
+    def array_flags(self, flags, shape: tuple):
+        """``flags`` for a param of ``shape``: the group's, with the shape's own facts."""
+        if self.shape_flags is None:
+            return flags
+        extra = self.shape_flags(tuple(shape))
+        if all(getattr(flags, k) == v for k, v in extra.items()):
+            return flags
+        return SimpleNamespace(**{**vars(flags), **extra})
+
+
+def resolve_hypers(rule: Rule, h: dict, dtype) -> dict:
+    """``h`` with the dtype-dependent hyperparameters resolved for ``dtype`` (no copy where
+    the rule has none)."""
+    return h if rule.resolve is None else rule.resolve(h, str(np.dtype(dtype)))
+
 
 
 def evaluate(e: Expr, env: dict, memo: dict | None = None):
@@ -273,6 +337,8 @@ def evaluate(e: Expr, env: dict, memo: dict | None = None):
         v = env[e.value]
     elif e.op == "const":
         v = e.value
+    elif e.op == "mean":
+        v = math_ops.mean(evaluate(e.args[0], env, memo), e.value)
     else:
         v = _eval(e.op, [evaluate(a, env, memo) for a in e.args], math_ops)
     memo[id(e)] = v
@@ -288,7 +354,8 @@ def substitute(e: Expr, mapping: dict, memo: dict | None = None) -> Expr:
         elif e.op in ("array", "scalar", "const"):
             memo[id(e)] = e
         else:
-            memo[id(e)] = Expr(e.op, tuple(substitute(a, mapping, memo) for a in e.args))
+            memo[id(e)] = Expr(e.op, tuple(substitute(a, mapping, memo) for a in e.args),
+                               e.value)
     return memo[id(e)]
 
 
@@ -319,9 +386,10 @@ def with_carry(rule: Rule, h: dict, t: int) -> dict:
     return {**h, **c}
 
 
-def host_scalars(rule: Rule, h: dict, t: int) -> dict:
-    """Per-step scalars in float64 on the host (carried ones: their values after step t)."""
-    h = with_carry(rule, h, t)
+def host_scalars(rule: Rule, h: dict, t: int, dtype="float64") -> dict:
+    """Per-step scalars in float64 on the host (carried ones: their values after step t);
+    dtype-dependent hyperparameters left unset are resolved for ``dtype``."""
+    h = with_carry(rule, resolve_hypers(rule, h, dtype), t)
     return {k: float(v) for k, v in rule.scalars(SimpleNamespace(**h), t).items()}
 
 

@@ -27,6 +27,8 @@ from __future__ import annotations
 
 import numpy as np
 
+from .spec import resolve_hypers
+
 K_STEP = 2.0
 K_NORM = 1.0
 K_RUN = 4.0
@@ -86,6 +88,8 @@ def reference_step(rule, flags, hypers: dict, t: int, before: dict, grad) -> dic
               np.array(grad, dtype=np.float64).reshape(-1)]
     arrays += [np.array(before[n], dtype=np.float64).reshape(-1) for n in plan.arrays[2:]]
     run = ref.kernel(plan, "float64")
+    # hyperparameters the run's dtype resolves (Adafactor's eps1=None): as that run does
+    hypers = resolve_hypers(rule, hypers, np.asarray(before["param"]).dtype)
     run(arrays, run.prepare(hypers, t))
     return dict(zip(plan.arrays[:1] + plan.arrays[2:], arrays[:1] + arrays[2:]))
 
@@ -150,9 +154,11 @@ def condition(plan, before: dict, grad, kernel_scalars, dtype) -> dict:
                     # the "error" of a comparison: whether rounding may flip it
                     gap = np.abs(np.asarray(v[0], np.float64) - v[1])
                     err = gap < K_STEP * u * (np.asarray(er[0]) + er[1])
-                elif e.op == "norm":          # of the whole array, summed in float64
+                elif e.op in ("norm", "rms"):   # of the whole array, summed in float64
                     x = np.asarray(v[0], np.float64)
                     ex = np.broadcast_to(np.asarray(er[0], np.float64), x.shape)
+                    if e.op == "rms":           # the same bound, over sqrt(size)
+                        x, ex = x / np.sqrt(max(x.size, 1)), ex / np.sqrt(max(x.size, 1))
                     out = np.sqrt(np.sum(x * x))
                     # ‖x̂‖ - ‖x‖ <= ‖x̂ - x‖; the float64 sums (kernel's and reference's,
                     # each at most (n-1)/2 u64 relative in the norm); one rounding to dtype

@@ -197,10 +197,15 @@ class Optimizer(_TorchOptimizer):
         for c, v in carry_init(self.rule, h).items():   # 0-d CPU tensors, as torch's
             if c not in state:
                 state[c] = torch.tensor(v, dtype=_scalar_dtype())
-        for s in self.rule.active_states(flags):
+        for s in self.rule.active_states(self.rule.array_flags(flags, p.shape)):
             if s.name not in state:
                 init = h[s.init] if isinstance(s.init, str) else s.init
-                state[s.name] = torch.full_like(p, init, memory_format=torch.preserve_format)
+                if s.shape is None:
+                    state[s.name] = torch.full_like(p, init,
+                                                    memory_format=torch.preserve_format)
+                else:                            # Adafactor's row and column factors
+                    state[s.name] = torch.full(s.shape_for(p.shape), init, dtype=p.dtype,
+                                               device=p.device)
 
     def _advance_steps(self, group, states) -> list:
         """Each state's ``step`` advanced by one, as torch advances it; the new counts.
@@ -277,6 +282,14 @@ class Optimizer(_TorchOptimizer):
                                      f"(channels_last?); hwoptim's kernels update contiguous "
                                      f"memory: model.to(memory_format=torch.contiguous_format)")
                 items.append((p, g))
+            if self.rule.shape_flags is not None:   # staged arrays: on the CPU only yet
+                flat = self.rule.shape_flags((1,))
+                for p, _ in items:
+                    if p.device.type != "cpu" and self.rule.shape_flags(tuple(p.shape)) != flat:
+                        raise ValueError(f"{where}a {p.dim()}-d param on {p.device}: "
+                                         f"{type(self).__name__} updates such params in "
+                                         f"stages, which hwoptim runs on the CPU only yet "
+                                         f"(CUDA tensors: torch.optim.{self.rule.torch})")
             work.append((group, hf, items))
         if skip:                              # found_inf: the whole step is skipped
             self.skipped_steps += 1
@@ -321,7 +334,22 @@ class Optimizer(_TorchOptimizer):
         """Update ``items`` ((param, grad) pairs, checked) of one group: state created where
         missing, step counts advanced, then per (device, dtype) one multi-tensor launch
         (backends with ``many``; the arrays' addresses go straight from the tensors) or one
-        launch per array."""
+        launch per array. Params whose shape changes the flags (Adafactor's factored
+        arrays) are stepped apart, with their own kernels."""
+        rule, (h, flags) = self.rule, hf
+        if rule.shape_flags is not None:
+            kinds = {}
+            for item in items:
+                f = rule.array_flags(flags, item[0].shape)
+                kinds.setdefault(tuple(sorted(vars(f).items())), (f, []))[1].append(item)
+            if len(kinds) > 1 or next(iter(kinds.values()))[0] is not flags:
+                for f, part in kinds.values():
+                    self._step_kind(group, (h, f), part)
+                return
+        self._step_kind(group, hf, items)
+
+    def _step_kind(self, group, hf, items):
+        """:meth:`_step_group` for params of one kind (one plan)."""
         rule = self.rule
         h, flags = hf
         plan = _plan(rule, flags)
@@ -356,7 +384,7 @@ class Optimizer(_TorchOptimizer):
                 stream = cupy.cuda.ExternalStream(
                     torch.cuda.current_stream(dev).cuda_stream, dev.index)
             with (stream if stream is not None else _nullcontext()):
-                self._launch(k, h, names, work, dtype)
+                self._launch(k, h, names, work, dtype, plan.stages is not None)
         if rule.carry:                       # each param's carried scalars, after its step
             after = {}
             for st, key in zip(states, ts):
@@ -372,7 +400,7 @@ class Optimizer(_TorchOptimizer):
             return h
         return {**h, **{c.name: v for c, v in zip(self.rule.carry, key[1:])}}
 
-    def _launch(self, k, h, names, work, dtype):
+    def _launch(self, k, h, names, work, dtype, staged=False):
         """One launch per kernel (``many``) or per array, with the scalars of each param's
         launch key: its step count, and for rules that carry scalars, their values."""
         distinct = sorted({w[2] for w in work})
@@ -390,10 +418,11 @@ class Optimizer(_TorchOptimizer):
             return
         for t in distinct:
             scal = k.prepare(self._with_carry(h, t), step_of(t))
+            flat = (lambda a: a) if staged else (lambda a: a.reshape(-1))
             for p, g, tt, st in work:
                 if tt == t:
-                    k([_view(p).reshape(-1), _view(g).reshape(-1)]
-                      + [_view(st[n]).reshape(-1) for n in names], scal)
+                    k([flat(_view(p)), _view(g).reshape(-1)]
+                      + [flat(_view(st[n])) for n in names], scal)
 
 
 class _StepBank:

@@ -186,6 +186,13 @@ def kernel(plan, dtype):
             # kernel, read by the update, all on this stream (nothing waits on the host)
             sums = cupy.zeros(n * len(plan.norms), dtype=np.float64)
             funcs[(dev, "multi", "reduce")](grid, (THREADS,), args + (sums,))
+            if "rms" in plan.norm_kinds:       # an RMS: the mean square (1/size, kept with
+                scale = chunks.extra.get((dev, "scale"))     # the chunk table)
+                if scale is None:
+                    scale = cupy.asarray(plan.norm_scale(sizes).reshape(-1))
+                    cupy.cuda.get_current_stream().synchronize()
+                    chunks.extra[(dev, "scale")] = scale
+                sums *= scale
             args += (sums,)
         f(grid, (THREADS,), args)
 
@@ -195,10 +202,10 @@ def kernel(plan, dtype):
     return run
 
 
-def full(like, value):
+def full(like, value, shape=None):
     import cupy
     with like.device:
-        return cupy.full(like.shape, value, dtype=like.dtype)
+        return cupy.full(like.shape if shape is None else shape, value, dtype=like.dtype)
 
 
 def to_host(a):

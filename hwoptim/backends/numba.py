@@ -32,6 +32,7 @@ from . import diskcache
 from .numpy import address, copy_from_host, full, to_host  # noqa: F401  (same host arrays)
 
 FAMILY = "host"
+STAGED = True      # runs staged rules (Adafactor's factored arrays) on their shapes
 
 # A parallel launch costs about as much as SERIAL_WORK units of element work, one unit being
 # one array element loaded or stored; measured per threading layer on a 2-core AMD EPYC
@@ -177,6 +178,8 @@ class Kernel:
             np.add.at(total, chunks.table[:, 0], out)
         if combine is not None:
             total = combine(total)
+        if "rms" in self.plan.norm_kinds:      # an RMS: the mean square, over the size
+            total *= self.plan.norm_scale(sizes)
         return np.sqrt(total)
 
     def _reduce_entry(self, par: bool):
@@ -353,15 +356,78 @@ _kernels: dict = {}
 _kernels_lock = threading.Lock()
 
 
+class StagedKernel:
+    """A staged rule's kernels (``plan.stages``: Adafactor's factored arrays), for one param
+    at a time on its shape: ``kernel(arrays, scalars)`` with ``arrays`` in ``plan.arrays``
+    order (the param and its state on their shapes; the grad may be flat), the element
+    loops in parallel from :data:`STAGED_SERIAL_BELOW` elements. No multi-tensor launch."""
+
+    def __init__(self, plan, dtype: str):
+        self.plan, self.dtype = plan, dtype
+        self.module = diskcache.load_module(
+            lambda cache: codegen.numba_staged_source(plan, dtype, cache=cache),
+            f"{plan.key}_{dtype}_staged")
+        self.prepare = codegen.host_scalar_function(plan, dtype)
+        self.prepare_unchecked = codegen.host_scalar_function(plan, dtype, boxed=False)
+        self._built = set()
+        self._lock = threading.RLock()
+
+    def _build(self, par: bool):
+        """Every function of the module compiled (or loaded from the disk cache), by a run
+        on a 1x1x1 problem of scratch arrays."""
+        with self._lock:
+            if par in self._built:
+                return
+            typ = np.dtype(self.dtype).type
+            n_red = len(self.plan.stages.reductions)
+            args = ([np.zeros(1, self.dtype) for _ in self.plan.arrays] + [1, 1, 1]
+                    + [typ(0)] * len(self.plan.scalars)
+                    + [np.zeros(1, self.dtype) for _ in range(n_red)]
+                    + [np.zeros(1) for _ in range(n_red)]
+                    + [np.zeros((1, 1)) for _ in range(n_red)])
+            sfx = "_p" if par else "_s"
+            for name in sorted(vars(self.module)):
+                if name.startswith(("sweep", "store")) and name.endswith(sfx):
+                    diskcache.first_call(self.module, getattr(self.module, name), args)
+            self._built.add(par)
+
+    def __call__(self, arrays, scalars):
+        shape = arrays[0].shape
+        n = shape[-1] if len(shape) else 1
+        m = shape[-2] if len(shape) > 1 else 1
+        b = int(np.prod(shape[:-2])) if len(shape) > 2 else 1
+        if b * m * n == 0:
+            return
+        par = b * m * n >= STAGED_SERIAL_BELOW
+        self._build(par)
+        typ = np.dtype(self.dtype).type
+        self.module.run([a.reshape(-1) for a in arrays], b, m, n,
+                        [typ(x) for x in scalars], par)
+
+    unchecked = __call__
+
+    def launcher(self, n: int, n_threads: int):
+        """An entry point ``f(*arrays, *scalars)``, both variants built first."""
+        self._build(True)
+        self._build(False)
+        na = len(self.plan.arrays)
+        return lambda *a: self(a[:na], a[na:])
+
+
+STAGED_SERIAL_BELOW = 1 << 15
+
+
 def kernel(plan, dtype) -> Kernel:
-    """The :class:`Kernel` for ``plan`` and ``dtype``, one per process."""
+    """The :class:`Kernel` (:class:`StagedKernel` for a staged plan) for ``plan`` and
+    ``dtype``, one per process."""
     key = (plan.key, dtype)
     k = _kernels.get(key)
     if k is None:
         with _kernels_lock:
             k = _kernels.get(key)
             if k is None:
-                k = _kernels[key] = Kernel(plan, dtype)
+                k = _kernels[key] = (StagedKernel if plan.stages is not None else Kernel)(
+                    plan, dtype)
     return k
 
 

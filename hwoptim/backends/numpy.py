@@ -6,9 +6,10 @@ from types import SimpleNamespace
 
 import numpy as np
 
-from ..spec import host_scalars
+from ..spec import host_scalars, resolve_hypers
 
 FAMILY = "host"
+STAGED = True      # runs staged rules (Adafactor's factored arrays) on their shapes
 
 
 def unavailable():
@@ -23,8 +24,14 @@ def kernel(plan, dtype):
     rule, flags, names, outputs = plan.rule, plan.flags, plan.arrays, plan.outputs
 
     scaled = getattr(flags, "_clip", False)      # max_grad_norm's clip factor
+    staged = plan.stages is not None              # Adafactor's factored arrays
 
     def run(arrays, k):
+        if staged:                    # on the param's shape: the grad (given flat) too
+            if arrays[0].size == 0:   # (a mean over no rows: no update, no NaN factors)
+                return
+            arrays = [a.reshape(arrays[0].shape) if a.size == arrays[0].size else a
+                      for a in arrays]
         buf = dict(zip(names, arrays))
         if scaled:                    # clip_grad_norm_'s multiply, rounded in the dtype
             buf["grad"] = buf["grad"] * buf["grad"].dtype.type(getattr(k, "_clip"))
@@ -35,7 +42,7 @@ def kernel(plan, dtype):
         for name in outputs:          # every value is computed before any buffer is written
             np.copyto(buf[name], new[name], casting="same_kind")
     def prepare(h, t):
-        k = host_scalars(rule, h, t)
+        k = host_scalars(rule, resolve_hypers(rule, h, dtype), t)
         if scaled:
             k["_clip"] = float(h["_clip"])
         return SimpleNamespace(**k)
@@ -43,8 +50,9 @@ def kernel(plan, dtype):
     return run
 
 
-def full(like, value):
-    return np.full(like.shape, value, dtype=like.dtype)
+def full(like, value, shape=None):
+    """An array of ``value`` like ``like`` (its shape, or ``shape``)."""
+    return np.full(like.shape if shape is None else shape, value, dtype=like.dtype)
 
 
 def to_host(a):
