@@ -70,6 +70,13 @@ def check():
     done = 0
     for ri, rule in enumerate(hwoptim.RULES.values()):
         cls = getattr(hwoptim, rule.name)
+        if rule.shape_flags is not None:   # Adafactor: shape-dependent, refused on every rank
+            try:
+                ShardedOptimizer(cls, _groups(_params("float32", "x"), 1e-2), lr=1e-2)
+            except ValueError as e:
+                assert "is not supported yet" in str(e), str(e)
+                continue
+            raise AssertionError(f"{rule.name}: a shape-dependent rule was not refused")
         # per-param norms span ranks: summed across them (the numba backend's multi-tensor
         # kernels take the combined sums; the numpy reference has no such pass: refused)
         norms = "trust_ratio" in rule.options

@@ -251,6 +251,29 @@ def lars(p, state, grad, t, *, lr, momentum, dampening, weight_decay, trust_coef
     p -= lr * d
 
 
+def adafactor(p, state, grad, t, *, lr, beta2_decay, eps, d, weight_decay, maximize):
+    """torch.optim.Adafactor docs: G = ±grad; β̂₂ = 1 − t^τ; ρ = min(γ, 1/√t);
+    α = max(ε₂, RMS(θ))ρ; θ = θ − γλθ; ≥ 2 dims: R = β̂₂R + (1−β̂₂)·rowmean(G²),
+    C = β̂₂C + (1−β̂₂)·colmean(G²), V̂ = RC/max(mean(R), ε₁); else V̂ = β̂₂V̂ + (1−β̂₂)G²;
+    U = G/max(√V̂, ε₁); Û = U/max(1, RMS(U)/d); θ = θ − αÛ. ε₁ None: the dtype's epsilon."""
+    eps1, eps2 = eps
+    if eps1 is None:
+        eps1 = np.finfo(p.dtype).eps
+    g = -grad if maximize else grad
+    b2 = 1 - t ** beta2_decay
+    alpha = max(eps2, np.sqrt(np.mean(p * p))) * min(lr, 1 / np.sqrt(t))
+    p -= lr * weight_decay * p
+    if g.ndim > 1:
+        r = b2 * state.get("row_var", 0.0) + (1 - b2) * np.mean(g * g, axis=-1, keepdims=True)
+        c = b2 * state.get("col_var", 0.0) + (1 - b2) * np.mean(g * g, axis=-2, keepdims=True)
+        state["row_var"], state["col_var"] = r, c
+        v = r * c / np.maximum(np.mean(r, axis=-2, keepdims=True), eps1)
+    else:
+        v = state["variance"] = b2 * state.get("variance", 0.0) + (1 - b2) * g * g
+    u = g / np.maximum(np.sqrt(v), eps1)
+    p -= alpha * u / max(1.0, np.sqrt(np.mean(u * u)) / d)
+
+
 # torch.optim 2.13's documented defaults (each optimizer's signature in its docs), plus
 # hwoptim's own options (RMSprop's eps_in_sqrt, Adam's decoupled_weight_decay as in torch)
 DEFAULTS = {
@@ -281,9 +304,11 @@ DEFAULTS = {
                  maximize=False),
     "RMSprop": dict(lr=1e-2, alpha=0.99, eps=1e-8, weight_decay=0.0, momentum=0.0,
                     centered=False, maximize=False, eps_in_sqrt=False),
+    "Adafactor": dict(lr=1e-2, beta2_decay=-0.8, eps=(None, 1e-3), d=1.0, weight_decay=0.0,
+                      maximize=False),
 }
 
 ORACLES = {"SGD": sgd, "Adam": adam, "AdamW": adamw, "Adagrad": adagrad,
            "Adadelta": adadelta, "RMSprop": rmsprop, "Adamax": adamax,
            "RAdam": radam, "Rprop": rprop, "Lion": lion, "NAdam": nadam, "ASGD": asgd,
-           "LAMB": lamb, "LARS": lars}
+           "LAMB": lamb, "LARS": lars, "Adafactor": adafactor}

@@ -653,10 +653,11 @@ def _norms(plan, arrays, ks) -> list:
     env = {n: np.asarray(arrays[n], np.float64) for n in plan.arrays}
     env.update(zip(plan.scalars, ks))
     out = []
-    for e in plan.norms:
+    for e, kind in zip(plan.norms, plan.norm_kinds):
         with np.errstate(all="ignore"):
             x = np.broadcast_to(np.asarray(evaluate(e, env), np.float64), env["param"].shape)
-        out.append(float(np.sqrt(np.dot(x.ravel(), x.ravel()))))
+        s = np.dot(x.ravel(), x.ravel())
+        out.append(float(np.sqrt(s / x.size if kind == "rms" else s)))
     return out
 
 
@@ -671,8 +672,10 @@ def test_cpp_reduction_matches_reference(cpp, case, dtype):
     rng = np.random.default_rng(_seed(case.id, dtype, "reduce"))
     bufs = {**_state0(case, dtype, rng), "grad": testing.random_values(rng, (N,), dtype)}
     ks = plan.kernel_scalars(_base(rule, h, 3))
-    want = np.square(_norms(plan, bufs, ks))
-    rel = 64 * np.finfo(dtype).eps
+    want = np.square(_norms(plan, bufs, ks)) * [N if k == "rms" else 1 for k in plan.norm_kinds]
+    # a sum of N positive terms in order, against NumPy's pairwise one: (N - 1) u relative
+    # at worst (Higham's bound for recursive summation), and the arguments' rounding
+    rel = max(64, N) * np.finfo(dtype).eps
     for build, lib in cpp.items():
         acc = np.zeros(len(plan.norms))
         lib.reduce[sym](*[bufs[a] for a in plan.reduce_reads], *[typ(v) for v in ks], N, acc)

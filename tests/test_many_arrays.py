@@ -53,7 +53,9 @@ def test_bit_identical_to_the_per_array_path(rule, opts, dtype, rng):
             slow.step([g.copy() for g in gs])
         finally:
             optim.FAST_MIN = old
-    assert fast._tables is not None or _fastcheck.reader() is None
+    # (staged params, Adafactor's matrices, take the per-array path by design)
+    assert (fast._tables is not None or _fastcheck.reader() is None
+            or len(fast._slot_group) > len(fast.param_groups))
     for a, b in zip(fast_p, slow_p):
         assert np.array_equal(a, b)
     for sa, sb in zip(fast.state, slow.state):

@@ -63,7 +63,17 @@ SAMPLERS = {
     "lambd": lambda r: 10 ** r.uniform(-4, 0),
     "t0": lambda r: float(r.integers(0, 25)),         # averaging starts within the run
     "trust_coefficient": lambda r: 10 ** r.uniform(-4, 0),
+    "beta2_decay": lambda r: -r.uniform(0.3, 1.0),
+    "d": lambda r: r.uniform(1.0, 3.0),
+    # Adafactor's (eps1, eps2): eps1 None (the dtype's epsilon) or drawn
+    "eps pair": lambda r: (None if r.random() < 0.5 else 10 ** r.uniform(-30, -8),
+                           10 ** r.uniform(-4, -2)),
 }
+
+
+def _sample(rule, h, rng):
+    key = "eps pair" if h == "eps" and isinstance(rule.hypers[h].default, tuple) else h
+    return SAMPLERS[key](rng)
 
 
 def _rejected(name, kw) -> bool:
@@ -117,7 +127,7 @@ def test_defaults_are_the_published_ones(name, rng):
 def _draw(rule, rng, nonzero) -> dict:
     missing = sorted(set(rule.hypers) - set(SAMPLERS))
     assert not missing, f"{rule.name}: no sampler for {missing}; add one to SAMPLERS"
-    return {h: (SAMPLERS[h](rng) if nonzero.get(h, True) else 0.0) for h in rule.hypers}
+    return {h: (_sample(rule, h, rng) if nonzero.get(h, True) else 0.0) for h in rule.hypers}
 
 
 def _check(where, got, ref, scale, observed, key):
@@ -167,7 +177,7 @@ def test_numpy_backend_matches_oracle(name, opts, nonzero, rng, observed, reques
                   and not (h in SWITCHES and hp[h] == 0)]
     for t in range(1, STEPS + 1):
         if t in CHANGE_AT:
-            new = {h: SAMPLERS[h](rng) for h in ("lr", *changeable)}
+            new = {h: _sample(rule, h, rng) for h in ("lr", *changeable)}
             for h, v in new.items():
                 opt.param_groups[0][h] = v
             hp.update(new)

@@ -69,6 +69,11 @@ BOUNDARY = {
     "lambd": [0.0, 1e-4, 1.0],
     "t0": [0.0, 1.0, 3.0, 1e6],          # ASGD: averaging from the first steps, or never
     "trust_coefficient": [0.0, 1e-3, 1.0, 50.0],
+    "beta2_decay": [0.0, -0.5, -0.8, -1.0],   # Adafactor: 0 weighs in each new g² wholly
+    "d": [1.0, 2.0, 1e3],
+    # (eps1 whose square is a normal float32: a smaller one gives 0·Inf = NaN for a zero
+    # grad in float32, in torch too)
+    "eps pair": [(None, 1e-3), (1e-18, 1e-3), (1e-7, 0.0), (1e-3, 1.0)],
 }
 SPECIALS = ("nan", "inf", "-inf", "subnormal", "-0")
 # each test's share of the profile's max_examples
@@ -101,7 +106,7 @@ def draw_config(data):
     rule, oid, opts = BY_ID[data.draw(st.sampled_from(sorted(BY_ID)), label="option set")]
     kwargs = dict(opts)
     for name, hy in rule.hypers.items():
-        values = [v for v in BOUNDARY[name] if _keeps_kernel(rule, opts, name, v)]
+        values = [v for v in _boundary(rule, name) if _keeps_kernel(rule, opts, name, v)]
         kwargs[name] = data.draw(st.sampled_from(values or [opts.get(name, hy.default)]),
                                  label=name)
     return rule, oid, kwargs
@@ -137,6 +142,17 @@ def _threshold(rule, kwargs, dtype):
     below = getattr(run, "serial_below", None)
     n = below() if below is not None else None
     return int(n) if n is not None and n <= MAX_SIZE else None
+
+
+def _boundary(rule, name):
+    tuple_eps = name == "eps" and isinstance(rule.hypers[name].default, tuple)
+    return BOUNDARY["eps pair" if tuple_eps else name]
+
+
+def _flat(rule, shape):
+    """A rule whose math depends on the shape (Adafactor factors matrices): the same
+    elements as a vector, for these elementwise checks (test_adafactor.py: matrices)."""
+    return (int(np.prod(shape)),) if rule.shape_flags is not None else shape
 
 
 def draw_shape(data, threshold=None, small=False):
@@ -247,7 +263,7 @@ def _after(opt, i):
 def test_numba_steps_within_the_stated_tolerance(data):
     rule, oid, kwargs = draw_config(data)
     dtype = data.draw(st.sampled_from(DTYPES), label="dtype")
-    shape = draw_shape(data, _threshold(rule, kwargs, dtype))
+    shape = _flat(rule, draw_shape(data, _threshold(rule, kwargs, dtype)))
     rng = _rng(data)
     note(f"{oid} {kwargs} {dtype} {shape}")
     p = with_specials(data, random_values(rng, shape, dtype), "param")
@@ -406,7 +422,11 @@ BAD_BETAS = [((1.0, 0.5), ValueError), ((0.9, -0.1), ValueError), ((0.9,), Value
 BAD_PAIRS = {"etas": [((1.2, 0.5), ValueError), ((0.5, 1.0), ValueError), ((0.0, 1.2), ValueError),
                       ((0.5,), ValueError), ((0.5, float("nan")), ValueError)],
              "step_sizes": [((-1e-6, 50.0), ValueError), ((1.0, 0.5), ValueError),
-                            ((1e-6,), ValueError), ((1e-6, float("inf")), ValueError)]}
+                            ((1e-6,), ValueError), ((1e-6, float("inf")), ValueError)],
+             # Adafactor's (eps1, eps2)
+             "eps pair": [((-1e-3, 1e-3), ValueError), ((None, -1.0), ValueError),
+                          ((None,), ValueError), ((1e-3, float("nan")), ValueError),
+                          ("0.1", ValueError), ((None, None), ValueError)]}
 BAD_FLAGS = [(1, TypeError), (None, TypeError), ("yes", TypeError)]
 
 
@@ -417,6 +437,8 @@ def _bad_hyper(data, rule):
         return (name, *data.draw(st.sampled_from(BAD_FLAGS), label="bad option"))
     if name == "betas":
         return (name, *data.draw(st.sampled_from(BAD_BETAS), label="bad betas"))
+    if name == "eps" and isinstance(rule.hypers[name].default, tuple):
+        return (name, *data.draw(st.sampled_from(BAD_PAIRS["eps pair"]), label="bad eps"))
     if name in BAD_PAIRS:
         return (name, *data.draw(st.sampled_from(BAD_PAIRS[name]), label=f"bad {name}"))
     value, exc = data.draw(st.sampled_from(BAD_NUMBERS), label="bad number")
@@ -506,7 +528,8 @@ def test_bad_input_is_refused_and_changes_nothing(data):
     dtype = data.draw(st.sampled_from(DTYPES), label="dtype")
     backend = data.draw(st.sampled_from(HOST), label="backend")
     rng = _rng(data)
-    shapes = [draw_shape(data, small=True) for _ in range(data.draw(st.integers(1, 3)))]
+    shapes = [_flat(rule, draw_shape(data, small=True))
+              for _ in range(data.draw(st.integers(1, 3)))]
     note(f"{oid} {kwargs} {dtype} {backend} {shapes}")
     cls = getattr(hwoptim, rule.name)
     opt = cls([random_values(rng, s, dtype) for s in shapes], backend=backend, **kwargs)
@@ -567,7 +590,8 @@ def test_state_dict_resumes_on_either_backend(data):
     src = data.draw(st.sampled_from(HOST), label="saved on")
     dst = data.draw(st.sampled_from(HOST), label="resumed on")
     rng = _rng(data)
-    shapes = [draw_shape(data, small=True) for _ in range(data.draw(st.integers(1, 3)))]
+    shapes = [_flat(rule, draw_shape(data, small=True))
+              for _ in range(data.draw(st.integers(1, 3)))]
     note(f"{oid} {kwargs} {dtype} {src} -> {dst} {shapes}")
     cls = getattr(hwoptim, rule.name)
     first = cls([with_specials(data, random_values(rng, s, dtype), "param") for s in shapes],

@@ -161,6 +161,8 @@ def test_resume_on_another_backend(rule, opts, src, dst, dtype, rng):
         resumed.step(grads)
         ks = plan.kernel_scalars(host_scalars(rule, h, t))
         for i, (p, st) in enumerate(zip(saved, resumed.state)):
+            if rule.array_flags(flags, p.shape) is not flags:
+                continue            # Adafactor's matrices: resumed in test_adafactor.py
             ref = reference_step(rule, flags, h, t, before[i], grads[i])
             cond = condition(plan, before[i], grads[i], ks, dtype)
             errs = step_errors({"param": p, **st}, ref, dtype, cond)
