@@ -1,0 +1,126 @@
+"""Issue 11's targets for Adafactor's factored path (params of >= 2 dims), side by side in one
+run (interleaved rounds, the order rotating, medians): hwoptim's step against its own floor
+and against torch.optim.Adafactor (for-loop and foreach), on a 200-array model (matrices
+and their bias vectors, ``hwoptim.bench.workload.model_shapes``) and on one matrix.
+
+    python bench/adafactor.py [--rounds 15] [--sizes 1e7,5e7] [--dtype float32]
+
+The floor streams the bytes the factored step must move, over one flat buffer as large as
+the params: the first sweep reads p and g (RMS(p), row and column means of g²), the second
+reads g (RMS of the update), the store reads p and g and writes p: 5 reads and 1 write per
+element (24 B in float32; the row and column factors, m + n numbers, are noise). Also the
+state memory, measured from the arrays, against Adam's.
+"""
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+
+import numpy as np
+
+import hwoptim
+from hwoptim.bench.workload import model_shapes
+
+
+def _floor():
+    from numba import njit, prange
+
+    @njit(parallel=True, nogil=True, fastmath=True)
+    def read2(p, g):
+        s = p.dtype.type(0.0)
+        for i in prange(p.shape[0]):
+            s += p[i] * p[i] + g[i] * g[i]
+        return s
+
+    @njit(parallel=True, nogil=True, fastmath=True)
+    def read1(g):
+        s = g.dtype.type(0.0)
+        for i in prange(g.shape[0]):
+            s += g[i] * g[i]
+        return s
+
+    @njit(parallel=True, nogil=True, fastmath=True)
+    def update(p, g, c):
+        for i in prange(p.shape[0]):
+            p[i] = p[i] - c * g[i]
+
+    def run(p, g):
+        read2(p, g)
+        read1(g)
+        update(p, g, p.dtype.type(1e-12))
+    return run
+
+
+def case(shapes, rounds, dtype, torch):
+    rng = np.random.default_rng(0)
+    params = [rng.standard_normal(s).astype(dtype) for s in shapes]
+    grads = [rng.standard_normal(s).astype(dtype) for s in shapes]
+    n = sum(p.size for p in params)
+    ours = hwoptim.Adafactor([p.copy() for p in params])
+    floor = _floor()
+    fp = np.concatenate([p.reshape(-1) for p in params])
+    fg = np.concatenate([g.reshape(-1) for g in grads])
+    fns = {"hwoptim": lambda: ours.step(grads), "floor": lambda: floor(fp, fg)}
+    if torch is not None:
+        for foreach in (False, True):
+            tp = [torch.from_numpy(p.copy()) for p in params]
+            for t, g in zip(tp, grads):
+                t.grad = torch.from_numpy(g.copy())
+            fns[f"torch foreach={foreach}"] = torch.optim.Adafactor(tp, foreach=foreach).step
+    for f in fns.values():
+        for _ in range(2):
+            f()
+    reps = max(1, int(1e7 // n))
+    times = {k: [] for k in fns}
+    order = list(fns)
+    for r in range(rounds):
+        for k in order[r % len(order):] + order[:r % len(order)]:
+            t0 = time.perf_counter()
+            for _ in range(reps):
+                fns[k]()
+            times[k].append((time.perf_counter() - t0) / reps)
+    state = sum(v.nbytes for st in ours.state for v in st.values())
+    return n, {k: statistics.median(v) for k, v in times.items()}, state
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--rounds", type=int, default=15)
+    ap.add_argument("--sizes", default="1e7,5e7")
+    ap.add_argument("--dtype", default="float32")
+    ap.add_argument("--no-torch", action="store_true")
+    args = ap.parse_args(argv)
+    torch = None
+    if not args.no_torch:
+        try:
+            import torch
+            torch.set_num_threads(hwoptim.get_num_threads())
+        except ImportError:
+            pass
+    dtype = np.dtype(args.dtype)
+    print(f"threads {hwoptim.get_num_threads()}, Adafactor {dtype}, medians of {args.rounds} "
+          f"interleaved rounds")
+    print("| params | elements | hwoptim ms | floor ms | floor/hwoptim | torch for-loop ms "
+          "| torch foreach ms | torch best/hwoptim | state B/element (Adam: "
+          f"{2 * dtype.itemsize}) |")
+    print("| --- | --- | --- | --- | --- | --- | --- | --- | --- |")
+    for total in (int(float(s)) for s in args.sizes.split(",")):
+        side = int(round(np.sqrt(total / 1.5)))
+        for name, shapes in (("200-array model", model_shapes(total)),
+                             (f"one {side}x{int(1.5 * side)} matrix", [(side, int(1.5 * side))])):
+            n, m, state = case(shapes, args.rounds, dtype, torch)
+            tl, tf = m.get("torch foreach=False"), m.get("torch foreach=True")
+            best = min(t for t in (tl, tf) if t is not None) if torch is not None else None
+            ratio = "—" if best is None else f"{best / m['hwoptim']:.2f}"
+            print(f"| {name} | {n:.3g} | {m['hwoptim'] * 1e3:.2f} | {m['floor'] * 1e3:.2f} | "
+                  f"{m['floor'] / m['hwoptim']:.2f} | "
+                  f"{'—' if tl is None else f'{tl * 1e3:.1f}'} | "
+                  f"{'—' if tf is None else f'{tf * 1e3:.1f}'} | "
+                  f"{ratio} | "
+                  f"{state / n:.4f} |")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
