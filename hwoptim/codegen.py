@@ -1228,58 +1228,74 @@ def numba_staged_source(p: KernelPlan, dtype: str, cache: bool = True) -> str:
                                                  block_before=blk)]
             funcs.append("")
         out_loops.append("".join(sorted(dom)))
-    # the driver: sums, sweeps, finishing each reduction, then the stores
-    drv = ["def run(arrays, _B, _m, _n, scalars, par):",
-           "    sfx = '_p' if par else '_s'",
-           f"    _nblk = _B * ((_m + {STAGE_ROWS} - 1) // {STAGE_ROWS})",
-           "    V, S, P = [], [], []"]
-    for j, e in enumerate(st.reductions):
-        k, dom = st.cls(e), st.cls(e.args[0])
-        drv.append(f"    V.append(np.empty({_stage_size(k)}, np.{dtype}))")
-        drv.append(f"    S.append(np.zeros({_stage_size(k)}))")
-        width = "_n" if (dom == _FULL and k == frozenset("bc")) else "1"
-        rows = "_nblk" if dom == _FULL and k != frozenset("br") else "0"
-        drv.append(f"    P.append(np.zeros(({rows}, {width})))")
-    drv.append("    rest = (_B, _m, _n, *scalars, *V, *S, *P)")
-    for s, dom, js in calls:
-        drv.append(f"    globals()['sweep{s}' + sfx](*arrays, *rest)")
-        for j in js:
-            e, k = st.reductions[j], st.cls(st.reductions[j])
-            if dom == _FULL and k != frozenset("br"):     # partials, block by block, in order
-                drv.append(f"    _finish(S[{j}], P[{j}], {'True' if k == frozenset('bc') else 'False'}, "
-                           f"{'True' if k == frozenset('b') else 'False'}, _B)")
-            count = ({"mean": "_n" if e.value == -1 else "_m"}.get(e.op)
-                     if e.op == "mean" else _stage_size(dom))
-            if e.op == "mean":
-                drv.append(f"    V[{j}][:] = S[{j}] / ({count})")
-            elif e.op == "rms":
-                drv.append(f"    V[{j}][:] = np.sqrt(S[{j}] / ({count}))")
-            else:
-                drv.append(f"    V[{j}][:] = np.sqrt(S[{j}])")
-    for dom in out_loops:
-        drv.append(f"    globals()['store_{dom}' + sfx](*arrays, *rest)")
-    finish = ["def _finish(s, p, cols, per_matrix, B):",
-              '    """Block partials into the sums: per matrix (its blocks in order), or over',
-              '    every block for the whole array."""',
-              "    nb = p.shape[0] // B if B else 0",
-              "    if cols or per_matrix:",
-              "        for b in range(B):",
-              "            part = p[b * nb:(b + 1) * nb]",
-              "            s[b * part.shape[1]:(b + 1) * part.shape[1]] = _ordered_sum(part)",
-              "    else:",
-              "        s[0] = _ordered_sum(p)[0]",
-              "",
-              "",
-              "def _ordered_sum(part):",
-              "    acc = np.zeros(part.shape[1])",
-              "    for row in part:",
-              "        acc += row",
-              "    return acc"]
+    # the drivers (one per variant, compiled): sums, sweeps, each reduction finished from
+    # its block partials in block order, then the stores; one call per param
+    arrays = ", ".join(p.arrays)
+    scal = "".join(f", k_{s}" for s in p.scalars)
+    drv = []
+    for sfx in ("p", "s"):
+        drv += [_njit_line(False, cache), f"def run_{sfx}({arrays}, _B, _m, _n{scal}):",
+                f"    _nbm = (_m + {STAGE_ROWS} - 1) // {STAGE_ROWS}",
+                "    _nblk = _B * _nbm"]
+        for j, e in enumerate(st.reductions):
+            k, dom = st.cls(e), st.cls(e.args[0])
+            width = "_n" if (dom == _FULL and k == frozenset("bc")) else "1"
+            rows = "_nblk" if dom == _FULL and k != frozenset("br") else "0"
+            drv += [f"    _V{j} = np.empty({_stage_size(k)}, np.{dtype})",
+                    f"    _S{j} = np.zeros({_stage_size(k)})",
+                    f"    _P{j} = np.zeros(({rows}, {width}))"]
+        rest = (f"{arrays}, _B, _m, _n{scal}, "
+                + ", ".join([f"_V{j}" for j in range(n_red)] + [f"_S{j}" for j in range(n_red)]
+                            + [f"_P{j}" for j in range(n_red)]))
+        for s_, dom, js in calls:
+            drv.append(f"    sweep{s_}_{sfx}({rest})")
+            for j in js:
+                e, k = st.reductions[j], st.cls(st.reductions[j])
+                if dom == _FULL and k == frozenset("bc"):     # column partials, in block order
+                    drv += ["    for _b in range(_B):",
+                            "        for _kk in range(_b * _nbm, (_b + 1) * _nbm):",
+                            "            for _c in range(_n):",
+                            f"                _S{j}[_b * _n + _c] += _P{j}[_kk, _c]"]
+                elif dom == _FULL and k == frozenset("b"):
+                    drv += ["    for _kk in range(_nblk):",
+                            f"        _S{j}[_kk // _nbm] += _P{j}[_kk, 0]"]
+                elif dom == _FULL and not k:
+                    drv += ["    for _kk in range(_nblk):", f"        _S{j}[0] += _P{j}[_kk, 0]"]
+                count = ("_n" if e.value == -1 else "_m") if e.op == "mean" else \
+                    _stage_size(dom)
+                fin = {"mean": f"_S{j}[_q] / ({count})",
+                       "rms": f"np.sqrt(_S{j}[_q] / ({count}))"}.get(e.op, f"np.sqrt(_S{j}[_q])")
+                drv += [f"    for _q in range(_V{j}.shape[0]):",
+                        f"        _V{j}[_q] = np.{dtype}({fin})"]
+        drv += [f"    store_{dom}_{sfx}({rest})" for dom in out_loops]
+        drv.append("")
+    drv += ["", "def run(arrays, _B, _m, _n, scalars, par):",
+            "    (run_p if par else run_s)(*arrays, _B, _m, _n, *scalars)", ""]
+    # many params at once: a prange over them, each stepped by the serial driver (the same
+    # bits as alone); arrays as addresses (``_at``), their (B, m, n) in ``_dims``
+    size_of = {_FULL: "_B * _m * _n", frozenset("br"): "_B * _m", frozenset("bc"): "_B * _n"}
+    drv += ["", "@intrinsic",
+            "def _at(typingctx, address):",
+            "    def lower(context, builder, sig, args):",
+            "        return builder.inttoptr(args[0], context.get_value_type(sig.return_type))",
+            f"    return types.CPointer(types.{dtype})(types.int64), lower", "",
+            "",
+            _njit_line(True, cache),
+            "def run_many(_ptrs, _dims, _scalars):",
+            "    for _t in prange(_ptrs.shape[0]):",
+            "        _B = _dims[_t, 0]",
+            "        _m = _dims[_t, 1]",
+            "        _n = _dims[_t, 2]"]
+    drv += [f"        {a} = carray(_at(_ptrs[_t, {j}]), {size_of[st.shapes[a]]})"
+            for j, a in enumerate(p.arrays)]
+    drv.append(f"        run_s({arrays}, _B, _m, _n"
+               + "".join(f", _scalars[{j}]" for j in range(len(p.scalars))) + ")")
     head = [f"# Generated by hwoptim from the {p.rule.name} spec ({_flag_text(p)}), {dtype}: "
             f"staged (sweeps, then stores).",
             "# Edit the spec in hwoptim/rules, not this file.",
             "import numpy as np",
-            "from numba import njit, prange", ""]
+            "from numba import carray, njit, prange, types",
+            "from numba.extending import intrinsic", ""]
     head += [f"{name} = np.{dtype}({v!r})" for v, name in consts.items()]
-    return "\n".join(head + ["", ""] + funcs + [""] + finish + ["", ""] + drv) + "\n"
+    return "\n".join(head + ["", ""] + funcs + [""] + drv) + "\n"
 

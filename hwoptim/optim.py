@@ -1082,13 +1082,23 @@ class Optimizer:
                     k.many(tab, sizes, rows, np.array([sc], dtype=self.dtype),
                            combine=lambda total, gi=gi: combine(gi, total))
             return
+        batched = {}                         # staged slots (Adafactor's matrices): together
+        kern = self._kern
         if entries is not None:
             for views, s, gr, e in zip(self._views, self._slot_of, flat, entries):
-                e(views[0], gr, *views[1:], *scal[s])
-            return
-        launch = self._launch
-        for views, s, gr in zip(self._views, self._slot_of, flat):
-            launch[s]([views[0], gr, *views[1:]], scal[s])
+                if hasattr(kern[s], "run_list"):
+                    batched.setdefault(s, []).append([views[0], gr, *views[1:]])
+                else:
+                    e(views[0], gr, *views[1:], *scal[s])
+        else:
+            launch = self._launch
+            for views, s, gr in zip(self._views, self._slot_of, flat):
+                if hasattr(kern[s], "run_list"):
+                    batched.setdefault(s, []).append([views[0], gr, *views[1:]])
+                else:
+                    launch[s]([views[0], gr, *views[1:]], scal[s])
+        for s, items in batched.items():
+            kern[s].run_list(items, scal[s])
 
     # ------------------------------------------------------------------ capturable (CuPy)
     def _hyper_vector(self, group):

@@ -100,15 +100,17 @@ def test_each_step_near_the_float64_reference(backend, dtype, rng):
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
 def test_parallel_serial_and_thread_counts_agree_bit_for_bit(dtype, rng, monkeypatch):
     """The element sweeps sum in fixed blocks of rows, so the parallel kernels, the serial
-    ones and any thread count give the same bits."""
+    ones, any thread count, and params stepped alone or together (``run_list``: one
+    parallel loop over params, each on the serial kernels) give the same bits."""
     shapes = [(300, 257), (3, 40, 300)]
     init = [rng.standard_normal(s).astype(dtype) for s in shapes]
     grads = [[rng.standard_normal(s).astype(dtype) for s in shapes] for _ in range(4)]
 
-    def run(serial: bool, n_threads: int):
+    def run(serial: bool, n_threads: int, alone: bool = True):
         ps = [p.copy() for p in init]
         opt = hwoptim.Adafactor(ps, backend="numba", weight_decay=1e-2)
         monkeypatch.setattr(nb, "STAGED_SERIAL_BELOW", 1 << 40 if serial else 1 << 15)
+        monkeypatch.setattr(nb, "STAGED_ALONE", 0 if alone else 1 << 40)
         before = threads.get_num_threads()
         threads.set_num_threads(n_threads)
         try:
@@ -119,8 +121,9 @@ def test_parallel_serial_and_thread_counts_agree_bit_for_bit(dtype, rng, monkeyp
         return ps, opt.state
 
     base_p, base_s = run(False, threads.get_num_threads())
-    for serial, n in ((True, 1), (False, 1)):
-        ps, st = run(serial, n)
+    for serial, n, alone in ((True, 1, True), (False, 1, True), (False, 2, False),
+                             (False, 1, False)):
+        ps, st = run(serial, n, alone)
         for a, b in zip(ps, base_p):
             assert np.array_equal(a, b)
         for sa, sb in zip(st, base_s):

@@ -379,16 +379,15 @@ class StagedKernel:
             if par in self._built:
                 return
             typ = np.dtype(self.dtype).type
-            n_red = len(self.plan.stages.reductions)
-            args = ([np.zeros(1, self.dtype) for _ in self.plan.arrays] + [1, 1, 1]
-                    + [typ(0)] * len(self.plan.scalars)
-                    + [np.zeros(1, self.dtype) for _ in range(n_red)]
-                    + [np.zeros(1) for _ in range(n_red)]
-                    + [np.zeros((1, 1)) for _ in range(n_red)])
-            sfx = "_p" if par else "_s"
-            for name in sorted(vars(self.module)):
-                if name.startswith(("sweep", "store")) and name.endswith(sfx):
-                    diskcache.first_call(self.module, getattr(self.module, name), args)
+            if par == "many":
+                args = [np.zeros((0, len(self.plan.arrays)), np.int64),
+                        np.zeros((0, 3), np.int64), np.zeros(len(self.plan.scalars), self.dtype)]
+                diskcache.first_call(self.module, self.module.run_many, args)
+            else:
+                args = ([np.zeros(1, self.dtype) for _ in self.plan.arrays] + [1, 1, 1]
+                        + [typ(0)] * len(self.plan.scalars))
+                diskcache.first_call(self.module,
+                                     self.module.run_p if par else self.module.run_s, args)
             self._built.add(par)
 
     def __call__(self, arrays, scalars):
@@ -407,14 +406,38 @@ class StagedKernel:
     unchecked = __call__
 
     def launcher(self, n: int, n_threads: int):
-        """An entry point ``f(*arrays, *scalars)``, both variants built first."""
+        """An entry point ``f(*arrays, *scalars)``, every variant built first."""
         self._build(True)
         self._build(False)
+        self._build("many")
         na = len(self.plan.arrays)
         return lambda *a: self(a[:na], a[na:])
 
+    def run_list(self, items, scalars):
+        """Step many params (``items``: each one's arrays, as :meth:`__call__` takes them)
+        with the same ``scalars``: each of at least :data:`STAGED_ALONE` elements alone,
+        its element loops in parallel; the others in one call, a parallel loop over them,
+        each stepped by the serial kernels (the same bits either way). Launching the
+        parallel loops of a 10⁵-element matrix costs about as much as stepping it."""
+        small, dims = [], []
+        for arrays in items:
+            shape = arrays[0].shape
+            n = shape[-1] if len(shape) else 1
+            m = shape[-2] if len(shape) > 1 else 1
+            b = int(np.prod(shape[:-2])) if len(shape) > 2 else 1
+            if b * m * n >= STAGED_ALONE:
+                self(arrays, scalars)
+            elif b * m * n:
+                small.append([a.ctypes.data for a in arrays])
+                dims.append((b, m, n))
+        if small:
+            self._build("many")
+            self.module.run_many(np.array(small, np.int64), np.array(dims, np.int64),
+                                 np.array(scalars, self.dtype))
+
 
 STAGED_SERIAL_BELOW = 1 << 15
+STAGED_ALONE = 1 << 20        # run_list: params from this many elements are stepped alone
 
 
 def kernel(plan, dtype) -> Kernel:
