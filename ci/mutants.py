@@ -248,8 +248,8 @@ MUTANTS = [
            'return f"{a[1]} if {a[0]} else {a[2]}"', 'return f"{a[2]} if {a[0]} else {a[1]}"',
            ("tests/test_backends.py", "-k", "SGD"), "the Numba printer swaps where()'s branches"),
     Mutant("numba-untyped-constants", "code printer (Numba)", "hwoptim/codegen.py",
-           'head += [f"{name} = np.{dtype}({v!r})" for v, name in consts.items()]',
-           'head += [f"{name} = {v!r}" for v, name in consts.items()]',
+           'return [f"{name} = np.{dtype}({v!r})" for v, name in consts.items()]',
+           'return [f"{name} = {v!r}" for v, name in consts.items()]',
            ("tests/test_numba.py", "-k", "fpext"),
            "bare Python constants promote float32 kernels to float64 math"),
     # ---------------------------------------------------------------- host scalars
@@ -263,7 +263,7 @@ MUTANTS = [
            ("tests/test_backends.py", "-k", "python_floats or float64"),
            "param_groups[i][k] = v stores NumPy scalars raw (float32 host math)", quick=True),
     Mutant("step-count-lags", "host scalars", "hwoptim/optim.py",
-           "scal.append(self._prepare[gi](h, t))", "scal.append(self._prepare[gi](h, t - 1 or 1))",
+           "scal = [prep(hs[gi], t) for", "scal = [prep(hs[gi], t - 1 or 1) for",
            ORACLE, "the per-step scalars use the previous step's count"),
     # ---------------------------------------------------------------- validation order
     Mutant("step-advances-before-check", "validation order", "hwoptim/optim.py",
@@ -363,6 +363,29 @@ MUTANTS = [
            "    if st.st_mode & 0o022:\n        return f\"it is writable by",
            "    if st.st_mode & 0o002:\n        return f\"it is writable by",
            ("tests/test_cache.py",), "a group-writable kernel cache folder is trusted"),
+    # Adafactor: the staged code generator and the rule's torch details
+    Mutant("adafactor-python-max", "rules", "hwoptim/rules/adafactor.py",
+           "denom = ops.where(ratio > 1.0, ratio, 1.0)", "denom = ops.maximum(1.0, ratio)",
+           ("tests/test_adafactor.py", "-k", "non_finite"),
+           "a NaN RMS(u) spreads to every element (torch's Python max keeps 1)", quick=True),
+    Mutant("adafactor-lerp-far-end", "rules", "hwoptim/rules/adafactor.py",
+           "b - (b - a) * (1 - w))", "b - (b - a) * w)",
+           ("tests/test_adafactor.py", "-k", "torch_in_float64"),
+           "torch's lerp for weights >= 0.5 weighted the wrong way"),
+    Mutant("adafactor-eps-float64", "rules", "hwoptim/rules/adafactor.py",
+           "float(np.finfo(dtype).eps)", "float(np.finfo(np.float64).eps)",
+           ("tests/test_adafactor.py", "-k", "eps1_none"),
+           "eps1=None resolved to float64's epsilon whatever the params' dtype"),
+    Mutant("staged-cols-first-matrix", "codegen", "hwoptim/codegen.py",
+           "for _kk in range(_b * _nbm, (_b + 1) * _nbm):", "for _kk in range(0, _nbm):",
+           ("tests/test_adafactor.py", "-k", "torch_in_float64 and numba"),
+           "every matrix of a batch takes the first matrix's column sums"),
+    Mutant("staged-rms-count", "codegen", "hwoptim/codegen.py",
+           "    return {_FULL: \"_B * _m * _n\", frozenset(\"br\"): \"_B * _m\"",
+           "    return {_FULL: \"_m * _n\", frozenset(\"br\"): \"_B * _m\"",
+           ("tests/test_adafactor.py", "-k", "torch_in_float64 and numba"),
+           "an RMS over a batch of matrices divided by one matrix's size"),
+
 ]
 
 

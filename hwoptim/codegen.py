@@ -279,10 +279,13 @@ def _numba_element(p: KernelPlan, dtype: str) -> tuple[list, list]:
     lines = [f"{nm.new(e)} = {_nb_expr(e, nm)}" for e in p.order]
     loads = [f"x_{a} = {a}[i]" for a in p.reads]
     stores = [f"{o}[i] = {nm(p.roots[o])}" for o in p.outputs]
-    head = []
-    # typed constants: a bare Python literal would promote float32 math to float64
-    head += [f"{name} = np.{dtype}({v!r})" for v, name in consts.items()]
-    return head, loads + lines + stores
+    return _typed_constants(consts, dtype), loads + lines + stores
+
+
+def _typed_constants(consts: dict, dtype: str) -> list:
+    """Module-level definitions of a kernel's constants (value -> name), typed: a bare
+    Python literal would promote float32 math to float64."""
+    return [f"{name} = np.{dtype}({v!r})" for v, name in consts.items()]
 
 
 def _njit_line(par: bool, cache: bool) -> str:
@@ -386,7 +389,7 @@ def numba_reduce_source(p: KernelPlan, dtype: str, cache: bool = True) -> str:
            "import numpy as np",
            "from numba import carray, njit, prange, types",
            "from numba.extending import intrinsic", ""]
-    out += [f"{name} = np.{dtype}({v!r})" for v, name in consts.items()]
+    out += _typed_constants(consts, dtype)
     out += ["", "",
             "@intrinsic",
             "def _at(typingctx, address):",
@@ -1296,6 +1299,6 @@ def numba_staged_source(p: KernelPlan, dtype: str, cache: bool = True) -> str:
             "import numpy as np",
             "from numba import carray, njit, prange, types",
             "from numba.extending import intrinsic", ""]
-    head += [f"{name} = np.{dtype}({v!r})" for v, name in consts.items()]
+    head += _typed_constants(consts, dtype)
     return "\n".join(head + ["", ""] + funcs + [""] + drv) + "\n"
 

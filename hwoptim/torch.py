@@ -419,10 +419,13 @@ class Optimizer(_TorchOptimizer):
         for t in distinct:
             scal = k.prepare(self._with_carry(h, t), step_of(t))
             flat = (lambda a: a) if staged else (lambda a: a.reshape(-1))
-            for p, g, tt, st in work:
-                if tt == t:
-                    k([flat(_view(p)), _view(g).reshape(-1)]
-                      + [flat(_view(st[n])) for n in names], scal)
+            items = [[flat(_view(p)), _view(g).reshape(-1)] + [flat(_view(st[n])) for n in names]
+                     for p, g, tt, st in work if tt == t]
+            if hasattr(k, "run_list"):        # staged (Adafactor's matrices): together
+                k.run_list(items, scal)
+                continue
+            for arrays in items:
+                k(arrays, scal)
 
 
 class _StepBank:

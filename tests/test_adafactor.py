@@ -208,25 +208,29 @@ def test_the_dropin_class_trains_as_torch(default_float64):
 
 @pytest.mark.parametrize("backend", HOST)
 def test_non_finite_grads_spread_as_in_torch(backend, rng, default_float64):
-    """A NaN or an infinity in a matrix's grad: the elements that become non-finite, and
-    the finite values elsewhere, are torch's (its maxima with Python's max keep a NaN RMS
-    from spreading to the whole array)."""
-    shape = (6, 8)
+    """A NaN or an infinity in a grad: the elements that become non-finite, and the
+    finite values elsewhere, are torch's. In a vector only that element goes (torch's
+    maxima with Python's max keep a NaN RMS from spreading to the whole array); in a matrix
+    the mean of the row factor carries it to every element, in torch as here."""
+    shapes = [(6, 8), (7,)]
     for bad in (np.nan, np.inf):
-        p, tp = _pair(rng, [shape])
-        opt = hwoptim.Adafactor(p, backend=backend)
-        topt = torch.optim.Adafactor(tp)
+        ps, tps = _pair(rng, shapes)
+        opt = hwoptim.Adafactor(ps, backend=backend)
+        topt = torch.optim.Adafactor(tps)
         for t in range(3):
-            g = rng.standard_normal(shape)
+            gs = [rng.standard_normal(s) for s in shapes]
             if t == 1:
-                g[2, 3] = bad
-            tp[0].grad = torch.tensor(g)
+                gs[0][2, 3] = gs[1][4] = bad
+            for tp, g in zip(tps, gs):
+                tp.grad = torch.tensor(g)
             topt.step()
-            opt.step([g])
-        ref = tp[0].numpy()
-        assert np.array_equal(np.isfinite(p[0]), np.isfinite(ref))
-        ok = np.isfinite(ref)
-        assert np.allclose(p[0][ok], ref[ok], rtol=1e-12, atol=0)
+            opt.step(gs)
+        for p, tp in zip(ps, tps):
+            ref = tp.numpy()
+            assert np.array_equal(np.isfinite(p), np.isfinite(ref))
+            ok = np.isfinite(ref)
+            assert np.allclose(p[ok], ref[ok], rtol=1e-12, atol=0)
+        assert np.isfinite(ps[1]).sum() == 6
 
 
 @pytest.mark.parametrize("backend", HOST)
@@ -286,3 +290,28 @@ def test_the_staged_plan_of_a_matrix():
     assert sweeps == [(1, "bcr", 3), (2, "br", 1), (3, "bcr", 1)]
     assert mat.outputs == ("param", "row_var", "col_var")
     assert RULE.array_flags(flags, (5,)) is flags and RULE.array_flags(flags, ()) is flags
+
+
+@pytest.mark.parametrize("backend", HOST)
+def test_eps1_none_is_the_dtype_epsilon(backend, rng):
+    """torch's default eps=(None, 1e-3): ε₁ is the params' dtype's machine epsilon. Grads
+    of about 1e-9 (g² below float32's ε² but far above float64's) step a float32 matrix
+    and vector as torch's float32 Adafactor does, and unlike ε₁ = float64's epsilon."""
+    shapes = [(8, 6), (10,)]
+    ps = [rng.standard_normal(s).astype(np.float32) for s in shapes]
+    tps = [torch.tensor(p.copy()) for p in ps]
+    other = [p.copy() for p in ps]
+    opt = hwoptim.Adafactor(ps, backend=backend)
+    topt = torch.optim.Adafactor(tps)
+    f64 = hwoptim.Adafactor(other, backend=backend, eps=(float(np.finfo(np.float64).eps), 1e-3))
+    for _ in range(3):
+        gs = [(1e-9 * rng.standard_normal(s)).astype(np.float32) for s in shapes]
+        for tp, g in zip(tps, gs):
+            tp.grad = torch.tensor(g)
+        topt.step()
+        opt.step(gs)
+        f64.step(gs)
+    for p, tp, q in zip(ps, tps, other):
+        ref = tp.numpy()
+        assert np.allclose(p, ref, rtol=1e-5, atol=0)
+        assert not np.allclose(q, ref, rtol=1e-3, atol=0)
