@@ -958,8 +958,8 @@ class Optimizer:
             return None
         key = key()
         if key != self._launch_key:
-            self._entries = [kern[s].launcher(v[0].shape[0], key)
-                             for v, s in zip(self._views, self._slot_of)]
+            self._entries = [kern[s].launcher(v[0].size, key)       # (flat, but for staged
+                             for v, s in zip(self._views, self._slot_of)]  # rules' arrays)
             self._launch_key = key
         return self._entries
 

@@ -677,3 +677,11 @@ def test_every_rule_can_be_drawn(name):
     assert np.linalg.norm(run.path[1] - run.path[0]) == pytest.approx(0.1, rel=1e-6)
     assert np.isfinite(run.path).all()
     assert ls.f(*run.path[-1]) < ls.f(*run.path[0])
+
+
+def test_a_method_without_a_fixed_colour_never_takes_one():
+    """Adafactor beside Adam on one picture: two colours (the cycle skips the fixed ones)."""
+    from hwoptim.lesson import viz
+    fixed = set(viz.COLORS.values())
+    assert all(viz._color("Adafactor", i) not in fixed for i in range(25))
+    assert viz._color("Adam", 0) == viz.COLORS["Adam"]

@@ -406,10 +406,10 @@ class StagedKernel:
     unchecked = __call__
 
     def launcher(self, n: int, n_threads: int):
-        """An entry point ``f(*arrays, *scalars)``, every variant built first."""
-        self._build(True)
-        self._build(False)
-        self._build("many")
+        """An entry point ``f(*arrays, *scalars)`` for a param of ``n`` elements, built
+        first: the variant :meth:`run_list` takes for it (stepped alone, in parallel, or
+        with others on the serial kernels)."""
+        self._build(("many" if n < STAGED_ALONE else n >= STAGED_SERIAL_BELOW) if n else False)
         na = len(self.plan.arrays)
         return lambda *a: self(a[:na], a[na:])
 

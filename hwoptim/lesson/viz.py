@@ -45,8 +45,10 @@ from . import trajectories as T
 COLORS = {"SGD": "#d62728", "Momentum": "#2ca02c", "Nesterov": "#e377c2",
           "AdaGrad": "#9467bd", "Adadelta": "#bcbd22", "RMSProp": "#111111",
           "Adam": "#1f77b4", "AdamW": "#17becf", "GD": "#d62728"}
-_CYCLE = ["#1f77b4", "#ff7f0e", "#2ca02c", "#d62728", "#9467bd", "#8c564b", "#e377c2",
-          "#7f7f7f", "#bcbd22", "#17becf"]
+# the others' (rules added later: Adafactor, Lion, ...): none of the fixed colours, so a
+# new method never looks like Adam
+_CYCLE = ["#ff7f0e", "#8c564b", "#7f7f7f", "#aec7e8", "#ffbb78", "#98df8a", "#ff9896",
+          "#c5b0d5", "#c49c94", "#f7b6d2"]
 
 
 def _valley_methods(ls):
