@@ -99,6 +99,6 @@ RULE = Rule(
     # eps1 given: tests compare float32 kernels with a float64 reference, which would
     # resolve eps1=None to another epsilon (test_adafactor.py covers None)
     test_options=({"eps": (1e-7, 1e-3)},
-                  {"eps": (1e-7, 1e-3), "weight_decay": 1e-2, "maximize": True, "d": 2.0},
-                  {"eps": (1e-10, 1e-2), "beta2_decay": -0.5}),
+                  {"eps": (1e-10, 1e-2), "beta2_decay": -0.5, "weight_decay": 1e-2,
+                   "maximize": True, "d": 2.0}),
 )
