@@ -360,7 +360,8 @@ class StagedKernel:
     """A staged rule's kernels (``plan.stages``: Adafactor's factored arrays), for one param
     at a time on its shape: ``kernel(arrays, scalars)`` with ``arrays`` in ``plan.arrays``
     order (the param and its state on their shapes; the grad may be flat), the element
-    loops in parallel from :data:`STAGED_SERIAL_BELOW` elements. No multi-tensor launch."""
+    loops in parallel from :data:`STAGED_SERIAL_BELOW` elements; :meth:`run_list` steps
+    many params in one call."""
 
     def __init__(self, plan, dtype: str):
         self.plan, self.dtype = plan, dtype
