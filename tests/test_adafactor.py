@@ -315,3 +315,22 @@ def test_eps1_none_is_the_dtype_epsilon(backend, rng):
         ref = tp.numpy()
         assert np.allclose(p, ref, rtol=1e-5, atol=0)
         assert not np.allclose(q, ref, rtol=1e-3, atol=0)
+
+
+def test_flat_params_views_are_factored_the_flat_vector_is_not(rng):
+    """Adafactor sees the shapes it is given: FlatParams' views keep row and column
+    factors (and step as the same arrays would), the one flat vector a full variance."""
+    fp = hwoptim.FlatParams([(30, 20), (20,)])
+    for v in fp.views:
+        v[...] = rng.standard_normal(v.shape)
+    alone = [v.copy() for v in fp.views]
+    by_view = hwoptim.Adafactor(fp.views)
+    plain = hwoptim.Adafactor(alone)
+    assert [sorted(s) for s in by_view.state] == [["col_var", "row_var"], ["variance"]]
+    gs = [rng.standard_normal(v.shape).astype(v.dtype) for v in fp.views]
+    by_view.step(gs)
+    plain.step(gs)
+    for v, a in zip(fp.views, alone):
+        assert np.array_equal(v, a)
+    flat = hwoptim.Adafactor(fp.params)
+    assert sorted(flat.state[0]) == ["variance"] and flat.state[0]["variance"].size == 620
