@@ -334,3 +334,35 @@ def test_flat_params_views_are_factored_the_flat_vector_is_not(rng):
         assert np.array_equal(v, a)
     flat = hwoptim.Adafactor(fp.params)
     assert sorted(flat.state[0]) == ["variance"] and flat.state[0]["variance"].size == 620
+
+
+@pytest.mark.skipif("numba" not in HOST, reason="numba not installed")
+def test_two_python_threads_step_their_own_optimizers(rng):
+    """Two threads stepping Adafactor on matrices at once (a neighbour's program): each
+    gets the bits it gets alone (whatever the threading layer: under workqueue, a launch
+    that finds another running takes the serial kernels)."""
+    import threading
+
+    shapes = [(300, 200), (2, 60, 70), (1500, 700)]
+    inits = [[rng.standard_normal(s).astype(np.float32) for s in shapes] for _ in range(2)]
+    grads = [[[rng.standard_normal(s).astype(np.float32) for s in shapes] for _ in range(3)]
+             for _ in range(2)]
+
+    def run(k, out):
+        ps = [p.copy() for p in inits[k]]
+        opt = hwoptim.Adafactor(ps, backend="numba")
+        for gs in grads[k]:
+            opt.step(gs)
+        out[k] = ps
+
+    alone, together = {}, {}
+    for k in range(2):
+        run(k, alone)
+    ts = [threading.Thread(target=run, args=(k, together)) for k in range(2)]
+    for t in ts:
+        t.start()
+    for t in ts:
+        t.join()
+    for k in range(2):
+        for a, b in zip(alone[k], together[k]):
+            assert np.array_equal(a, b)

@@ -398,11 +398,20 @@ class StagedKernel:
         b = int(np.prod(shape[:-2])) if len(shape) > 2 else 1
         if b * m * n == 0:
             return
-        par = b * m * n >= STAGED_SERIAL_BELOW
-        self._build(par)
         typ = np.dtype(self.dtype).type
-        self.module.run([a.reshape(-1) for a in arrays], b, m, n,
-                        [typ(x) for x in scalars], par)
+        flat, scal = [a.reshape(-1) for a in arrays], [typ(x) for x in scalars]
+        if b * m * n >= STAGED_SERIAL_BELOW and threads.current_threads() > 1:
+            lock = threads.parallel_guard()     # (workqueue: one parallel launch at a time)
+            if lock is None or lock.acquire(blocking=False):
+                try:
+                    self._build(True)
+                    self.module.run(flat, b, m, n, scal, True)
+                    return
+                finally:
+                    if lock is not None:
+                        lock.release()
+        self._build(False)
+        self.module.run(flat, b, m, n, scal, False)
 
     unchecked = __call__
 
@@ -411,7 +420,8 @@ class StagedKernel:
         first: the variant :meth:`run_list` takes for it (stepped alone, in parallel, or
         with others on the serial kernels)."""
         self._build(("many" if n < STAGED_ALONE else n >= STAGED_SERIAL_BELOW) if n else False)
-        na = len(self.plan.arrays)
+        self._build(False)        # (what runs where parallel launches may not: one thread,
+        na = len(self.plan.arrays)      # a fork child of OpenMP, a busy workqueue)
         return lambda *a: self(a[:na], a[na:])
 
     def run_list(self, items, scalars):
@@ -431,10 +441,23 @@ class StagedKernel:
             elif b * m * n:
                 small.append([a.ctypes.data for a in arrays])
                 dims.append((b, m, n))
-        if small:
-            self._build("many")
-            self.module.run_many(np.array(small, np.int64), np.array(dims, np.int64),
-                                 np.array(scalars, self.dtype))
+        if not small:
+            return
+        ptrs, dims = np.array(small, np.int64), np.array(dims, np.int64)
+        scal = np.array(scalars, self.dtype)
+        if threads.current_threads() > 1:
+            lock = threads.parallel_guard()     # (workqueue: one parallel launch at a time)
+            if lock is None or lock.acquire(blocking=False):
+                try:
+                    self._build("many")
+                    self.module.run_many(ptrs, dims, scal)
+                    return
+                finally:
+                    if lock is not None:
+                        lock.release()
+        self._build(False)
+        for arrays in (a for a in items if a[0].size and a[0].size < STAGED_ALONE):
+            self(arrays, scalars)
 
 
 STAGED_SERIAL_BELOW = 1 << 15
