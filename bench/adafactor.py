@@ -1,5 +1,5 @@
 """Issue 11's targets for Adafactor's factored path (params of >= 2 dims), side by side in one
-run (interleaved rounds, the order rotating, medians): hwoptim's step against its own floor
+run (``hwoptim.bench.timing.measure``: interleaved rounds, the order rotating, medians): hwoptim's step against its own floor
 and against torch.optim.Adafactor (for-loop and foreach), on a 200-array model (matrices
 and their bias vectors, ``hwoptim.bench.workload.model_shapes``) and on one matrix.
 
@@ -15,11 +15,11 @@ from __future__ import annotations
 
 import argparse
 import statistics
-import time
 
 import numpy as np
 
 import hwoptim
+from hwoptim.bench.timing import measure
 from hwoptim.bench.workload import model_shapes
 
 
@@ -68,20 +68,9 @@ def case(shapes, rounds, dtype, torch):
             for t, g in zip(tp, grads):
                 t.grad = torch.from_numpy(g.copy())
             fns[f"torch foreach={foreach}"] = torch.optim.Adafactor(tp, foreach=foreach).step
-    for f in fns.values():
-        for _ in range(2):
-            f()
-    reps = max(1, int(1e7 // n))
-    times = {k: [] for k in fns}
-    order = list(fns)
-    for r in range(rounds):
-        for k in order[r % len(order):] + order[:r % len(order)]:
-            t0 = time.perf_counter()
-            for _ in range(reps):
-                fns[k]()
-            times[k].append((time.perf_counter() - t0) / reps)
+    times = measure(fns, pairs=rounds, sample_s=0.02)     # the project's interleaved timing
     state = sum(v.nbytes for st in ours.state for v in st.values())
-    return n, {k: statistics.median(v) for k, v in times.items()}, state
+    return n, {k: statistics.median(v["samples"]) for k, v in times.items()}, state
 
 
 def main(argv=None) -> int:
