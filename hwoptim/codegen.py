@@ -264,10 +264,9 @@ def plan(rule: Rule, flags) -> KernelPlan:
 
 # ----------------------------------------------------------------------------- Numba
 
-def _numba_element(p: KernelPlan, dtype: str) -> tuple[list, list]:
-    """(typed constant definitions, per-element statements) of ``p`` for the Numba kernels:
-    the statements update element ``i`` of arrays named as in ``p.arrays``, with the kernel
-    scalars in ``k_<name>``. Every Numba kernel (one array, many arrays) prints these."""
+def _numba_namer() -> tuple:
+    """(constants, namer) for printing Numba code: each distinct constant gets a name
+    (``_K0``, ...) in ``constants`` (value -> name), defined by :func:`_typed_constants`."""
     consts = {}
 
     def const(v):
@@ -275,7 +274,14 @@ def _numba_element(p: KernelPlan, dtype: str) -> tuple[list, list]:
             consts[v] = f"_K{len(consts)}"
         return consts[v]
 
-    nm = _Namer(const)
+    return consts, _Namer(const)
+
+
+def _numba_element(p: KernelPlan, dtype: str) -> tuple[list, list]:
+    """(typed constant definitions, per-element statements) of ``p`` for the Numba kernels:
+    the statements update element ``i`` of arrays named as in ``p.arrays``, with the kernel
+    scalars in ``k_<name>``. Every Numba kernel (one array, many arrays) prints these."""
+    consts, nm = _numba_namer()
     lines = [f"{nm.new(e)} = {_nb_expr(e, nm)}" for e in p.order]
     loads = [f"x_{a} = {a}[i]" for a in p.reads]
     stores = [f"{o}[i] = {nm(p.roots[o])}" for o in p.outputs]
@@ -370,14 +376,7 @@ def numba_reduce_source(p: KernelPlan, dtype: str, cache: bool = True) -> str:
     update prints (in ``dtype``). ``f(ptrs, chunks, rows, scalars, out)``: as the
     multi-tensor kernels' (``numba_multi_source``), with ``scalars`` the rows of
     ``p.scalars`` and ``out`` float64, chunks x ``len(p.norms)``."""
-    consts = {}
-
-    def const(v):
-        if v not in consts:
-            consts[v] = f"_K{len(consts)}"
-        return consts[v]
-
-    nm = _Namer(const)
+    consts, nm = _numba_namer()
     body = [f"x_{a} = {a}[i]" for a in p.reduce_reads]
     body += [f"{nm.new(e)} = {_nb_expr(e, nm)}" for e in p.reduce_order]
     for j, e in enumerate(p.norms):
@@ -1070,14 +1069,7 @@ def numba_staged_source(p: KernelPlan, dtype: str, cache: bool = True) -> str:
     ``par`` whether the element loops run in parallel. One Numba function per sweep and per
     output loop (parallel and serial twins); ``run`` allocates the sums and calls them."""
     st = p.stages
-    consts = {}
-
-    def const(v):
-        if v not in consts:
-            consts[v] = f"_K{len(consts)}"
-        return consts[v]
-
-    nm = _Namer(const)
+    consts, nm = _numba_namer()
     red_ids = {id(e): j for j, e in enumerate(st.reductions)}
     for j, e in enumerate(st.reductions):
         if e.op == "mean":
