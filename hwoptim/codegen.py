@@ -13,6 +13,7 @@ from types import SimpleNamespace
 
 import numpy as np
 
+from .formats import Format
 from .spec import (Expr, Rule, evaluate, resolve_hypers, substitute, trace_scalars,
                    trace_update, with_carry)
 
@@ -277,15 +278,207 @@ def _numba_namer() -> tuple:
     return consts, _Namer(const)
 
 
-def _numba_element(p: KernelPlan, dtype: str) -> tuple[list, list]:
+def _numba_element(p: KernelPlan, dtype: str, index: str = "i") -> tuple[list, list]:
     """(typed constant definitions, per-element statements) of ``p`` for the Numba kernels:
-    the statements update element ``i`` of arrays named as in ``p.arrays``, with the kernel
-    scalars in ``k_<name>``. Every Numba kernel (one array, many arrays) prints these."""
+    the statements update element ``i`` of arrays named as in ``p.arrays`` (and
+    ``Format.extras``), with the kernel scalars in ``k_<name>``. Every Numba kernel (one
+    array, many arrays) prints these. ``dtype``: the compute dtype, or a format's key
+    (:mod:`hwoptim.formats`): 16-bit buffers are ``uint16`` arrays of their bits, loaded
+    into float32 and rounded back (``index``: the element's index in its tensor, which
+    stochastic rounding draws its bits from)."""
+    fmt = Format.parse(dtype)
     consts, nm = _numba_namer()
     lines = [f"{nm.new(e)} = {_nb_expr(e, nm)}" for e in p.order]
-    loads = [f"x_{a} = {a}[i]" for a in p.reads]
-    stores = [f"{o}[i] = {nm(p.roots[o])}" for o in p.outputs]
-    return _typed_constants(consts, dtype), loads + lines + stores
+    loads = [f"x_{a} = master[i]" if (a == "param" and fmt.master)
+             else f"x_{a} = {_nb_load(fmt, a, f'{a}[i]')}" for a in p.reads]
+    stores = []
+    for o in p.outputs:
+        v = nm(p.roots[o])
+        if o == "param" and fmt.master:
+            stores += [f"master[i] = {v}", f"param[i] = {_nb_store(fmt, 'param', v)}"]
+        elif o == "param" and fmt.sr:
+            stores.append(f"param[i] = {_nb_sr(fmt, v, index)}")
+        else:
+            stores.append(f"{o}[i] = {_nb_store(fmt, o, v)}")
+    defs = _typed_constants(consts, fmt.compute)
+    if not fmt.plain:
+        defs = _NB_FORMAT_HELPERS.splitlines() + [""] + defs
+    return defs, loads + lines + stores
+
+
+def _nb_load(fmt: Format, a: str, ref: str) -> str:
+    st = fmt.storage(a)
+    return {"bfloat16": f"_bf_load({ref})", "float16": f"_h_load({ref})"}.get(st, ref)
+
+
+def _nb_store(fmt: Format, a: str, v: str) -> str:
+    st = fmt.storage(a)
+    return {"bfloat16": f"_bf_round({v})", "float16": f"_h_round({v})"}.get(st, v)
+
+
+def _nb_sr(fmt: Format, v: str, index: str) -> str:
+    f = "_bf_sr" if fmt.param == "bfloat16" else "_h_sr"
+    return f"{f}({v}, _bits({index}, _key))"
+
+
+def _nb_array_type(fmt: Format, a: str) -> str:
+    """The Numba element type of buffer ``a``'s array (16-bit buffers: ``uint16``)."""
+    st = fmt.storage(a)
+    return "uint16" if st in ("bfloat16", "float16") else st
+
+
+# Conversions between float32 and 16-bit storage, and the stochastic-rounding bits, as
+# Numba code: the same operations as hwoptim.formats' NumPy reference, bit for bit. Integer
+# work is uint64 with typed constants (Numba widens uint32 arithmetic); float16 goes through
+# LLVM's half type (one vcvtph2ps / vcvtps2ph with F16C).
+_NB_FORMAT_HELPERS = '''\
+from llvmlite import ir as _ir
+_U16 = np.uint64(16)
+_U23 = np.uint64(23)
+_U32 = np.uint64(32)
+_M32 = np.uint64(0xFFFFFFFF)
+_M16 = np.uint64(0xFFFF)
+_M24 = np.uint64(0xFFFFFF)
+_SIGN = np.uint64(0x80000000)
+_INF = np.uint64(0x7F800000)
+_ONE = np.uint64(1)
+_HALF_BF = np.uint64(0x7FFF)
+_QNAN_BF = np.uint64(0x7FC0)
+_MIX1 = np.uint64(0x7FEB352D)
+_MIX2 = np.uint64(0x846CA68B)
+_TWO24 = np.float32(2.0 ** 24)
+_TWOM24 = np.float32(2.0 ** -24)
+
+
+@intrinsic
+def _f32_of(typingctx, u):
+    """float32 with the low 32 bits of integer ``u``."""
+    def lower(context, builder, sig, args):
+        v = args[0]
+        if v.type.width > 32:
+            v = builder.trunc(v, _ir.IntType(32))
+        elif v.type.width < 32:
+            v = builder.zext(v, _ir.IntType(32))
+        return builder.bitcast(v, _ir.FloatType())
+    return types.float32(u), lower
+
+
+@intrinsic
+def _bits_of(typingctx, x):
+    """The bits of float32 ``x`` as a uint64."""
+    def lower(context, builder, sig, args):
+        return builder.zext(builder.bitcast(args[0], _ir.IntType(32)), _ir.IntType(64))
+    return types.uint64(types.float32), lower
+
+
+@intrinsic
+def _h_load(typingctx, u):
+    """float16 bits (uint16) as float32."""
+    def lower(context, builder, sig, args):
+        return builder.fpext(builder.bitcast(args[0], _ir.HalfType()), _ir.FloatType())
+    return types.float32(types.uint16), lower
+
+
+@intrinsic
+def _h_round(typingctx, x):
+    """float32 ``x`` rounded to nearest float16, as its bits."""
+    def lower(context, builder, sig, args):
+        return builder.bitcast(builder.fptrunc(args[0], _ir.HalfType()), _ir.IntType(16))
+    return types.uint16(types.float32), lower
+
+
+@njit(inline="always")
+def _bf_load(u):
+    return _f32_of(np.uint64(u) << _U16)
+
+
+@njit(inline="always")
+def _bf_round(x):
+    b = _bits_of(x)
+    if (b & ~_SIGN) > _INF:
+        return np.uint16(((b & _SIGN) >> _U16) | _QNAN_BF)
+    return np.uint16((b + _HALF_BF + ((b >> _U16) & _ONE)) >> _U16)
+
+
+@njit(inline="always")
+def _mix(x):
+    x = x & _M32
+    x ^= x >> _U16
+    x = (x * _MIX1) & _M32
+    x ^= x >> np.uint64(15)
+    x = (x * _MIX2) & _M32
+    x ^= x >> _U16
+    return x
+
+
+@njit(inline="always")
+def _bits(i, key):
+    j = np.uint64(i)
+    return _mix((j & _M32) ^ key ^ _mix(j >> _U32))
+
+
+@njit(inline="always")
+def _bf_sr(x, r):
+    b = _bits_of(x)
+    s = b & _SIGN
+    a = b ^ s
+    if a >= _INF:
+        return _bf_round(x)
+    up = (a + (r & _M16)) >> _U16
+    if up >= (_INF >> _U16):
+        return _bf_round(x)
+    return np.uint16(up | (s >> _U16))
+
+
+@njit(inline="always")
+def _h_sr(x, r):
+    b = _bits_of(x)
+    s = b & _SIGN
+    a = b ^ s
+    if a >= _INF:
+        return _h_round(x)
+    e = np.int64(a >> _U23)
+    if e < 103:
+        t = _TWOM24 if np.float32(r & _M24) * _TWOM24 < np.abs(x) * _TWO24 else np.float32(0.0)
+        y = -t if s != 0 else t
+    else:
+        drop = np.uint64(13 if e >= 113 else 126 - e)
+        mask = (_ONE << drop) - _ONE
+        y = _f32_of(((a + (r & mask)) & ~mask) | s)
+    out = _h_round(y)
+    if (out & np.uint16(0x7FFF)) == np.uint16(0x7C00):
+        return _h_round(x)
+    return out
+'''
+
+
+def _nb_at_lines(p: KernelPlan, fmt: Format, names, doc: bool = True) -> list:
+    """``_at`` (plain formats: one element type) or ``_at_<type>`` per element type of
+    ``names``: an int64 address as a typed pointer (unchecked)."""
+    types_ = sorted({_nb_array_type(fmt, a) for a in names}) if not fmt.plain \
+        else [fmt.compute]
+    out = []
+    for t in types_:
+        name = "_at" if fmt.plain else f"_at_{t}"
+        out += ["@intrinsic",
+                f"def {name}(typingctx, address):",
+                *([f'    """An int64 address as a {t} pointer (unchecked)."""'] if doc else []),
+                "    def lower(context, builder, sig, args):",
+                "        return builder.inttoptr(args[0], context.get_value_type("
+                "sig.return_type))",
+                f"    return types.CPointer(types.{t})(types.int64), lower", ""]
+    return out[:-1] + ([""] if doc else [""])
+
+
+def _nb_chunk_array(fmt: Format, a: str, j: int) -> str:
+    """The statement that makes chunk ``_c``'s array of buffer ``a`` (column ``j`` of the
+    pointer table); the stochastic-rounding key is one number per tensor."""
+    if fmt.plain:
+        return f"{a} = carray(_at(_ptrs[_t, {j}] + _lo * {np.dtype(fmt.compute).itemsize}), _n)"
+    t = _nb_array_type(fmt, a)
+    if a == "_srkey":
+        return f"_key = np.uint64(carray(_at_{t}(_ptrs[_t, {j}]), 1)[0])"
+    return f"{a} = carray(_at_{t}(_ptrs[_t, {j}] + _lo * {np.dtype(t).itemsize}), _n)"
 
 
 def _typed_constants(consts: dict, dtype: str) -> list:
@@ -302,17 +495,20 @@ def numba_source(p: KernelPlan, dtype: str, cache: bool = True) -> str:
     """A Python module with two Numba kernels over 1-D arrays: ``parallel`` (prange) and
     ``serial``. Arguments: the arrays in ``p.arrays`` order, then ``p.scalars``.
     ``cache``: whether Numba keeps their machine code on disk, beside the module's file."""
+    fmt = Format.parse(dtype)
     consts, body = _numba_element(p, dtype)
-    args = ", ".join(list(p.arrays) + [f"k_{s}" for s in p.all_scalars])
+    args = ", ".join(list(p.arrays) + list(fmt.extras) + [f"k_{s}" for s in p.all_scalars])
     head = [f"# Generated by hwoptim from the {p.rule.name} spec "
             f"({', '.join(f'{k}={v}' for k, v in sorted(vars(p.flags).items()))}), {dtype}.",
             "# Edit the spec in hwoptim/rules, not this file.",
             "import numpy as np",
-            "from numba import njit, prange", ""]
+            "from numba import njit, prange" + ("" if fmt.plain else ", types"),
+            *([] if fmt.plain else ["from numba.extending import intrinsic"]), ""]
     out = head + consts + [""]
     for fname, par, rng in (("parallel", True, "prange"), ("serial", False, "range")):
         out += [_njit_line(par, cache),
                 f"def {fname}({args}):",
+                *(["    _key = np.uint64(_srkey[0])"] if fmt.sr else []),
                 f"    for i in {rng}(param.shape[0]):"]
         out += [f"        {line}" for line in body]
         out.append("")
@@ -332,28 +528,22 @@ def numba_multi_source(p: KernelPlan, dtype: str, cache: bool = True) -> str:
     addresses (``_at``: an int64 address as a typed pointer, then ``numba.carray``) and
     updated by the very statements :func:`numba_source` prints, so every element gets the
     same arithmetic as the one-array kernels: bit-identical results."""
-    consts, body = _numba_element(p, dtype)
-    size = np.dtype(dtype).itemsize
+    fmt = Format.parse(dtype)
+    consts, body = _numba_element(p, dtype, index="_lo + i")
     head = [f"# Generated by hwoptim from the {p.rule.name} spec ({_flag_text(p)}), {dtype}: "
             f"multi-tensor kernels.",
             "# Edit the spec in hwoptim/rules, not this file.",
             "import numpy as np",
             "from numba import carray, njit, prange, types",
             "from numba.extending import intrinsic", ""]
-    at = ["@intrinsic",
-          "def _at(typingctx, address):",
-          f'    """An int64 address as a {dtype} pointer (unchecked)."""',
-          "    def lower(context, builder, sig, args):",
-          "        return builder.inttoptr(args[0], context.get_value_type(sig.return_type))",
-          f"    return types.CPointer(types.{dtype})(types.int64), lower"]
-    out = head + consts + ([""] if consts else []) + [""] + at + ["", ""]
+    names = list(p.arrays) + list(fmt.extras)
+    out = head + consts + ([""] if consts else []) + [""] + _nb_at_lines(p, fmt, names) + [""]
     per_chunk = ["_t = _chunks[_c, 0]",
                  "_lo = _chunks[_c, 1]",
                  "_n = _chunks[_c, 2] - _lo",
                  "_r = _rows[_t]"]
     per_chunk += [f"k_{s} = _scalars[_r, {j}]" for j, s in enumerate(p.all_scalars)]
-    per_chunk += [f"{a} = carray(_at(_ptrs[_t, {j}] + _lo * {size}), _n)"
-                  for j, a in enumerate(p.arrays)]
+    per_chunk += [_nb_chunk_array(fmt, a, j) for j, a in enumerate(names)]
     for fname, par, rng in (("parallel", True, "prange"), ("serial", False, "range")):
         out += [_njit_line(par, cache),
                 f"def {fname}(_ptrs, _chunks, _groups, _rows, _scalars):",
@@ -376,25 +566,26 @@ def numba_reduce_source(p: KernelPlan, dtype: str, cache: bool = True) -> str:
     update prints (in ``dtype``). ``f(ptrs, chunks, rows, scalars, out)``: as the
     multi-tensor kernels' (``numba_multi_source``), with ``scalars`` the rows of
     ``p.scalars`` and ``out`` float64, chunks x ``len(p.norms)``."""
+    fmt = Format.parse(dtype)
     consts, nm = _numba_namer()
-    body = [f"x_{a} = {a}[i]" for a in p.reduce_reads]
+    body = [f"x_{a} = master[i]" if (a == "param" and fmt.master)
+            else f"x_{a} = {_nb_load(fmt, a, f'{a}[i]')}" for a in p.reduce_reads]
     body += [f"{nm.new(e)} = {_nb_expr(e, nm)}" for e in p.reduce_order]
     for j, e in enumerate(p.norms):
         body += [f"_v{j} = np.float64({nm(e)})", f"_s{j} += _v{j} * _v{j}"]
-    size = np.dtype(dtype).itemsize
     out = [f"# Generated by hwoptim from the {p.rule.name} spec ({_flag_text(p)}), {dtype}: "
            f"the reduction pass (norms).",
            "# Edit the spec in hwoptim/rules, not this file.",
            "import numpy as np",
            "from numba import carray, njit, prange, types",
            "from numba.extending import intrinsic", ""]
-    out += _typed_constants(consts, dtype)
-    out += ["", "",
-            "@intrinsic",
-            "def _at(typingctx, address):",
-            "    def lower(context, builder, sig, args):",
-            "        return builder.inttoptr(args[0], context.get_value_type(sig.return_type))",
-            f"    return types.CPointer(types.{dtype})(types.int64), lower", ""]
+    if not fmt.plain:
+        out += _NB_FORMAT_HELPERS.splitlines() + [""]
+    out += _typed_constants(consts, fmt.compute)
+    reads = list(p.reduce_reads)
+    if fmt.master and "param" in reads:
+        reads[reads.index("param")] = "master"
+    out += ["", ""] + _nb_at_lines(p, fmt, reads, doc=False)
     for fname, par, rng in (("parallel", True, "prange"), ("serial", False, "range")):
         # reassociation lets LLVM vectorise the float64 sums (and the element math with
         # them: a product chain may round differently from the update's, within the norm's
@@ -408,8 +599,8 @@ def numba_reduce_source(p: KernelPlan, dtype: str, cache: bool = True) -> str:
                 "        _n = _chunks[_c, 2] - _lo",
                 "        _r = _rows[_t]"]
         out += [f"        k_{n} = _scalars[_r, {j}]" for j, n in enumerate(p.scalars)]
-        out += [f"        {a} = carray(_at(_ptrs[_t, {p.arrays.index(a)}] + _lo * {size}), _n)"
-                for a in p.reduce_reads]
+        names = list(p.arrays) + list(fmt.extras)
+        out += [f"        {_nb_chunk_array(fmt, a, names.index(a))}" for a in reads]
         out += [f"        _s{j} = 0.0" for j in range(len(p.norms))]
         out.append("        for i in range(_n):")
         out += [f"            {line}" for line in body]
@@ -426,17 +617,23 @@ def numba_stats_source(dtype: str, cache: bool = True) -> str:
     rows, ``out`` float64 (chunks x 2). Only reassociation is allowed (``fastmath``
     ``reassoc``: vectorised sums, still IEEE for NaN and infinities); a chunk's sum depends
     on the chunk alone, so the total does not depend on the thread count."""
-    size = np.dtype(dtype).itemsize
+    sixteen = dtype in ("float16", "bfloat16")         # their bits, loaded as float32
+    size = 2 if sixteen else np.dtype(dtype).itemsize
     flag = "cache=True, " if cache else ""
     lines = ["# Generated by hwoptim: sums of squares and a non-finite test over many arrays.",
              "import numpy as np",
              "from numba import carray, njit, prange, types",
-             "from numba.extending import intrinsic", "", "",
-             "@intrinsic",
-             "def _at(typingctx, address):",
-             "    def lower(context, builder, sig, args):",
-             "        return builder.inttoptr(args[0], context.get_value_type(sig.return_type))",
-             f"    return types.CPointer(types.{dtype})(types.int64), lower", ""]
+             "from numba.extending import intrinsic", ""]
+    if sixteen:
+        lines += _NB_FORMAT_HELPERS.splitlines()
+    lines += ["",
+              "@intrinsic",
+              "def _at(typingctx, address):",
+              "    def lower(context, builder, sig, args):",
+              "        return builder.inttoptr(args[0], context.get_value_type(sig.return_type))",
+              f"    return types.CPointer(types.{'uint16' if sixteen else dtype})(types.int64), "
+              f"lower", ""]
+    load = {"float16": "_h_load(a[i])", "bfloat16": "_bf_load(a[i])"}.get(dtype, "a[i]")
     for fname, par, rng in (("parallel", True, "prange"), ("serial", False, "range")):
         lines += ["",
                   f"@njit({flag}parallel={par}, fastmath={{'reassoc'}}, nogil=True)",
@@ -448,7 +645,7 @@ def numba_stats_source(dtype: str, cache: bool = True) -> str:
                   "        s = 0.0",
                   "        z = 0.0",
                   "        for i in range(_n):",
-                  "            v = np.float64(a[i])",
+                  f"            v = np.float64({load})",
                   "            s += v * v",
                   "            z += v * 0.0",
                   "        _out[_c, 0] = s",
@@ -562,6 +759,7 @@ def host_scalar_function(p: KernelPlan, dtype: str, boxed: bool = True):
     Printed from the traced ``rule.scalars`` and the hoisted scalars, so a step spends
     about a microsecond here instead of re-running the spec through the tracer's evaluator.
     """
+    dtype = Format.parse(dtype).compute          # (a format: its scalars are computed in)
     exprs, hyper_names = trace_scalars(p.rule, p.flags)
     wanted = {k: substitute(p.derived[k], exprs) if k in p.derived else exprs[k]
               for k in p.scalars}

@@ -79,6 +79,13 @@ class ShardedOptimizer:
                              f"depends on each param's shape and RMS (factored row and "
                              f"column moments), which a rank's flat slice of the param does "
                              f"not have; step it unsharded on every rank")
+        fmt = {k: hyperparameters.get(k) for k in ("state_dtype", "master_weights",
+                                                     "stochastic_rounding") if
+               hyperparameters.get(k)}
+        if fmt:
+            raise ValueError(f"ShardedOptimizer: {', '.join(f'{k}={v!r}' for k, v in fmt.items())}"
+                             f" is not supported yet (its buckets move float32/float64); "
+                             f"shard float32 or float64 params")
         groups, self._torch = self._agree("ShardedOptimizer()", lambda: _groups(params))
         self._stream = interop.torch_stream(self._torch) if self._torch else None
         self.groups = groups
@@ -978,6 +985,10 @@ def _groups(params) -> tuple:
                 raise TypeError(f"param_groups[{gi}] holds {type(p).__name__}; expected "
                                 f"writeable C-contiguous float arrays (NumPy, CuPy, or torch "
                                 f"tensors)")
+            if p.dtype.itemsize < 4:
+                raise TypeError(f"param_groups[{gi}] holds {p.dtype} params; ShardedOptimizer "
+                                f"shards float32 or float64 params (16-bit formats are not "
+                                f"supported there yet)")
             if dtype is None:
                 dtype, kind = p.dtype, (type(p), _device_of(p))
             elif p.dtype != dtype:

@@ -18,7 +18,7 @@ from types import SimpleNamespace
 import numpy as np
 
 from . import backends as _backends
-from . import _fastcheck, codegen, interop
+from . import _fastcheck, codegen, formats, interop
 from .spec import Rule, carry_init, host_scalars
 
 _DTYPES = (np.dtype(np.float32), np.dtype(np.float64))
@@ -371,9 +371,12 @@ class Optimizer:
     rule: Rule = None
 
     def __init__(self, params, *args, backend: str | None = None, capturable: bool = False,
-                 max_grad_norm=None, skip_nonfinite: bool = False, **kwargs):
+                 max_grad_norm=None, skip_nonfinite: bool = False, state_dtype=None,
+                 master_weights: bool = False, stochastic_rounding: bool = False, seed: int = 0,
+                 **kwargs):
         self._setup(params, self._parse_args(args, kwargs), backend, capturable,
-                    guard=(max_grad_norm, skip_nonfinite))
+                    guard=(max_grad_norm, skip_nonfinite),
+                    storage=(state_dtype, master_weights, stochastic_rounding, seed))
 
     def _parse_args(self, args, kwargs) -> dict:
         """The constructor's hyperparameters and options, checked, over the defaults."""
@@ -398,7 +401,8 @@ class Optimizer:
         defaults.update(kwargs)
         return defaults
 
-    def _setup(self, params, defaults, backend, capturable, states=None, guard=(None, False)):
+    def _setup(self, params, defaults, backend, capturable, states=None, guard=(None, False),
+               storage=(None, False, False, 0)):
         rule = self.rule
         self.max_grad_norm, self.skip_nonfinite = check_guard(*guard, f"{rule.name}(): ")
         self.skipped_steps, self.last_step_skipped, self.last_grad_norm = 0, False, None
@@ -413,6 +417,7 @@ class Optimizer:
                                  if _backends._loaded.get(n) is self.backend)
         self.dtype = str(arrays[0].dtype)
         self._family = fam
+        self._set_format(arrays, storage)
         self._stream = interop.torch_stream([a for g in groups for a in g["_given"]])
         if not isinstance(capturable, (bool, np.bool_)):
             raise TypeError(f"capturable={capturable!r}: expected True or False")
@@ -467,6 +472,36 @@ class Optimizer:
         if self.capturable:
             self._init_device_scalars()
 
+    def _set_format(self, arrays, storage):
+        """The storage format (hwoptim.formats) from the params' dtype and the options
+        ``(state_dtype, master_weights, stochastic_rounding, seed)``, checked."""
+        where = f"{self.rule.name}(): "
+        state_dtype, master, sr, seed = storage
+        self.format = formats.make(formats.dtype_name(arrays[0].dtype), state_dtype, master,
+                                   sr, where)
+        if isinstance(seed, (bool, np.bool_)) or not isinstance(seed, numbers.Integral) \
+                or not 0 <= seed < 2 ** 64:
+            raise ValueError(f"{where}seed={seed!r} is invalid: expected an integer from 0 to "
+                             f"2**64 - 1 (the stochastic-rounding stream)")
+        self.seed = int(seed)
+        self._kdtype = self.format.key       # what the kernels are built for
+        self._cdtype = self.format.compute   # their math and scalars
+        if self.format.plain:
+            return
+        if self._family != "host":
+            raise ValueError(f"{where}params of dtype {self.dtype} with state_dtype="
+                             f"{self.format.state!r} run on the CPU backends (numba, numpy) "
+                             f"for now; the CUDA kernels keep one dtype for every buffer")
+        if self.rule.shape_flags is not None:
+            shaped = [i for i, a in enumerate(arrays)
+                      if self.rule.shape_flags(tuple(a.shape)) != self.rule.shape_flags((1,))]
+            if shaped:
+                raise ValueError(f"{where}params[{shaped[0]}] has shape "
+                                 f"{tuple(arrays[shaped[0]].shape)}, which {self.rule.name} "
+                                 f"updates in stages (factored state); 16-bit params and "
+                                 f"state formats are not supported there yet: keep those "
+                                 f"params float32 (a second optimizer), or flatten them")
+
     def _add_groups(self, groups, first: int, states=None):
         """Check every group's values, then make its state; ``first``: its index."""
         rule, merged_all = self.rule, []
@@ -503,7 +538,14 @@ class Optimizer:
                     init = merged[s.init] if isinstance(s.init, str) else s.init
                     if callable(init):           # a state starting at lr: the first step's
                         init = self._call_lr(gi, init, 1)
-                    st[s.name] = self.backend.full(p, init, s.shape_for(p.shape))
+                    if self.format.plain:
+                        st[s.name] = self.backend.full(p, init, s.shape_for(p.shape))
+                    else:                        # (rounded into the state's storage)
+                        st[s.name] = formats.round_nearest(
+                            np.full(s.shape_for(p.shape), init, np.float32), self.format.state)
+                if self.format.master:           # the float32 copy the rule updates
+                    st["master"] = (states[i]["master"] if states is not None
+                                    else p.astype(np.float32))
                 list.append(self.state, _StateDict(self, i, st))
                 self._params.append(p)
                 self._group_of.append(gi)
@@ -528,6 +570,10 @@ class Optimizer:
                 else:
                     self._views[i] = [p.reshape(-1)] + [st[n].reshape(-1)
                                                         for n in plan.arrays[2:]]
+                if self.format.master:
+                    self._views[i].append(st["master"].reshape(-1))
+                if self.format.sr:              # this param's key, written every step
+                    self._views[i].append(np.zeros(1, np.uint32))
 
     def _refresh_owned(self):
         """The byte ranges that grads must not overlap: every param and state buffer."""
@@ -744,9 +790,11 @@ class Optimizer:
                                 f"cupy.ndarray of float32 or float64")
             if fam == "host" and not _plain_host(a):
                 _refuse_subclass(f"params[{i}]", a)
-            if a.dtype not in _DTYPES:
-                raise TypeError(f"params[{i}] has dtype {a.dtype}; expected float32 or float64 "
-                                f"(gradient steps need floating-point parameters)")
+            if a.dtype not in _DTYPES and not (fam == "host" and
+                                               formats.dtype_name(a.dtype) is not None):
+                more = ", float16 or bfloat16" if fam == "host" else ""
+                raise TypeError(f"params[{i}] has dtype {a.dtype}; expected float32 or float64"
+                                f"{more} (gradient steps need floating-point parameters)")
             if not a.flags.c_contiguous:
                 raise ValueError(f"params[{i}] (shape {tuple(a.shape)}) is not C-contiguous; "
                                  f"hwoptim updates params in place, and a contiguous copy "
@@ -860,7 +908,7 @@ class Optimizer:
                 nd=nd, ptr=ptr, vals=vals, nbytes=nbytes, last=None,
                 own_start=np.array([a for a, _ in own], np.int64),
                 own_end=np.array([b for _, b in own], np.int64),
-                descr=id(np.dtype(self.dtype)))
+                descr=id(formats.np_dtype(self.dtype)))
         n = len(grads)
         out = np.empty(n, np.int64)
         ids = np.fromiter(map(id, grads), np.int64, n)
@@ -941,7 +989,7 @@ class Optimizer:
                     slot_group.append(gi)
                 slot_of.append(index[(gi, pl.key)])
             self._slot_of, self._slot_group = slot_of, slot_group
-            kern = [_kernel(self.backend, pl, self.dtype) for pl in plans]
+            kern = [_kernel(self.backend, pl, self._kdtype) for pl in plans]
             # backends may offer a launch that skips re-checking what step() has checked
             self._launch = [getattr(k, "unchecked", k) for k in kern]
             self._prepare = [getattr(k, "prepare_unchecked", k.prepare) for k in kern]
@@ -1031,6 +1079,10 @@ class Optimizer:
         scal = [prep(hs[gi], t) for prep, gi in zip(self._prepare, self._slot_group)]
         tables = self._multi_tables() if isinstance(flat, np.ndarray) else None
         self._step, self._carry = t, carry   # everything is checked: from here on, update
+        if self.format.sr:                   # this step's stochastic-rounding keys
+            for v, key in zip(self._views, formats.sr_key(self.seed, t,
+                                                          np.arange(len(self._views)))):
+                v[-1][0] = key
         if self._stream is not None:         # torch CUDA tensors: on torch's current stream
             with self._stream():
                 return self._launch_all(entries, flat, scal, tables)
@@ -1044,7 +1096,7 @@ class Optimizer:
         sizes = self._sizes
         if sizes is None:
             sizes = self._sizes = np.array([p.size for p in self._params], np.int64)
-        sumsq, finite = self.backend.grad_stats(flat, sizes, self.dtype)
+        sumsq, finite = self.backend.grad_stats(flat, sizes, self.dtype)     # (its storage)
         if inv_scale is not None:
             sumsq *= inv_scale * inv_scale
         return guard_verdict(self, sumsq, finite)
@@ -1077,9 +1129,9 @@ class Optimizer:
             for gi, ((k, tab, sizes, rows, idx), sc) in enumerate(zip(tables, scal)):
                 tab[:, 1] = flat[idx]
                 if combine is None:
-                    k.many(tab, sizes, rows, np.array([sc], dtype=self.dtype))
+                    k.many(tab, sizes, rows, np.array([sc], dtype=self._cdtype))
                 else:
-                    k.many(tab, sizes, rows, np.array([sc], dtype=self.dtype),
+                    k.many(tab, sizes, rows, np.array([sc], dtype=self._cdtype),
                            combine=lambda total, gi=gi: combine(gi, total))
             return
         batched = {}                         # staged slots (Adafactor's matrices): together
@@ -1165,6 +1217,9 @@ class Optimizer:
             "rule": self.rule.name,
             "step": t,
             "dtype": self.dtype,
+            **({} if self.format.plain else {"format": {
+                "state_dtype": self.format.state, "master_weights": self.format.master,
+                "stochastic_rounding": self.format.sr, "seed": self.seed}}),
             "shapes": [tuple(p.shape) for g in self.param_groups for p in g["params"]],
             "param_groups": groups,
             "state": [{k: self.backend.to_host(v) for k, v in st.items()} for st in self.state],
@@ -1186,9 +1241,10 @@ class Optimizer:
         if missing:
             raise TypeError(f"state_dict is missing {', '.join(map(repr, missing))}; it has "
                             f"keys {sorted(map(str, sd))}, expected {list(keys)}")
-        if sd["dtype"] != self.dtype:
+        if sd["dtype"] != self.dtype and _compute_of(sd["dtype"]) != self._cdtype:
             raise TypeError(f"state_dict['dtype'] is {sd['dtype']!r}; expected {self.dtype!r} "
-                            f"(the params' dtype)")
+                            f"(the params' dtype), or another dtype whose math is "
+                            f"{self._cdtype} (a checkpoint converts between storage formats)")
         if sd["rule"] != self.rule.name:
             raise ValueError(f"state_dict['rule'] is {sd['rule']!r}; expected "
                              f"{self.rule.name!r} (a state_dict loads into the same rule)")
@@ -1234,20 +1290,37 @@ class Optimizer:
             raise ValueError(f"state_dict['state'] has {len(sd['state'])} entries; expected "
                              f"{len(self.state)}")
         carry = self._check_carry(sd) if self.rule.carry else []
+        loaded = []                           # per param: {name: host array to copy in}
         for i, (mine, theirs) in enumerate(zip(self.state, sd["state"])):
-            if set(theirs) != set(mine):
+            if set(theirs) - {"master"} != set(mine) - {"master"}:
                 raise ValueError(f"state_dict['state'][{i}] holds {sorted(theirs)}; expected "
                                  f"{sorted(mine)}")
+            new = {}
             for k, v in theirs.items():
+                if k not in mine:                 # a master copy this format does not keep
+                    continue
                 v = np.asarray(v)
+                if v.dtype != mine[k].dtype and v.shape == tuple(mine[k].shape) and \
+                        formats.dtype_name(v.dtype) is not None and \
+                        _compute_of(formats.dtype_name(v.dtype)) == self._cdtype:
+                    # another storage format of the same math: converted (to nearest)
+                    v = formats.round_nearest(v, formats.dtype_name(mine[k].dtype))
                 if v.shape != tuple(mine[k].shape) or v.dtype != mine[k].dtype:
                     raise ValueError(f"state_dict['state'][{i}][{k!r}] is {v.dtype} "
                                      f"{v.shape}; expected {mine[k].dtype} "
                                      f"{tuple(mine[k].shape)}")
+                new[k] = v
+            if "master" in mine and "master" not in new:     # it starts from the params
+                new["master"] = self._params[i].astype(np.float32)
+            loaded.append(new)
+        fmt = sd.get("format") or {}
         # all checked: now change things
-        for mine, theirs in zip(self.state, sd["state"]):
-            for k, v in theirs.items():
-                self.backend.copy_from_host(mine[k], np.asarray(v))
+        for mine, new in zip(self.state, loaded):
+            for k, v in new.items():
+                self.backend.copy_from_host(mine[k], v)
+        if self.format.sr and isinstance(fmt.get("seed"), numbers.Integral) and \
+                not isinstance(fmt.get("seed"), (bool, np.bool_)) and 0 <= fmt["seed"] < 2**64:
+            self.seed = int(fmt["seed"])     # the run's stream resumes
         for g, merged in zip(self.param_groups, new_groups):   # checked above: cannot fail
             self._set_hypers(g, {k: v for k, v in merged.items() if k != "params"})
         self._step = int(step)
@@ -1291,6 +1364,13 @@ class Optimizer:
         return (_rebuild, (type(self), groups, state, self.step_count, self.backend_name,
                            self.capturable, [c and dict(c) for c in self._carry],
                            (self.max_grad_norm, self.skip_nonfinite, self.skipped_steps)))
+
+
+def _compute_of(dtype_name) -> str | None:
+    """The dtype the math of params of ``dtype_name`` runs in (None: not a params dtype)."""
+    if dtype_name not in formats.PARAM_DTYPES:
+        return None
+    return "float64" if dtype_name == "float64" else "float32"
 
 
 def _rebuild(cls, groups, state, step, backend, capturable, carry=None,

@@ -265,13 +265,15 @@ def test_read_only_params(rng):
                                 "params[1]", "read-only", "expected a writeable array")
 
 
-@pytest.mark.parametrize("dtype", [np.int32, np.int64, np.float16, np.complex128, np.bool_])
+@pytest.mark.parametrize("dtype", [np.int32, np.int64, np.longdouble, np.complex128, np.bool_])
 def test_non_float_params(dtype, rng):
+    """(float16 and bfloat16 are storage formats: tests/test_formats.py)"""
     p = (random_values(rng, (4, 5)) * 10).astype(dtype)
     for rule in RULE_LIST:
         cls = getattr(hwoptim, rule.name)
         _no_change_on_construct(lambda: cls(p), [p], TypeError, "params[0]",
-                                f"dtype {np.dtype(dtype)}", "expected float32 or float64")
+                                f"dtype {np.dtype(dtype)}",
+                                "expected float32 or float64, float16 or bfloat16")
 
 
 def test_params_of_mixed_dtypes(rng):

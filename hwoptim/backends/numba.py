@@ -28,6 +28,7 @@ import threading
 import numpy as np
 
 from .. import codegen, threads
+from ..formats import Format
 from . import diskcache
 from .numpy import address, copy_from_host, full, to_host  # noqa: F401  (same host arrays)
 
@@ -121,6 +122,11 @@ class Kernel:
 
     def __init__(self, plan, dtype: str):
         self.plan, self.dtype = plan, dtype
+        # a storage format (hwoptim.formats) other than plain: 16-bit buffers travel as
+        # uint16 arrays of their bits, the math and the scalars are in the compute dtype
+        self.fmt = Format.parse(dtype)
+        self.cdtype = self.fmt.compute
+        self.names = tuple(plan.arrays) + self.fmt.extras     # the kernels' array arguments
         self.module = diskcache.load_module(
             lambda cache: codegen.numba_source(plan, dtype, cache=cache),
             f"{plan.key}_{dtype}")
@@ -141,13 +147,16 @@ class Kernel:
             n_threads = threads.current_threads()
         below = self._below.get(n_threads)
         if below is None:
-            below = self._below[n_threads] = serial_below(self.plan, self.dtype, n_threads)
+            below = self._below[n_threads] = serial_below(self.plan, self.cdtype, n_threads)
         return below
 
     def __call__(self, arrays, scalars):
         f = self.serial if arrays[0].shape[0] < self.serial_below() else self.parallel
+        if not self.fmt.plain:
+            arrays = [_bits16(a) for a in arrays]
+            scalars = [np.dtype(self.cdtype).type(x) for x in scalars]
         if self.plan.norms:
-            typ = np.dtype(self.dtype).type
+            typ = np.dtype(self.cdtype).type
             scalars = [typ(x) for x in scalars] + [typ(x) for x in self.norms_of(arrays,
                                                                                   scalars)]
         f(*arrays, *scalars)
@@ -159,7 +168,7 @@ class Kernel:
         order), in float64."""
         ptrs = np.array([[a.ctypes.data for a in arrays]], np.int64)
         return self.norms(ptrs, np.array([arrays[0].shape[0]], np.int64),
-                          np.zeros(1, np.int64), np.array([scalars], self.dtype))[0].tolist()
+                          np.zeros(1, np.int64), np.array([scalars], self.cdtype))[0].tolist()
 
     def norms(self, ptrs, sizes, rows, scalars, n_threads: int | None = None,
               combine=None) -> np.ndarray:
@@ -194,9 +203,9 @@ class Kernel:
                     lambda cache: codegen.numba_reduce_source(plan, dtype, cache=cache),
                     f"{plan.key}_{dtype}_reduce")
             f = mod.parallel if par else mod.serial
-            diskcache.first_call(mod, f, [np.empty((0, len(self.plan.arrays)), np.int64),
+            diskcache.first_call(mod, f, [np.empty((0, len(self.names)), np.int64),
                                           np.empty((0, 3), np.int64), np.empty(0, np.int64),
-                                          np.empty((0, len(self.plan.scalars)), self.dtype),
+                                          np.empty((0, len(self.plan.scalars)), self.cdtype),
                                           np.empty((0, len(self.plan.norms)), np.float64)])
             self._reduce[par] = f
             return f
@@ -217,12 +226,16 @@ class Kernel:
             if e is not None:
                 return e
             f = self.parallel if par else self.serial
-            typ = np.dtype(self.dtype).type
-            empty = [np.empty(0, self.dtype) for _ in self.plan.arrays]
+            typ = np.dtype(self.cdtype).type
+            empty = [np.empty(0, _numba_dtype(self.fmt.storage(a))) for a in self.names]
             diskcache.first_call(self.module, f, empty + [typ(0)] * len(self.plan.all_scalars))
-            n_arrays = len(self.plan.arrays)
-            e = _entry_point(f, self.dtype) or (
-                lambda *a: f(*a[:n_arrays], *[typ(s) for s in a[n_arrays:]]))
+            n_arrays = len(self.names)
+            if self.fmt.plain:
+                e = _entry_point(f, self.dtype) or (
+                    lambda *a: f(*a[:n_arrays], *[typ(s) for s in a[n_arrays:]]))
+            else:                       # 16-bit arrays as their bits, through the dispatcher
+                e = (lambda *a: f(*[_bits16(x) for x in a[:n_arrays]],
+                                  *[typ(s) for s in a[n_arrays:]]))
             if par:
                 e = _guarded(e, self._raw(self._build(False)))
             if self.plan.norms:                # the reduction pass first, then the update
@@ -264,12 +277,12 @@ class Kernel:
         ptrs = np.ascontiguousarray(ptrs, dtype=np.int64)
         sizes = np.ascontiguousarray(sizes, dtype=np.int64)
         rows = np.ascontiguousarray(rows, dtype=np.int64)
-        scalars = np.ascontiguousarray(scalars, dtype=self.dtype)
+        scalars = np.ascontiguousarray(scalars, dtype=self.cdtype)
         n = sizes.shape[0] if sizes.ndim == 1 else -1
-        if ptrs.shape != (n, len(self.plan.arrays)) or rows.shape != (n,) or \
+        if ptrs.shape != (n, len(self.names)) or rows.shape != (n,) or \
                 scalars.ndim != 2 or scalars.shape[1] != len(self.plan.scalars):
             raise ValueError(
-                f"many(): expected sizes (n,), ptrs (n, {len(self.plan.arrays)}), rows (n,) "
+                f"many(): expected sizes (n,), ptrs (n, {len(self.names)}), rows (n,) "
                 f"and scalars (rows, {len(self.plan.scalars)}); got sizes {sizes.shape}, "
                 f"ptrs {ptrs.shape}, rows {rows.shape}, scalars {scalars.shape}")
         chunks = self._chunks.get(sizes)
@@ -279,7 +292,7 @@ class Kernel:
             n_threads = threads.current_threads()
         if self.plan.norms:                    # per tensor: its row of scalars, its norms
             norms = self.norms(ptrs, sizes, rows, scalars, n_threads, combine)
-            scalars = np.concatenate([scalars[rows], norms.astype(self.dtype)], axis=1)
+            scalars = np.concatenate([scalars[rows], norms.astype(self.cdtype)], axis=1)
             rows = np.arange(n, dtype=np.int64)
         self.many_launcher(chunks.total, n_threads)(ptrs, chunks.table, chunks.groups, rows,
                                                     scalars)
@@ -311,15 +324,25 @@ class Kernel:
                 return e
             mod = self.multi_module()
             f = mod.parallel if par else mod.serial
-            args = [np.empty((0, len(self.plan.arrays)), np.int64), np.empty((0, 3), np.int64),
+            args = [np.empty((0, len(self.names)), np.int64), np.empty((0, 3), np.int64),
                     np.zeros(1, np.int64), np.empty(0, np.int64),
-                    np.empty((0, len(self.plan.all_scalars)), self.dtype)]
+                    np.empty((0, len(self.plan.all_scalars)), self.cdtype)]
             diskcache.first_call(mod, f, args)
-            e = _many_entry_point(f, self.dtype) or f
+            e = _many_entry_point(f, self.cdtype) or f
             if par:
                 e = _guarded(e, self._build_many(False))
             self._many_entries[par] = e
             return e
+
+
+def _numba_dtype(storage: str):
+    """The NumPy dtype of a buffer's array as the kernels take it (16-bit: ``uint16``)."""
+    return np.uint16 if storage in ("float16", "bfloat16") else np.dtype(storage)
+
+
+def _bits16(a):
+    """A 16-bit float array as the ``uint16`` array of its bits (other arrays as they are)."""
+    return a.view(np.uint16) if a.dtype.itemsize == 2 and a.dtype.kind != "u" else a
 
 
 def _with_norms(entry, n_arrays, norms_of):

@@ -6,6 +6,8 @@ from types import SimpleNamespace
 
 import numpy as np
 
+from .. import formats
+from ..formats import Format
 from ..spec import host_scalars, resolve_hypers
 
 FAMILY = "host"
@@ -25,8 +27,28 @@ def kernel(plan, dtype):
 
     scaled = getattr(flags, "_clip", False)      # max_grad_norm's clip factor
     staged = plan.stages is not None              # Adafactor's factored arrays
+    fmt = Format.parse(dtype)
 
-    def run(arrays, k):
+    def run_format(arrays, k):
+        """A storage format: every buffer loaded into the compute dtype, the rule's math,
+        each output rounded into its storage (hwoptim.formats' conversions)."""
+        bufs = dict(zip(names + fmt.extras, arrays))
+        work = [bufs["master"] if (n == "param" and fmt.master) else
+                formats.load(bufs[n], fmt.compute) for n in names]
+        new = {}
+        run([*work], k, out=new)
+        for name in outputs:
+            v, dst = new[name], bufs[name]
+            if name == "param" and fmt.master:
+                np.copyto(bufs["master"], v)
+                dst[...] = formats.round_nearest(v, fmt.param)
+            elif name == "param" and fmt.sr:
+                bits = formats.element_bits(bufs["_srkey"][0], np.arange(v.size))
+                dst[...] = formats.round_stochastic(v, fmt.param, bits)
+            else:
+                dst[...] = formats.round_nearest(v, fmt.storage(name))
+
+    def run(arrays, k, out=None):
         if staged:                    # on the param's shape: the grad (given flat) too
             if arrays[0].size == 0:   # (a mean over no rows: no update, no NaN factors)
                 return
@@ -39,13 +61,19 @@ def kernel(plan, dtype):
         # and no FloatingPointError (under np.seterr(all="raise")) half-way through a step
         with np.errstate(all="ignore"):
             new = rule.update(SimpleNamespace(**buf), k, flags)
+        if out is not None:           # (a format's run stores them itself)
+            out.update({n: np.asarray(new[n], fmt.compute) for n in outputs})
+            return
         for name in outputs:          # every value is computed before any buffer is written
             np.copyto(buf[name], new[name], casting="same_kind")
     def prepare(h, t):
-        k = host_scalars(rule, resolve_hypers(rule, h, dtype), t)
+        k = host_scalars(rule, resolve_hypers(rule, h, fmt.compute), t)
         if scaled:
             k["_clip"] = float(h["_clip"])
         return SimpleNamespace(**k)
+    if not fmt.plain:
+        run_format.prepare = prepare
+        return run_format
     run.prepare = prepare
     return run
 

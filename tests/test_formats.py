@@ -1,0 +1,451 @@
+"""Storage formats (hwoptim.formats): 16-bit params and grads, bfloat16 state, float32
+master weights, stochastic rounding.
+
+The chain of evidence: the float32 kernels are checked against the float64 reference by the
+rest of the suite; here a format's step is checked, bit for bit, against the float32
+optimizer's step from the same (upcast) values, rounded into the format's storage by
+hwoptim.formats' NumPy conversions; and the Numba kernels (one array, many arrays, serial
+and parallel) against the NumPy backend, bit for bit. The conversions themselves are checked
+against ml_dtypes/NumPy and against their definition (unbiased, never a new infinity).
+"""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+import hwoptim
+from hwoptim import backends, formats
+from hwoptim.rules import RULES
+from hwoptim.testing import option_sets
+
+ml_dtypes = pytest.importorskip("ml_dtypes")
+BF16 = np.dtype(ml_dtypes.bfloat16)
+F16 = np.dtype(np.float16)
+HOST = [n for n in backends.available() if backends.load(n).FAMILY == "host"]
+# (param dtype, options): every kind of storage, each 16-bit dtype at least twice
+MODES = [
+    ("float16", {}),
+    ("bfloat16", {}),
+    ("bfloat16", {"state_dtype": "bfloat16"}),
+    ("float16", {"master_weights": True}),
+    ("bfloat16", {"master_weights": True, "state_dtype": "bfloat16"}),
+    ("bfloat16", {"stochastic_rounding": True, "seed": 11}),
+    ("float16", {"stochastic_rounding": True, "seed": 2**40 + 3}),
+]
+MODE_IDS = [f"{d}-{','.join(f'{k}={v}' for k, v in o.items()) or 'default'}" for d, o in MODES]
+# one option set per rule (its first), shapes the elementwise kernels take (vectors, and
+# matrices for rules whose state has the param's shape)
+RULE_CASES = [option_sets(r)[0] for _, r in sorted(RULES.items())]
+
+
+def _kwargs(rule, opts):
+    kw = dict(opts)
+    if rule.name == "SGD":
+        kw.setdefault("momentum", 0.9)
+    return kw
+
+
+def _values(rng, n, positive=False):
+    v = rng.standard_normal(n) * 10.0 ** rng.uniform(-2, 1, n)
+    return np.abs(v) if positive else v
+
+
+def _problem(rng, sizes, dtype):
+    params = [_values(rng, n).astype(dtype) for n in sizes]
+    grads = [[_values(rng, n).astype(dtype) for n in sizes] for _ in range(3)]
+    return params, grads
+
+
+def _takes_norms(rule, opts) -> bool:
+    """Whether the rule's update reads norms (LAMB, LARS, Adafactor's RMS): the kernels sum
+    them in another order than NumPy, so the results agree to rounding, not to the bit."""
+    from hwoptim.optim import _plan
+    h = {k: v.default for k, v in rule.hypers.items()}
+    o = dict(rule.options)
+    for k, v in _kwargs(rule, opts).items():
+        (h if k in h else o)[k] = v
+    return bool(_plan(rule, rule.static_flags(h, o)).norms)
+
+
+def _close(a, b):
+    """Equal within one unit in the last place of each array's own storage (and a few
+    float32 ulps for float32 buffers, whose sums of norms round differently)."""
+    for x, y in zip(a, b):
+        x32, y32 = np.asarray(x, np.float32), np.asarray(y, np.float32)
+        eps = np.finfo(np.asarray(x).dtype).eps if np.asarray(x).dtype.itemsize == 2 \
+            else 8 * np.finfo(np.float32).eps
+        if not np.allclose(x32, y32, rtol=eps, atol=0, equal_nan=True):
+            return False
+    return True
+
+
+def _mostly_close(a, b):
+    """:func:`_close` for 99% of the elements of every array."""
+    for x, y in zip(a, b):
+        x32, y32 = np.asarray(x, np.float32), np.asarray(y, np.float32)
+        eps = np.finfo(np.asarray(x).dtype).eps if np.asarray(x).dtype.itemsize == 2 \
+            else 8 * np.finfo(np.float32).eps
+        if np.mean(np.isclose(x32, y32, rtol=eps, atol=0, equal_nan=True)) < 0.99:
+            return False
+    return True
+
+
+def _same(a, b):
+    return all(np.array_equal(np.asarray(x, np.float32), np.asarray(y, np.float32),
+                              equal_nan=True) for x, y in zip(a, b))
+
+
+@pytest.mark.parametrize("mode", MODES, ids=MODE_IDS)
+@pytest.mark.parametrize("case", RULE_CASES, ids=[c[0] for c in RULE_CASES])
+def test_numba_is_the_numpy_reference_bit_for_bit(case, mode, rng):
+    """Three steps of every rule in every format: Numba's one-array kernel (one param),
+    and its multi-tensor kernels (17 params, serial and parallel), give the NumPy
+    backend's bits in params and every state buffer."""
+    if "numba" not in HOST:
+        pytest.skip("numba is not available")
+    name, opts = case
+    rule = RULES[name.split("[")[0]]
+    dtype, fmt = mode
+
+    def run(sizes, dtype, fmt):
+        out = {}
+        for backend in ("numpy", "numba"):
+            r = np.random.default_rng(1)
+            params, grads = _problem(r, sizes, formats.np_dtype(dtype))
+            opt = getattr(hwoptim, rule.name)(params, backend=backend, **_kwargs(rule, opts),
+                                              **fmt)
+            for g in grads:
+                opt.step(g)
+            out[backend] = (params, opt.state_dict())
+        return out["numpy"], out["numba"]
+
+    for sizes in ([300], [1, 7, 64, 100, 3, 2, 5, 9, 33, 70_000] + [50] * 7):
+        (pa, sa), (pb, sb) = run(sizes, dtype, fmt)
+        same = _same
+        if _takes_norms(rule, opts):     # norms sum in another order: agree to rounding
+            same = _close
+        elif not _same(*(r[0] for r in run(sizes, "float32", {}))):
+            # the NumPy reference of some rules rounds less often than the float32 kernels
+            # (Rprop's factors), in plain float32 too, and a sign decision then may differ
+            # (the main suites bound that); the test above is bit-exact per backend
+            same = _mostly_close
+        assert same(pa, pb), (name, dtype, fmt, sizes)
+        for x, y in zip(sa["state"], sb["state"]):
+            assert x.keys() == y.keys()
+            assert same([x[k] for k in x], [y[k] for k in x]), (name, sorted(x))
+        assert not _same(pa, _problem(np.random.default_rng(1), sizes,
+                                      formats.np_dtype(dtype))[0])      # it moved
+
+
+@pytest.mark.parametrize("backend", HOST)
+@pytest.mark.parametrize("mode", MODES, ids=MODE_IDS)
+@pytest.mark.parametrize("case", RULE_CASES, ids=[c[0] for c in RULE_CASES])
+def test_a_step_is_the_float32_step_rounded_into_the_format(case, mode, backend, rng):
+    """From a warmed-up state, one step in a format equals the float32 optimizer's step
+    from the same values (the format's buffers upcast: a checkpoint loads across formats),
+    with each result rounded into its storage: to nearest, or stochastically with the
+    step's bits (the master copy: the float32 result itself)."""
+    name, opts = case
+    rule = RULES[name.split("[")[0]]
+    dtype, fmt = mode
+    sizes = [40, 513]
+    params, grads = _problem(rng, sizes, formats.np_dtype(dtype))
+    opt = getattr(hwoptim, rule.name)(params, backend=backend, **_kwargs(rule, opts), **fmt)
+    for g in grads[:2]:
+        opt.step(g)
+    sd = opt.state_dict()
+    base = [(p.astype(np.float32) if not fmt.get("master_weights")
+             else opt.state[i]["master"].copy()) for i, p in enumerate(params)]
+    ref = getattr(hwoptim, rule.name)(base, backend=backend, **_kwargs(rule, opts))
+    ref.load_state_dict(sd)                       # bfloat16 state upcast, exactly
+    for i, st in enumerate(ref.state):
+        for k in st:
+            assert np.array_equal(st[k], np.asarray(opt.state[i][k], np.float32),
+                                  equal_nan=True)
+    opt.step(grads[2])
+    ref.step([g.astype(np.float32) for g in grads[2]])
+    f = opt.format
+    for i, (p, q) in enumerate(zip(params, base)):
+        if f.sr:
+            key = formats.sr_key(opt.seed, opt.step_count, [i])[0]
+            want = formats.round_stochastic(q, dtype,
+                                            formats.element_bits(key, np.arange(q.size)))
+        else:
+            want = formats.round_nearest(q, dtype)
+        assert np.array_equal(p.view(np.uint16), want.view(np.uint16)) or _same([p], [want])
+        for k, v in ref.state[i].items():
+            mine = opt.state[i][k]
+            assert _same([mine], [formats.round_nearest(v, formats.dtype_name(mine.dtype))]), k
+        if f.master:
+            assert np.array_equal(opt.state[i]["master"], q, equal_nan=True)
+
+
+# ----------------------------------------------------------------------------- conversions
+
+def _bits_of_every_float16():
+    return np.arange(2**16, dtype=np.uint32).astype(np.uint16)
+
+
+@pytest.mark.parametrize("dtype", ["float16", "bfloat16"])
+def test_round_nearest_matches_the_libraries_and_the_kernels(dtype):
+    """Round to nearest (ties to even) of float32 values spread over every exponent, the
+    neighbours of every 16-bit number and their midpoints, NaN and infinities: the Numba
+    kernels' conversions (through SGD with lr=0: the param is only loaded and stored) and
+    an SGD step that moves by a half-ulp."""
+    every = _bits_of_every_float16().view(formats.np_dtype(dtype)).astype(np.float32)
+    every = every[np.isfinite(every)]
+    up = np.nextafter(every, np.float32(np.inf))
+    mid = (every.astype(np.float64) + np.concatenate([every[1:], every[-1:]]).astype(
+        np.float64)) / 2
+    x = np.concatenate([every, up, mid.astype(np.float32),
+                        np.float32([np.nan, np.inf, -np.inf, 3.4e38, -3.4e38])])
+    want = formats.round_nearest(x, dtype)
+    # NumPy / ml_dtypes directly, the definition of the reference
+    assert np.array_equal(want.astype(np.float32), x.astype(formats.np_dtype(dtype)).astype(
+        np.float32), equal_nan=True)
+    if "numba" in HOST:
+        # SGD: p - lr*g with lr = 1 and g = p - x (exact in float64? no: in float32 the
+        # param is x after the subtraction only when exact) -- instead a master copy holds
+        # x and lr=0 stores it: the store is exactly the conversion under test
+        p = np.zeros(x.size, formats.np_dtype(dtype))
+        opt = hwoptim.SGD([p], lr=0.0, master_weights=True, backend="numba")
+        opt.state[0]["master"][...] = x
+        opt.step([np.zeros_like(p)])
+        assert np.array_equal(p.astype(np.float32), want.astype(np.float32), equal_nan=True)
+
+
+@pytest.mark.parametrize("backend", HOST)
+@pytest.mark.parametrize("dtype", ["float16", "bfloat16"])
+def test_stochastic_rounding_is_unbiased(dtype, backend):
+    """10^6 roundings of one value (every element of one param, an SGD step away from a
+    16-bit number): the mean is within 3σ of the value, and every result is one of the two
+    neighbours. Also near the bottom of float16 (subnormals, below 2^-24)."""
+    n = 10**6
+    for start, step in ((1.0, 0.3 * 2.0**-8), (-3.0, 0.7 * 2.0**-7), (2.0**-20, 0.37 * 2.0**-24),
+                        (0.0, -0.3 * 2.0**-24)):
+        p = np.full(n, start, formats.np_dtype(dtype))
+        g = np.full(n, -step, formats.np_dtype(dtype))         # p - lr*g, lr=1
+        exact = np.float32(np.float32(start) - np.float32(g[0].astype(np.float32)))
+        opt = hwoptim.SGD([p], lr=1.0, stochastic_rounding=True, seed=5, backend=backend)
+        opt.step([g])
+        lo = formats.round_stochastic(np.float32([exact]), dtype, np.zeros(1, np.uint32))
+        hi = formats.round_stochastic(np.float32([exact]), dtype,
+                                      np.full(1, 2**32 - 1, np.uint32))
+        lo, hi = sorted([float(lo[0].astype(np.float32)), float(hi[0].astype(np.float32))])
+        got = p.astype(np.float64)
+        assert set(np.unique(got)) <= {lo, hi}, (dtype, start, step)
+        if lo == hi:
+            continue
+        f = (float(exact) - lo) / (hi - lo)
+        sigma = (hi - lo) * np.sqrt(f * (1 - f) / n)
+        assert abs(got.mean() - float(exact)) <= 3 * sigma, (dtype, start, step)
+
+
+@pytest.mark.parametrize("backend", HOST)
+@pytest.mark.parametrize("dtype", ["float16", "bfloat16"])
+def test_stochastic_rounding_keeps_nan_and_makes_no_new_infinity(dtype, backend):
+    """NaN stays NaN and ±Inf stays; a value between the largest finite 16-bit number and
+    the round-to-nearest overflow threshold never becomes infinite (an SGD step from the
+    largest number, 5000 elements each); past the threshold it may round down to the
+    largest finite number or up to infinity, as round-to-nearest does. The kernels give
+    the reference's bits."""
+    dt = formats.np_dtype(dtype)
+    big = float(np.finfo(dt).max)
+    ulp = big - float(np.nextafter(dt.type(big), dt.type(0)))
+    steps = [0.3, 0.49, 0.7, np.nan, -np.inf]        # p - lr*g with p = ±big, lr = 1
+    g = np.repeat(np.array([-c * ulp for c in steps], np.float32), 5000).astype(dt)
+    p = np.full(g.size, big, dt)
+    p[1::2] = -big
+    g[1::2] = -g[1::2]
+    exact = p.astype(np.float32) - g.astype(np.float32)
+    opt = hwoptim.SGD([p], lr=1.0, stochastic_rounding=True, seed=3, backend=backend)
+    opt.step([g])
+    key = formats.sr_key(3, 1, [0])[0]
+    want = formats.round_stochastic(exact, dtype, formats.element_bits(key, np.arange(p.size)))
+    got = p.astype(np.float32)
+    assert np.array_equal(got, want.astype(np.float32), equal_nan=True)
+    near = formats.round_nearest(exact, dtype).astype(np.float32)
+    assert np.array_equal(np.isnan(got), np.isnan(exact))
+    assert not (np.isinf(got) & ~np.isinf(near)).any()
+    assert np.isinf(got[-5000:]).all()                    # -inf grads: ±inf results
+    past = slice(2 * 5000, 3 * 5000)                      # 0.7 ulp past: both outcomes
+    assert np.isinf(got[past]).any() and np.isfinite(got[past]).any()
+
+
+def _lowbias32(x: int) -> int:
+    """The hash written out on Python ints, apart from hwoptim.formats."""
+    x ^= x >> 16
+    x = (x * 0x7FEB352D) & 0xFFFFFFFF
+    x ^= x >> 15
+    x = (x * 0x846CA68B) & 0xFFFFFFFF
+    return x ^ (x >> 16)
+
+
+def test_the_random_bits_are_the_specified_function():
+    """The key and per-element bits are fixed functions (a run resumes bit-identically in a
+    later version): pinned values, and the definition on Python ints."""
+    for x in (0, 1, 0xDEADBEEF, 2**32 - 1):
+        assert int(formats.mix32(x)) == _lowbias32(x)
+    assert [int(k) for k in formats.sr_key(0, 1, [0, 1])] == [0x7D2B5EA8, 0xCCE08BDE]
+    idx = [0, 1, 2**32 + 5]
+    got = formats.element_bits(0x12345678, np.array(idx))
+    assert [int(b) for b in got] == [0xF5E71C96, 0x3F779F73, 0x5B0B410F]
+    assert [int(b) for b in got] == [
+        _lowbias32((i & 0xFFFFFFFF) ^ 0x12345678 ^ _lowbias32(i >> 32)) for i in idx]
+    # a bijection of the index within 2**32: no repeated bits over 2**16 elements
+    assert np.unique(formats.element_bits(0x7D2B5EA8, np.arange(2**16))).size == 2**16
+
+
+# ----------------------------------------------------------------------------- options
+
+@pytest.mark.parametrize("kw, match", [
+    (dict(state_dtype="int4"), "state_dtype='int4' is invalid: expected None, 'float32', "),
+    (dict(master_weights=True), "master_weights=True needs 16-bit params"),
+    (dict(stochastic_rounding=True), "stochastic_rounding=True needs 16-bit params"),
+    (dict(master_weights="yes"), "master_weights='yes': expected True or False"),
+    (dict(seed=-1), "seed=-1 is invalid: expected an integer from 0"),
+])
+def test_bad_format_options_name_the_argument(kw, match):
+    p = np.zeros(8, np.float32)
+    with pytest.raises((TypeError, ValueError), match=match.replace("(", r"\(").replace(
+            ")", r"\)").replace("*", r"\*")):
+        hwoptim.Adam([p], **kw)
+    assert not p.any()
+
+
+def test_master_and_stochastic_rounding_together_are_refused():
+    p = np.zeros(8, BF16)
+    with pytest.raises(ValueError, match="master_weights=True and stochastic_rounding=True"):
+        hwoptim.Adam([p], master_weights=True, stochastic_rounding=True)
+
+
+@pytest.mark.parametrize("backend", HOST)
+def test_a_grad_of_another_dtype_is_refused_and_changes_nothing(backend, rng):
+    p = rng.standard_normal(100).astype(BF16)
+    before = p.copy()
+    opt = hwoptim.Adam([p], backend=backend, state_dtype="bfloat16")
+    with pytest.raises(TypeError, match=r"grads\[0\] has dtype float32; expected bfloat16"):
+        opt.step([rng.standard_normal(100).astype(np.float32)])
+    assert np.array_equal(p.view(np.uint16), before.view(np.uint16))
+    assert opt.step_count == 0 and not np.asarray(opt.state[0]["exp_avg"], np.float32).any()
+
+
+@pytest.mark.parametrize("backend", HOST)
+@pytest.mark.parametrize("mode", MODES, ids=MODE_IDS)
+def test_state_memory_per_element(mode, backend):
+    """Adam's state bytes per element, measured from the arrays: 8 with float32 state, 4
+    with bfloat16, +4 for a master copy."""
+    dtype, fmt = mode
+    p = np.zeros(10_000, formats.np_dtype(dtype))
+    opt = hwoptim.Adam([p], backend=backend, **fmt)
+    per = sum(a.nbytes for a in opt.state[0].values()) / p.size
+    want = (4 if fmt.get("state_dtype") == "bfloat16" else 8) + 4 * fmt.get("master_weights",
+                                                                          False)
+    assert per == want
+
+
+# ----------------------------------------------------------------------------- checkpoints
+
+@pytest.mark.parametrize("backend", HOST)
+@pytest.mark.parametrize("mode", MODES, ids=MODE_IDS)
+def test_a_run_resumes_bit_identically(mode, backend, rng):
+    """Six steps straight, or three, a state_dict, a new optimizer (another seed given:
+    the checkpoint's wins) and three more: the same bits."""
+    dtype, fmt = mode
+    params, _ = _problem(rng, [33, 2000], formats.np_dtype(dtype))
+    grads = [[_values(rng, p.size).astype(p.dtype) for p in params] for _ in range(6)]
+    a = [p.copy() for p in params]
+    opt = hwoptim.Adam(a, lr=1e-2, backend=backend, **fmt)
+    for g in grads:
+        opt.step(g)
+    b = [p.copy() for p in params]
+    opt = hwoptim.Adam(b, lr=1e-2, backend=backend, **fmt)
+    for g in grads[:3]:
+        opt.step(g)
+    sd = opt.state_dict()
+    other = {**fmt, "seed": 99} if "seed" in fmt else fmt
+    opt2 = hwoptim.Adam(b, lr=1e-2, backend=backend, **other)
+    opt2.load_state_dict(sd)
+    for g in grads[3:]:
+        opt2.step(g)
+    assert all(np.array_equal(x.view(np.uint16), y.view(np.uint16)) for x, y in zip(a, b))
+
+
+@pytest.mark.parametrize("backend", HOST)
+def test_checkpoints_convert_between_formats(backend, rng):
+    """A float32-state checkpoint loads into a bfloat16-state optimizer (rounded to
+    nearest) and back (exactly); a master copy missing from a checkpoint starts from the
+    params; float32 and float64 optimizers still refuse each other's state."""
+    p = rng.standard_normal(500).astype(BF16)
+    opt = hwoptim.Adam([p], backend=backend)
+    opt.step([rng.standard_normal(500).astype(BF16)])
+    sd = opt.state_dict()
+    small = hwoptim.Adam([p.copy()], backend=backend, state_dtype="bfloat16")
+    small.load_state_dict(sd)
+    assert small.state[0]["exp_avg"].dtype == BF16
+    assert np.array_equal(small.state[0]["exp_avg"],
+                          sd["state"][0]["exp_avg"].astype(BF16))
+    back = hwoptim.Adam([p.copy()], backend=backend)
+    back.load_state_dict(small.state_dict())
+    assert np.array_equal(back.state[0]["exp_avg"],
+                          small.state[0]["exp_avg"].astype(np.float32))
+    q = p.copy()
+    m = hwoptim.Adam([q], backend=backend, master_weights=True)
+    m.state[0]["master"][...] = 7.0
+    m.load_state_dict(sd)
+    assert np.array_equal(m.state[0]["master"], q.astype(np.float32))
+    assert m.step_count == 1
+    f64 = hwoptim.Adam([np.zeros(500)], backend=backend)
+    with pytest.raises(TypeError, match="state_dict"):
+        f64.load_state_dict(hwoptim.Adam([np.zeros(500, np.float32)],
+                                         backend=backend).state_dict())
+
+
+# ----------------------------------------------------------------------------- loss scaling
+
+@pytest.mark.parametrize("backend", HOST)
+@pytest.mark.parametrize("mode", MODES, ids=MODE_IDS)
+def test_found_inf_skips_and_grad_scale_unscales(mode, backend, rng):
+    """found_inf: params, state and step count byte-identical. grad_scale=s with grads
+    scaled by s (a power of two: exact in 16 bits) gives the unscaled step's bits."""
+    dtype, fmt = mode
+    params, grads = _problem(rng, [100, 3000], formats.np_dtype(dtype))
+    a = [p.copy() for p in params]
+    opt = hwoptim.Adam(a, lr=1e-2, backend=backend, **fmt)
+    opt.step(grads[0])
+    before = ([x.copy() for x in a], opt.state_dict())
+    opt.step(grads[1], grad_scale=1.0, found_inf=1.0)
+    assert all(np.array_equal(x.view(np.uint16), y.view(np.uint16))
+               for x, y in zip(a, before[0]))
+    assert opt.step_count == 1
+    for x, y in zip(opt.state_dict()["state"], before[1]["state"]):
+        assert all(np.array_equal(x[k], y[k], equal_nan=True) for k in x)
+    b = [p.copy() for p in params]
+    opt_b = hwoptim.Adam(b, lr=1e-2, backend=backend, **fmt)
+    opt_b.step(grads[0])
+    opt.step([(g.astype(np.float32) * 64).astype(g.dtype) for g in grads[1]], grad_scale=64.0)
+    opt_b.step(grads[1])
+    assert all(np.array_equal(x.view(np.uint16), y.view(np.uint16)) for x, y in zip(a, b))
+
+
+@pytest.mark.parametrize("backend", HOST)
+@pytest.mark.parametrize("dtype", ["float16", "bfloat16"])
+def test_max_grad_norm_and_skip_nonfinite_read_16_bit_grads(dtype, backend, rng):
+    """The global norm of 16-bit grads is the float32 optimizer's of the same values (the
+    same float64 sums); the clipped step is its step rounded to nearest; a NaN in one
+    16-bit grad skips the whole step, byte-identical."""
+    sizes = [20] * 17 + [3000]
+    params, grads = _problem(rng, sizes, formats.np_dtype(dtype))
+    up = [p.astype(np.float32) for p in params]
+    opt = hwoptim.Adam(params, backend=backend, max_grad_norm=0.5, skip_nonfinite=True)
+    ref = hwoptim.Adam(up, backend=backend, max_grad_norm=0.5, skip_nonfinite=True)
+    opt.step(grads[0])
+    ref.step([g.astype(np.float32) for g in grads[0]])
+    assert opt.last_grad_norm == ref.last_grad_norm > 0.5
+    assert _same(params, [formats.round_nearest(q, dtype) for q in up])
+    before = [p.copy() for p in params], opt.state_dict()
+    grads[1][5][2] = np.nan
+    opt.step(grads[1])
+    assert opt.skipped_steps == 1 and opt.step_count == 1
+    assert all(np.array_equal(x.view(np.uint16), y.view(np.uint16))
+               for x, y in zip(params, before[0]))
