@@ -318,7 +318,7 @@ def _nb_store(fmt: Format, a: str, v: str) -> str:
 
 def _nb_sr(fmt: Format, v: str, index: str) -> str:
     f = "_bf_sr" if fmt.param == "bfloat16" else "_h_sr"
-    return f"{f}({v}, _bits({index}, _key))"
+    return f"{f}({v}, _mix32(np.uint64({index}) ^ _kh))"
 
 
 def _nb_array_type(fmt: Format, a: str) -> str:
@@ -336,44 +336,57 @@ from llvmlite import ir as _ir
 _U16 = np.uint64(16)
 _U23 = np.uint64(23)
 _U32 = np.uint64(32)
-_M32 = np.uint64(0xFFFFFFFF)
-_M16 = np.uint64(0xFFFF)
 _M24 = np.uint64(0xFFFFFF)
 _SIGN = np.uint64(0x80000000)
 _INF = np.uint64(0x7F800000)
 _ONE = np.uint64(1)
-_HALF_BF = np.uint64(0x7FFF)
-_QNAN_BF = np.uint64(0x7FC0)
-_MIX1 = np.uint64(0x7FEB352D)
-_MIX2 = np.uint64(0x846CA68B)
 _TWO24 = np.float32(2.0 ** 24)
 _TWOM24 = np.float32(2.0 ** -24)
 
 
+def _i32(builder, v):
+    if v.type.width > 32:
+        return builder.trunc(v, _ir.IntType(32))
+    return builder.zext(v, _ir.IntType(32)) if v.type.width < 32 else v
+
+
+def _c32(v):
+    return _ir.Constant(_ir.IntType(32), v)
+
+
 @intrinsic
 def _f32_of(typingctx, u):
-    """float32 with the low 32 bits of integer ``u``."""
+    \"\"\"float32 with the low 32 bits of integer ``u``.\"\"\"
     def lower(context, builder, sig, args):
-        v = args[0]
-        if v.type.width > 32:
-            v = builder.trunc(v, _ir.IntType(32))
-        elif v.type.width < 32:
-            v = builder.zext(v, _ir.IntType(32))
-        return builder.bitcast(v, _ir.FloatType())
+        return builder.bitcast(_i32(builder, args[0]), _ir.FloatType())
     return types.float32(u), lower
 
 
 @intrinsic
 def _bits_of(typingctx, x):
-    """The bits of float32 ``x`` as a uint64."""
+    \"\"\"The bits of float32 ``x`` as a uint64.\"\"\"
     def lower(context, builder, sig, args):
         return builder.zext(builder.bitcast(args[0], _ir.IntType(32)), _ir.IntType(64))
     return types.uint64(types.float32), lower
 
 
 @intrinsic
+def _mix32(typingctx, x):
+    \"\"\"hwoptim.formats.mix32 of the low 32 bits of ``x``, in 32-bit integer operations.\"\"\"
+    def lower(context, builder, sig, args):
+        v = _i32(builder, args[0])
+        v = builder.xor(v, builder.lshr(v, _c32(16)))
+        v = builder.mul(v, _c32(0x7FEB352D))
+        v = builder.xor(v, builder.lshr(v, _c32(15)))
+        v = builder.mul(v, _c32(0x846CA68B))
+        v = builder.xor(v, builder.lshr(v, _c32(16)))
+        return builder.zext(v, _ir.IntType(64))
+    return types.uint64(x), lower
+
+
+@intrinsic
 def _h_load(typingctx, u):
-    """float16 bits (uint16) as float32."""
+    \"\"\"float16 bits (uint16) as float32.\"\"\"
     def lower(context, builder, sig, args):
         return builder.fpext(builder.bitcast(args[0], _ir.HalfType()), _ir.FloatType())
     return types.float32(types.uint16), lower
@@ -381,53 +394,56 @@ def _h_load(typingctx, u):
 
 @intrinsic
 def _h_round(typingctx, x):
-    """float32 ``x`` rounded to nearest float16, as its bits."""
+    \"\"\"float32 ``x`` rounded to nearest float16, as its bits.\"\"\"
     def lower(context, builder, sig, args):
         return builder.bitcast(builder.fptrunc(args[0], _ir.HalfType()), _ir.IntType(16))
     return types.uint16(types.float32), lower
 
 
-@njit(inline="always")
-def _bf_load(u):
-    return _f32_of(np.uint64(u) << _U16)
+@intrinsic
+def _bf_load(typingctx, u):
+    \"\"\"bfloat16 bits (uint16) as float32.\"\"\"
+    def lower(context, builder, sig, args):
+        v = builder.shl(builder.zext(args[0], _ir.IntType(32)), _c32(16))
+        return builder.bitcast(v, _ir.FloatType())
+    return types.float32(types.uint16), lower
 
 
-@njit(inline="always")
-def _bf_round(x):
-    b = _bits_of(x)
-    if (b & ~_SIGN) > _INF:
-        return np.uint16(((b & _SIGN) >> _U16) | _QNAN_BF)
-    return np.uint16((b + _HALF_BF + ((b >> _U16) & _ONE)) >> _U16)
+def _bf_nearest(builder, b):
+    \"\"\"i32 bits ``b`` of a float32 -> i16 bits of its bfloat16, to nearest (ties to even);
+    NaN: the sign and 0x7FC0, as ml_dtypes.\"\"\"
+    top = builder.lshr(b, _c32(16))
+    r = builder.lshr(builder.add(builder.add(b, _c32(0x7FFF)),
+                                 builder.and_(top, _c32(1))), _c32(16))
+    nan = builder.icmp_unsigned(">", builder.and_(b, _c32(0x7FFFFFFF)), _c32(0x7F800000))
+    q = builder.or_(builder.and_(top, _c32(0x8000)), _c32(0x7FC0))
+    return builder.trunc(builder.select(nan, q, r), _ir.IntType(16))
 
 
-@njit(inline="always")
-def _mix(x):
-    x = x & _M32
-    x ^= x >> _U16
-    x = (x * _MIX1) & _M32
-    x ^= x >> np.uint64(15)
-    x = (x * _MIX2) & _M32
-    x ^= x >> _U16
-    return x
+@intrinsic
+def _bf_round(typingctx, x):
+    \"\"\"float32 ``x`` rounded to nearest bfloat16, as its bits.\"\"\"
+    def lower(context, builder, sig, args):
+        return _bf_nearest(builder, builder.bitcast(args[0], _ir.IntType(32)))
+    return types.uint16(types.float32), lower
 
 
-@njit(inline="always")
-def _bits(i, key):
-    j = np.uint64(i)
-    return _mix((j & _M32) ^ key ^ _mix(j >> _U32))
-
-
-@njit(inline="always")
-def _bf_sr(x, r):
-    b = _bits_of(x)
-    s = b & _SIGN
-    a = b ^ s
-    if a >= _INF:
-        return _bf_round(x)
-    up = (a + (r & _M16)) >> _U16
-    if up >= (_INF >> _U16):
-        return _bf_round(x)
-    return np.uint16(up | (s >> _U16))
+@intrinsic
+def _bf_sr(typingctx, x, r):
+    \"\"\"float32 ``x`` rounded stochastically to bfloat16 with the random bits ``r`` (the
+    low 16 are used), as its bits; NaN, infinities and a rounding up to infinity take the
+    round-to-nearest result.\"\"\"
+    def lower(context, builder, sig, args):
+        b = builder.bitcast(args[0], _ir.IntType(32))
+        s = builder.and_(b, _c32(0x80000000))
+        a = builder.xor(b, s)
+        up = builder.lshr(builder.add(a, builder.and_(_i32(builder, args[1]), _c32(0xFFFF))),
+                          _c32(16))
+        special = builder.or_(builder.icmp_unsigned(">=", a, _c32(0x7F800000)),
+                              builder.icmp_unsigned(">=", up, _c32(0x7F80)))
+        sr = builder.trunc(builder.or_(up, builder.lshr(s, _c32(16))), _ir.IntType(16))
+        return builder.select(special, _bf_nearest(builder, b), sr)
+    return types.uint16(types.float32, r), lower
 
 
 @njit(inline="always")
@@ -477,7 +493,9 @@ def _nb_chunk_array(fmt: Format, a: str, j: int) -> str:
         return f"{a} = carray(_at(_ptrs[_t, {j}] + _lo * {np.dtype(fmt.compute).itemsize}), _n)"
     t = _nb_array_type(fmt, a)
     if a == "_srkey":
-        return f"_key = np.uint64(carray(_at_{t}(_ptrs[_t, {j}]), 1)[0])"
+        # (a chunk never crosses a multiple of 2**32: the high word is the chunk's)
+        return (f"_kh = np.uint64(carray(_at_{t}(_ptrs[_t, {j}]), 1)[0]) ^ "
+                f"_mix32(np.uint64(_lo) >> np.uint64(32))")
     return f"{a} = carray(_at_{t}(_ptrs[_t, {j}] + _lo * {np.dtype(t).itemsize}), _n)"
 
 
@@ -506,10 +524,11 @@ def numba_source(p: KernelPlan, dtype: str, cache: bool = True) -> str:
             *([] if fmt.plain else ["from numba.extending import intrinsic"]), ""]
     out = head + consts + [""]
     for fname, par, rng in (("parallel", True, "prange"), ("serial", False, "range")):
-        out += [_njit_line(par, cache),
-                f"def {fname}({args}):",
-                *(["    _key = np.uint64(_srkey[0])"] if fmt.sr else []),
-                f"    for i in {rng}(param.shape[0]):"]
+        out += [_njit_line(par, cache), f"def {fname}({args}):"]
+        if fmt.sr:      # elements below 2**32 (the index's high word mixes in as 0; the
+            # backend runs larger arrays through the multi-tensor kernel, chunk by chunk)
+            out.append("    _kh = np.uint64(_srkey[0])")
+        out.append(f"    for i in {rng}(param.shape[0]):")
         out += [f"        {line}" for line in body]
         out.append("")
     return "\n".join(out) + "\n"

@@ -449,3 +449,19 @@ def test_max_grad_norm_and_skip_nonfinite_read_16_bit_grads(dtype, backend, rng)
     assert opt.skipped_steps == 1 and opt.step_count == 1
     assert all(np.array_equal(x.view(np.uint16), y.view(np.uint16))
                for x, y in zip(params, before[0]))
+
+
+@pytest.mark.skipif("numba" not in HOST, reason="numba is not available")
+def test_large_arrays_with_stochastic_rounding_step_in_chunks(monkeypatch, rng):
+    """From SR_SINGLE_MAX (2**32) elements a stochastically rounded array steps through the
+    multi-tensor kernel (whose chunks mix the index's high word into the bits): lowered
+    here to 1000, the bits are the one-array kernel's, as the spec's are below 2**32."""
+    from hwoptim.backends import numba as nb
+    params, grads = _problem(rng, [5000], BF16)
+    a, b = [params[0].copy()], [params[0].copy()]
+    for arr, limit in ((a, 2**32), (b, 1000)):
+        monkeypatch.setattr(nb, "SR_SINGLE_MAX", limit)
+        opt = hwoptim.Adam(arr, backend="numba", stochastic_rounding=True, seed=4)
+        for g in grads:
+            opt.step(g)
+    assert np.array_equal(a[0].view(np.uint16), b[0].view(np.uint16))

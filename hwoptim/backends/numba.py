@@ -54,6 +54,10 @@ _HEAVY = {"div": 5.0, "sqrt": 5.0, "pow": 20.0}   # units per element; other ops
 # (bench/multitensor.py --chunks); 16384 float32 elements are 64 KB per array.
 MULTI_CHUNK = 16_384
 MULTI_ROW_COST = 32
+# stochastic rounding: arrays from this many elements step through the multi-tensor kernel
+# (the one-array kernel mixes no high word of the index into the bits; the spec's bits of
+# index i mix in i >> 32, which the chunks, never crossing a multiple of 2**32, do)
+SR_SINGLE_MAX = 2**32
 # a fixed threshold (elements) for every kernel, overriding the model; None: the model
 SERIAL_BELOW = (int(float(os.environ["HWOPTIM_SERIAL_BELOW"]))
                 if os.environ.get("HWOPTIM_SERIAL_BELOW") else None)
@@ -151,6 +155,8 @@ class Kernel:
         return below
 
     def __call__(self, arrays, scalars):
+        if self.fmt.sr and arrays[0].shape[0] >= SR_SINGLE_MAX:
+            return self._chunked(threads.current_threads())(*arrays, *scalars)
         f = self.serial if arrays[0].shape[0] < self.serial_below() else self.parallel
         if not self.fmt.plain:
             arrays = [_bits16(a) for a in arrays]
@@ -216,9 +222,24 @@ class Kernel:
         ``dtype``. Scalars may be Python floats: the entry point converts them like
         ``numpy.float32(x)`` (round to nearest), without Numba's argument dispatch (about
         1 µs of 11 arguments)."""
+        if self.fmt.sr and n >= SR_SINGLE_MAX:
+            return self._chunked(n_threads)
         par = n >= self.serial_below(n_threads)
         e = self._entries.get(par)
         return e if e is not None else self._build(par)
+
+    def _chunked(self, n_threads: int):
+        """``f(*arrays, *scalars)`` through the multi-tensor kernel: stochastic rounding's
+        one-array kernel draws the bits of indices below 2**32 only (SR_SINGLE_MAX)."""
+        self.many_launcher(SR_SINGLE_MAX, n_threads)          # built before it is returned
+        k = len(self.names)
+
+        def run(*args):
+            arrays = [_bits16(a) for a in args[:k]]
+            self.many(np.array([[a.ctypes.data for a in arrays]], np.int64),
+                      np.array([arrays[0].shape[0]], np.int64), np.zeros(1, np.int64),
+                      np.array([args[k:]], self.cdtype), n_threads)
+        return run
 
     def _build(self, par: bool):
         with self._lock:                      # one compile per kernel, whatever the threads

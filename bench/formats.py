@@ -1,0 +1,138 @@
+"""Issue 10's CPU targets: one rule's step in every storage format, side by side in one run
+(``hwoptim.bench.timing.measure``: interleaved rounds, the order rotating, medians).
+
+    python bench/formats.py [--rule Adam] [--sizes 1e7,5e7] [--rounds 9] [--no-torch]
+
+For each format: bytes per element the step must move (from the kernel's loads and stores),
+ns per element of hwoptim's step on one param of N elements, of a floor kernel that moves
+the same bytes (``codegen.floor_plan`` printed for the same format: the same loads,
+conversions and stores, no math but a sum, round-to-nearest stores), and of the step's own
+arithmetic (the serial kernel on 4096 elements that stay in L1/L2, per core, divided by the
+thread count: what the math alone costs with every core busy); and torch's fused float32
+Adam (``torch.optim.Adam(fused=True)``) in the same rounds. State bytes per element are
+measured from the arrays.
+"""
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+
+import numpy as np
+
+import hwoptim
+from hwoptim import codegen, formats
+from hwoptim.backends import numba as nb
+from hwoptim.bench.timing import measure
+from hwoptim.optim import _plan
+
+FORMATS = [   # (label, param dtype, options)
+    ("fp32", "float32", {}),
+    ("bf16 p+g, fp32 state", "bfloat16", {}),
+    ("bf16 p+g, bf16 state", "bfloat16", {"state_dtype": "bfloat16"}),
+    ("fp32 master, bf16 p+g", "bfloat16", {"master_weights": True}),
+    ("bf16 p+g + SR, fp32 state", "bfloat16", {"stochastic_rounding": True}),
+    ("bf16 p+g + SR, bf16 state", "bfloat16", {"stochastic_rounding": True,
+                                               "state_dtype": "bfloat16"}),
+    ("fp16 p+g, fp32 state", "float16", {}),
+]
+
+
+def bytes_per_element(plan, fmt) -> int:
+    size = {a: formats.np_dtype(fmt.storage(a)).itemsize for a in
+            tuple(plan.arrays) + tuple(e for e in fmt.extras if e != "_srkey")}
+    reads = ["master" if (a == "param" and fmt.master) else a for a in plan.reads]
+    writes = list(plan.outputs) + (["master"] if fmt.master else [])
+    return sum(size[a] for a in reads) + sum(size[a] for a in writes)
+
+
+def _views(opt):
+    return opt._views[0]
+
+
+def case(rule, dtype, opts, n, torch):
+    rng = np.random.default_rng(0)
+    p = rng.standard_normal(n).astype(np.float32).astype(formats.np_dtype(dtype))
+    g = (rng.standard_normal(n) * 1e-2).astype(np.float32).astype(formats.np_dtype(dtype))
+    opt = getattr(hwoptim, rule)([p], **opts)
+    opt.step([g])
+    fmt = opt.format
+    plan = _plan(opt.rule, opt._flags[0])
+    floor_fmt = formats.Format(fmt.param, fmt.state, fmt.master, False)
+    floor = nb.Kernel(codegen.floor_plan(plan), floor_fmt.key)
+    arrays = [_views(opt)[0], g] + [a for a in _views(opt)[1:]]
+    if fmt.sr:
+        arrays = arrays[:-1]
+    fns = {"hwoptim": lambda: opt.step([g]), "floor": lambda: floor(arrays, [])}
+    return opt, plan, fmt, fns
+
+
+def arithmetic_ns(rule, dtype, opts) -> float:
+    """ns per element of the serial kernel on 4096 in-cache elements, per core / threads."""
+    n = 4096
+    p = np.ones(n, formats.np_dtype(dtype))
+    g = np.full(n, 1e-3, formats.np_dtype(dtype))
+    o = getattr(hwoptim, rule)([p], **opts)
+    o.step([g])
+    f = o._kernels()[0].serial
+    arrays = [nb._bits16(a) for a in [o._views[0][0], g] + list(o._views[0][1:])]
+    sc = [np.dtype(o.format.compute).type(x) for x in o._prepare[0](o.param_groups[0], 2)]
+    f(*arrays, *sc)
+    reps, best = 2000, np.inf
+    for _ in range(7):
+        t0 = time.perf_counter()
+        for _ in range(reps):
+            f(*arrays, *sc)
+        best = min(best, (time.perf_counter() - t0) / reps / n * 1e9)
+    return best / hwoptim.get_num_threads()
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--rule", default="Adam")
+    ap.add_argument("--sizes", default="1e7,5e7")
+    ap.add_argument("--rounds", type=int, default=9)
+    ap.add_argument("--no-torch", action="store_true")
+    args = ap.parse_args(argv)
+    torch = None
+    if not args.no_torch:
+        try:
+            import torch
+            torch.set_num_threads(hwoptim.get_num_threads())
+        except ImportError:
+            pass
+    print(f"threads {hwoptim.get_num_threads()}, {args.rule}, medians of {args.rounds} "
+          f"interleaved rounds; ns per element")
+    for n in (int(float(s)) for s in args.sizes.split(",")):
+        cases, fns = [], {}
+        for label, dtype, opts in FORMATS:
+            opt, plan, fmt, f = case(args.rule, dtype, opts, n, torch)
+            cases.append((label, opt, plan, fmt, dtype, opts))
+            fns[label] = f["hwoptim"]
+            fns[label + " floor"] = f["floor"]
+        if torch is not None and args.rule in ("Adam", "AdamW"):
+            tp = torch.randn(n)
+            tp.grad = torch.randn(n) * 1e-2
+            fused = getattr(torch.optim, args.rule)([tp], fused=True)
+            fused.step()
+            fns["torch fused fp32"] = fused.step
+        times = measure(fns, pairs=args.rounds, sample_s=0.05)
+        med = {k: statistics.median(v["samples"]) / n * 1e9 for k, v in times.items()}
+        tf = med.get("torch fused fp32")
+        print(f"\nN = {n:.3g}" + (f"; torch.optim.{args.rule}(fused=True) float32: "
+                                 f"{tf:.3f} ns/element" if tf else ""))
+        print("| format | B/element | state B/element | hwoptim ns | floor ns | floor/hwoptim "
+              "| arithmetic ns | torch fused fp32 / hwoptim |")
+        print("| --- | --- | --- | --- | --- | --- | --- | --- |")
+        for label, opt, plan, fmt, dtype, opts in cases:
+            b = bytes_per_element(plan, fmt)
+            state = sum(a.nbytes for a in opt.state[0].values()) / n
+            ar = arithmetic_ns(args.rule, dtype, opts)
+            ours, fl = med[label], med[label + " floor"]
+            print(f"| {label} | {b} | {state:g} | {ours:.3f} | {fl:.3f} | {fl / ours:.2f} | "
+                  f"{ar:.3f} | {'—' if not tf else f'{tf / ours:.2f}'} |")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
