@@ -3,10 +3,11 @@
 
     python bench/formats.py [--rule Adam] [--sizes 1e7,5e7] [--rounds 9] [--no-torch]
 
-For each format: bytes per element the step must move (from the kernel's loads and stores),
-ns per element of hwoptim's step on one param of N elements, of a floor kernel that moves
-the same bytes (``codegen.floor_plan`` printed for the same format: the same loads,
-conversions and stores, no math but a sum, round-to-nearest stores), and of the step's own
+For each format: bytes per element the step must move (from the kernel's loads and stores;
+int8 state: a byte per element and a float32 absmax per 256), ns per element of hwoptim's
+step on one param of N elements, of a floor kernel that moves the same bytes (the same
+arrays, element types as stored: each element read, summed as float32 and written back,
+no conversion beyond an int/float cast), and of the step's own
 arithmetic (the serial kernel on 4096 elements that stay in L1/L2, per core, divided by the
 thread count: what the math alone costs with every core busy); and torch's fused float32
 Adam (``torch.optim.Adam(fused=True)``) in the same rounds. State bytes per element are
@@ -21,7 +22,7 @@ import time
 import numpy as np
 
 import hwoptim
-from hwoptim import codegen, formats
+from hwoptim import formats
 from hwoptim.backends import numba as nb
 from hwoptim.bench.timing import measure
 from hwoptim.optim import _plan
@@ -35,15 +36,41 @@ FORMATS = [   # (label, param dtype, options)
     ("bf16 p+g + SR, bf16 state", "bfloat16", {"stochastic_rounding": True,
                                                "state_dtype": "bfloat16"}),
     ("fp16 p+g, fp32 state", "float16", {}),
+    ("fp32, int8 state", "float32", {"state_dtype": "int8"}),
+    ("bf16 p+g, int8 state", "bfloat16", {"state_dtype": "int8"}),
+    ("bf16 p+g + SR, int8 state", "bfloat16", {"stochastic_rounding": True,
+                                               "state_dtype": "int8"}),
 ]
 
 
-def bytes_per_element(plan, fmt) -> int:
-    size = {a: formats.np_dtype(fmt.storage(a)).itemsize for a in
-            tuple(plan.arrays) + tuple(e for e in fmt.extras if e != "_srkey")}
+def _byte_floor(n_reads: int, writes: list):
+    """A Numba kernel ``f(*reads, *writes)``: every element of ``n_reads`` arrays read and
+    summed (float32), the sum stored into the arrays ``writes`` (their positions among the
+    reads, or -1 for a write-only array, appended after the reads)."""
+    from numba import njit
+    ins = [f"r{j}" for j in range(n_reads)]
+    outs = [f"w{j}" for j in range(sum(1 for w in writes if w < 0))]
+    body = ["        s = " + " + ".join(f"np.float32({r}[i])" for r in ins)]
+    k = 0
+    for w in writes:
+        tgt = ins[w] if w >= 0 else outs[k]
+        k += w < 0
+        body.append(f"        {tgt}[i] = s")
+    src = (f"def f({', '.join(ins + outs)}):\n    for i in prange(r0.shape[0]):\n"
+           + "\n".join(body) + "\n")
+    env = {"np": np, "prange": __import__("numba").prange}
+    exec(src, env)
+    return njit(parallel=True, nogil=True)(env["f"])
+
+
+def bytes_per_element(plan, fmt) -> float:
+    size = {a: formats.np_dtype(fmt.storage(a)).itemsize for a in fmt.arrays(plan.arrays)}
     reads = ["master" if (a == "param" and fmt.master) else a for a in plan.reads]
     writes = list(plan.outputs) + (["master"] if fmt.master else [])
-    return sum(size[a] for a in reads) + sum(size[a] for a in writes)
+    total = sum(size[a] for a in reads) + sum(size[a] for a in writes)
+    if fmt.quantized:                       # each state's absmax, read and written
+        total += sum(2 * 4 / formats.BLOCK for a in plan.arrays[2:] if a in writes)
+    return total
 
 
 def _views(opt):
@@ -58,12 +85,15 @@ def case(rule, dtype, opts, n, torch):
     opt.step([g])
     fmt = opt.format
     plan = _plan(opt.rule, opt._flags[0])
-    floor_fmt = formats.Format(fmt.param, fmt.state, fmt.master, False)
-    floor = nb.Kernel(codegen.floor_plan(plan), floor_fmt.key)
-    arrays = [_views(opt)[0], g] + [a for a in _views(opt)[1:]]
-    if fmt.sr:
-        arrays = arrays[:-1]
-    fns = {"hwoptim": lambda: opt.step([g]), "floor": lambda: floor(arrays, [])}
+    names = fmt.arrays(plan.arrays)
+    bufs = dict(zip(names, [nb._bits16(a) for a in [_views(opt)[0], g] + _views(opt)[1:]]))
+    reads = ["master" if (a == "param" and fmt.master) else a for a in plan.reads]
+    writes = list(plan.outputs) + (["master"] if fmt.master else [])
+    order = reads + [w for w in writes if w not in reads]
+    arrays = [bufs[a] for a in order]        # (absmax: a 256th of the bytes, left out)
+    floor = _byte_floor(len(reads), [reads.index(w) if w in reads else -1 for w in writes])
+    floor(*arrays)
+    fns = {"hwoptim": lambda: opt.step([g]), "floor": lambda: floor(*arrays)}
     return opt, plan, fmt, fns
 
 
@@ -129,7 +159,7 @@ def main(argv=None) -> int:
             state = sum(a.nbytes for a in opt.state[0].values()) / n
             ar = arithmetic_ns(args.rule, dtype, opts)
             ours, fl = med[label], med[label + " floor"]
-            print(f"| {label} | {b} | {state:g} | {ours:.3f} | {fl:.3f} | {fl / ours:.2f} | "
+            print(f"| {label} | {b:.3g} | {state:.3g} | {ours:.3f} | {fl:.3f} | {fl / ours:.2f} | "
                   f"{ar:.3f} | {'—' if not tf else f'{tf / ours:.2f}'} |")
     return 0
 

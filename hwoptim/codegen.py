@@ -289,12 +289,13 @@ def _numba_element(p: KernelPlan, dtype: str, index: str = "i") -> tuple[list, l
     fmt = Format.parse(dtype)
     consts, nm = _numba_namer()
     lines = [f"{nm.new(e)} = {_nb_expr(e, nm)}" for e in p.order]
-    loads = [f"x_{a} = master[i]" if (a == "param" and fmt.master)
-             else f"x_{a} = {_nb_load(fmt, a, f'{a}[i]')}" for a in p.reads]
+    loads = [_nb_load_line(p, fmt, a) for a in p.reads]
     stores = []
     for o in p.outputs:
         v = nm(p.roots[o])
-        if o == "param" and fmt.master:
+        if fmt.quantized and o not in ("param", "grad"):   # the block's values, encoded after
+            stores.append(f"_q{p.arrays.index(o) - 2}[_j] = {v}")
+        elif o == "param" and fmt.master:
             stores += [f"master[i] = {v}", f"param[i] = {_nb_store(fmt, 'param', v)}"]
         elif o == "param" and fmt.sr:
             stores.append(f"param[i] = {_nb_sr(fmt, v, index)}")
@@ -304,6 +305,41 @@ def _numba_element(p: KernelPlan, dtype: str, index: str = "i") -> tuple[list, l
     if not fmt.plain:
         defs = _NB_FORMAT_HELPERS.splitlines() + [""] + defs
     return defs, loads + lines + stores
+
+
+def _nb_load_line(p: KernelPlan, fmt: Format, a: str, absmax: str = "block") -> str:
+    """``x_<a> = ...``: buffer ``a``'s element ``i`` in the compute dtype (an int8 state:
+    decoded with its block's absmax, ``_s<j>`` hoisted per block, or ``absmax="element"``:
+    read per element)."""
+    if a == "param" and fmt.master:
+        return "x_param = master[i]"
+    if fmt.quantized and a not in ("param", "grad"):
+        j = p.arrays.index(a) - 2
+        s = f"_s{j}" if absmax == "block" else f"{a}_absmax[i >> 8]"
+        return f"x_{a} = _q_load({a}[i], {s})"
+    return f"x_{a} = {_nb_load(fmt, a, f'{a}[i]')}"
+
+
+def _nb_blocks(p: KernelPlan, body: list, outer: str) -> list:
+    """The int8-state loop over blocks of 256 elements (``_n`` of them from ``i = 0``):
+    ``outer`` "prange"/"range" over groups of 64 blocks (each with its scratch of the
+    block's new state values), or "" for one group of every block (a chunk). Per block: the
+    states' absmax (their map in its sign) read once, the element loop (``body``), then each
+    state's block encoded (:func:`_q_store`) and its new absmax stored."""
+    qs = list(p.arrays[2:])
+    alloc = [f"_q{j} = np.empty(256, np.float32)" for j in range(len(qs))]
+    block = ["_bl = _b << 8",
+             "_m = min(256, _n - _bl)"]
+    block += [f"_s{j} = {a}_absmax[_b]" for j, a in enumerate(qs)]
+    block += ["for _j in range(_m):", "    i = _bl + _j"] + [f"    {ln}" for ln in body]
+    block += [f"{a}_absmax[_b] = _q_store(_q{j}, _m, {a}, _bl)" for j, a in enumerate(qs)
+              if a in p.outputs]
+    if not outer:
+        return alloc + ["for _b in range((_n + 255) >> 8):"] + [f"    {ln}" for ln in block]
+    return (["_nb = (_n + 255) >> 8", f"for _g in {outer}((_nb + 63) >> 6):"]
+            + [f"    {ln}" for ln in alloc]
+            + ["    for _b in range(_g * 64, min(_nb, _g * 64 + 64)):"]
+            + [f"        {ln}" for ln in block])
 
 
 def _nb_load(fmt: Format, a: str, ref: str) -> str:
@@ -447,6 +483,64 @@ def _bf_sr(typingctx, x, r):
 
 
 @njit(inline="always")
+def _q_load(c, a):
+    """An int8 state's code ``c`` decoded with its block's absmax ``a`` (negative: the
+    unsigned map), as hwoptim.formats.dequantize."""
+    u = (_bits_of(a) >> np.uint64(31)) != 0
+    cc = np.int64(c)
+    mag = cc if u else cc & 0x7F
+    e = mag >> 3
+    m = mag & 7
+    bias = 31 if u else 15
+    k = np.float32(m if e == 0 else 8 + m)
+    v = k * _f32_of(np.uint64(max(e, 1) - bias - 3 + 127) << _U23)
+    if not u and cc >= 0x80:
+        v = -v
+    top = 0xFF if u else 0x7F
+    if mag == top:
+        return np.float32(np.nan)
+    if mag == top - 1:
+        return np.float32(-np.inf) if (not u and cc >= 0x80) else np.float32(np.inf)
+    return v * np.abs(a)
+
+
+@njit(inline="always")
+def _q_code(v, inv, u, bias):
+    """The code of ``v`` in a block with 1 / absmax ``inv`` and map ``u``."""
+    sign = 0x80 if (not u and (_bits_of(v) >> np.uint64(31)) != 0) else 0
+    if np.isnan(v):
+        return np.uint8(0xFF if u else 0x7F)
+    if np.isinf(v):
+        return np.uint8((0xFE if u else 0x7E) | sign)
+    a = np.abs(v * inv)
+    E = np.int64(_bits_of(a) >> _U23) - 127
+    e = max(E + bias, 1)
+    k = np.int64(np.rint(a * _f32_of(np.uint64(bias + 3 - e + 127) << _U23)))
+    return np.uint8(((e - 1) * 8 + k) | sign)
+
+
+@njit(inline="always")
+def _q_store(q, m, codes, lo):
+    """Encode the block ``q[:m]`` into ``codes[lo:lo + m]``; its absmax (over the finite
+    values), negative where every value is >= 0 (the unsigned map)."""
+    A = np.float32(0.0)
+    neg = False
+    for j in range(m):
+        v = q[j]
+        av = np.abs(v)
+        if av < np.float32(np.inf) and av > A:
+            A = av
+        if v < 0:
+            neg = True
+    inv = np.float32(1.0) / A if A > 0 else np.float32(0.0)
+    u = not neg
+    bias = 31 if u else 15
+    for j in range(m):
+        codes[lo + j] = _q_code(q[j], inv, u, bias)
+    return -A if u else A
+
+
+@njit(inline="always")
 def _h_sr(x, r):
     b = _bits_of(x)
     s = b & _SIGN
@@ -492,6 +586,9 @@ def _nb_chunk_array(fmt: Format, a: str, j: int) -> str:
     if fmt.plain:
         return f"{a} = carray(_at(_ptrs[_t, {j}] + _lo * {np.dtype(fmt.compute).itemsize}), _n)"
     t = _nb_array_type(fmt, a)
+    if a.endswith("_absmax"):              # a block's scale: blocks from the chunk's start
+        return (f"{a} = carray(_at_{t}(_ptrs[_t, {j}] + (_lo >> 8) * 4), "
+                f"(_n + 255) >> 8)")
     if a == "_srkey":
         # (a chunk never crosses a multiple of 2**32: the high word is the chunk's)
         return (f"_kh = np.uint64(carray(_at_{t}(_ptrs[_t, {j}]), 1)[0]) ^ "
@@ -515,7 +612,7 @@ def numba_source(p: KernelPlan, dtype: str, cache: bool = True) -> str:
     ``cache``: whether Numba keeps their machine code on disk, beside the module's file."""
     fmt = Format.parse(dtype)
     consts, body = _numba_element(p, dtype)
-    args = ", ".join(list(p.arrays) + list(fmt.extras) + [f"k_{s}" for s in p.all_scalars])
+    args = ", ".join(list(fmt.arrays(p.arrays)) + [f"k_{s}" for s in p.all_scalars])
     head = [f"# Generated by hwoptim from the {p.rule.name} spec "
             f"({', '.join(f'{k}={v}' for k, v in sorted(vars(p.flags).items()))}), {dtype}.",
             "# Edit the spec in hwoptim/rules, not this file.",
@@ -528,8 +625,12 @@ def numba_source(p: KernelPlan, dtype: str, cache: bool = True) -> str:
         if fmt.sr:      # elements below 2**32 (the index's high word mixes in as 0; the
             # backend runs larger arrays through the multi-tensor kernel, chunk by chunk)
             out.append("    _kh = np.uint64(_srkey[0])")
-        out.append(f"    for i in {rng}(param.shape[0]):")
-        out += [f"        {line}" for line in body]
+        if fmt.quantized:
+            out.append("    _n = param.shape[0]")
+            out += [f"    {line}" for line in _nb_blocks(p, body, rng)]
+        else:
+            out.append(f"    for i in {rng}(param.shape[0]):")
+            out += [f"        {line}" for line in body]
         out.append("")
     return "\n".join(out) + "\n"
 
@@ -555,7 +656,7 @@ def numba_multi_source(p: KernelPlan, dtype: str, cache: bool = True) -> str:
             "import numpy as np",
             "from numba import carray, njit, prange, types",
             "from numba.extending import intrinsic", ""]
-    names = list(p.arrays) + list(fmt.extras)
+    names = list(fmt.arrays(p.arrays))
     out = head + consts + ([""] if consts else []) + [""] + _nb_at_lines(p, fmt, names) + [""]
     per_chunk = ["_t = _chunks[_c, 0]",
                  "_lo = _chunks[_c, 1]",
@@ -572,8 +673,11 @@ def numba_multi_source(p: KernelPlan, dtype: str, cache: bool = True) -> str:
                 f"    for _g in {rng}(_groups.shape[0] - 1):",
                 "        for _c in range(_groups[_g], _groups[_g + 1]):"]
         out += [f"            {line}" for line in per_chunk]
-        out.append("            for i in range(_n):")
-        out += [f"                {line}" for line in body]
+        if fmt.quantized:        # (chunks start at multiples of 16384: whole blocks)
+            out += [f"            {line}" for line in _nb_blocks(p, body, "")]
+        else:
+            out.append("            for i in range(_n):")
+            out += [f"                {line}" for line in body]
         out.append("")
     return "\n".join(out) + "\n"
 
@@ -587,8 +691,7 @@ def numba_reduce_source(p: KernelPlan, dtype: str, cache: bool = True) -> str:
     ``p.scalars`` and ``out`` float64, chunks x ``len(p.norms)``."""
     fmt = Format.parse(dtype)
     consts, nm = _numba_namer()
-    body = [f"x_{a} = master[i]" if (a == "param" and fmt.master)
-            else f"x_{a} = {_nb_load(fmt, a, f'{a}[i]')}" for a in p.reduce_reads]
+    body = [_nb_load_line(p, fmt, a, absmax="element") for a in p.reduce_reads]
     body += [f"{nm.new(e)} = {_nb_expr(e, nm)}" for e in p.reduce_order]
     for j, e in enumerate(p.norms):
         body += [f"_v{j} = np.float64({nm(e)})", f"_s{j} += _v{j} * _v{j}"]
@@ -604,6 +707,8 @@ def numba_reduce_source(p: KernelPlan, dtype: str, cache: bool = True) -> str:
     reads = list(p.reduce_reads)
     if fmt.master and "param" in reads:
         reads[reads.index("param")] = "master"
+    if fmt.quantized:
+        reads += [f"{a}_absmax" for a in p.reduce_reads if a not in ("param", "grad")]
     out += ["", ""] + _nb_at_lines(p, fmt, reads, doc=False)
     for fname, par, rng in (("parallel", True, "prange"), ("serial", False, "range")):
         # reassociation lets LLVM vectorise the float64 sums (and the element math with
@@ -618,7 +723,7 @@ def numba_reduce_source(p: KernelPlan, dtype: str, cache: bool = True) -> str:
                 "        _n = _chunks[_c, 2] - _lo",
                 "        _r = _rows[_t]"]
         out += [f"        k_{n} = _scalars[_r, {j}]" for j, n in enumerate(p.scalars)]
-        names = list(p.arrays) + list(fmt.extras)
+        names = list(fmt.arrays(p.arrays))
         out += [f"        {_nb_chunk_array(fmt, a, names.index(a))}" for a in reads]
         out += [f"        _s{j} = 0.0" for j in range(len(p.norms))]
         out.append("        for i in range(_n):")

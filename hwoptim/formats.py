@@ -25,7 +25,9 @@ from dataclasses import dataclass
 import numpy as np
 
 PARAM_DTYPES = ("float16", "bfloat16", "float32", "float64")
-STATE_DTYPES = ("float32", "bfloat16")
+STATE_DTYPES = ("float32", "bfloat16", "int8")
+BLOCK = 256              # int8 state: elements per block (one float32 absmax each)
+MIN_8BIT_SIZE = 4096     # int8 state: smaller arrays keep float32 state (as bitsandbytes)
 SIXTEEN = ("float16", "bfloat16")
 _M32 = 0xFFFFFFFF
 
@@ -79,20 +81,30 @@ class Format:
 
     @property
     def extras(self) -> tuple:
-        """Buffers the kernels take after the rule's own: ``master`` (float32, the params'
-        master copy), ``_srkey`` (uint32, one element: the tensor's stochastic-rounding key
-        for this step)."""
+        """Buffers the kernels take after the rule's own (and, for int8 state, after each
+        state's ``<name>_absmax``): ``master`` (float32, the params' master copy),
+        ``_srkey`` (uint32, one element: the tensor's stochastic-rounding key for this
+        step)."""
         return (("master",) if self.master else ()) + (("_srkey",) if self.sr else ())
+
+    @property
+    def quantized(self) -> bool:
+        return self.state == "int8"
+
+    def arrays(self, plan_arrays) -> tuple:
+        """The kernels' array arguments for a plan's arrays (param, grad, states)."""
+        absmax = tuple(f"{a}_absmax" for a in plan_arrays[2:]) if self.quantized else ()
+        return tuple(plan_arrays) + absmax + self.extras
 
     def storage(self, name: str) -> str:
         """The storage dtype name of buffer ``name`` (``param``, ``grad``, a state)."""
         if name in ("param", "grad"):
             return self.param
-        if name == "master":
+        if name == "master" or name.endswith("_absmax"):
             return self.compute
         if name == "_srkey":
             return "uint32"
-        return self.state
+        return "uint8" if self.quantized else self.state
 
     def state_bytes(self) -> int:
         return np_dtype(self.state).itemsize
@@ -135,7 +147,7 @@ def make(param: str, state_dtype=None, master_weights: bool = False,
         raise ValueError(f"{where}master_weights=True and stochastic_rounding=True: expected "
                          f"one of them (with a float32 master copy the params are rounded "
                          f"to nearest from it; nothing accumulates in 16 bits)")
-    if param == "float64" and state_dtype not in (None,):
+    if param == "float64" and state_dtype is not None:
         raise ValueError(f"{where}state_dtype={state_dtype!r} with float64 params: expected "
                          f"None (float64 state)")
     compute = "float64" if param == "float64" else "float32"
@@ -220,3 +232,99 @@ def round_stochastic(x: np.ndarray, storage: str, bits: np.ndarray) -> np.ndarra
         wild = np.isinf(out.astype(np.float32)) & ~np.isinf(near.astype(np.float32))
     out = np.where(~np.isfinite(x) | wild, near, out)
     return out.astype(np_dtype(storage))
+
+
+# ----------------------------------------------------------------------------- int8 state
+#
+# Block-wise dynamic quantization (Dettmers et al., 8-bit Optimizers via Block-wise
+# Quantization): a state array is cut into blocks of BLOCK elements; each block keeps one
+# float32 absmax A (the largest finite |x|) and one byte per element, the code of x / A in a
+# dynamic map. The maps here are 8-bit floating-point numbers, so a code comes from the
+# float's exponent and mantissa (no search) and is decoded by building a float:
+#
+# * signed map (a block holding a negative value: exp_avg): sign, 4 exponent bits e,
+#   3 mantissa bits m: (-1)^s 2^(e-15) (1 + m/8) for e >= 1, (-1)^s 2^-17 m for e = 0;
+# * unsigned map (a block of non-negative values: exp_avg_sq): 5 exponent bits, 3 mantissa
+#   bits: 2^(e-31) (1 + m/8) for e >= 1, 2^-33 m for e = 0 (a dynamic range of 2^33, so
+#   a small second moment is not flushed to zero next to a large one).
+#
+# The map is chosen per block, recorded in the sign bit of the stored absmax (negative: the
+# unsigned map). Rounding is to nearest (ties to even). Error bound, for a finite x in a
+# block with absmax A: |x^ - x| <= 2^-4 |x| (3 mantissa bits), or, below the maps' normal
+# range, <= 2^-18 A (signed) / 2^-34 A (unsigned). Codes above 1.0 never occur for finite
+# values; two of them hold NaN and infinity (which stay in their element: A is taken over
+# the finite values).
+
+_BIAS = {False: 15, True: 31}           # signed, unsigned
+_NAN = {False: 0x7F, True: 0xFF}
+_INF = {False: 0x7E, True: 0xFE}
+
+
+def _pow2(e):
+    """float32 2**e for integer arrays e (normal range)."""
+    return ((np.asarray(e, np.int64) + 127) << 23).astype(np.uint32).view(np.float32)
+
+
+def encode(y: np.ndarray, unsigned) -> np.ndarray:
+    """uint8 codes of float32 ``y`` (|y| <= 1, or NaN/±Inf) in the signed map, or where
+    ``unsigned`` the unsigned one."""
+    y = np.asarray(y, np.float32)
+    unsigned = np.broadcast_to(np.asarray(unsigned, bool), y.shape)
+    bias = np.where(unsigned, 31, 15)
+    a = np.abs(y)
+    E = ((a.view(np.uint32) >> np.uint32(23)).astype(np.int64)) - 127
+    e = np.maximum(E + bias, 1)
+    with np.errstate(all="ignore"):
+        k = np.rint(a * _pow2(bias + 3 - e)).astype(np.int64)
+        k = np.where(np.isfinite(a), k, 0)
+    mag = (e - 1) * 8 + k
+    mag = np.where(np.isnan(y), np.where(unsigned, 0xFF, 0x7F), mag)
+    mag = np.where(np.isinf(y), np.where(unsigned, 0xFE, 0x7E), mag)
+    sign = np.where(~unsigned & np.signbit(y) & ~np.isnan(y), 0x80, 0)
+    return (mag | sign).astype(np.uint8)
+
+
+def decode(codes: np.ndarray, unsigned) -> np.ndarray:
+    """float32 values (relative to the absmax) of uint8 ``codes``."""
+    c = np.asarray(codes, np.int64)
+    unsigned = np.broadcast_to(np.asarray(unsigned, bool), c.shape)
+    mag = np.where(unsigned, c, c & 0x7F)
+    e, m = mag >> 3, mag & 7
+    bias = np.where(unsigned, 31, 15)
+    k = np.where(e == 0, m, 8 + m).astype(np.float32)
+    v = k * _pow2(np.maximum(e, 1) - bias - 3)
+    v = np.where(~unsigned & (c >= 0x80), -v, v)
+    v = np.where(mag == np.where(unsigned, 0xFF, 0x7F), np.float32(np.nan), v)
+    inf = np.where(~unsigned & (c >= 0x80), np.float32(-np.inf), np.float32(np.inf))
+    return np.where(mag == np.where(unsigned, 0xFE, 0x7E), inf, v).astype(np.float32)
+
+
+def quantize(x: np.ndarray) -> tuple:
+    """(uint8 codes, float32 absmax per block: negative where the block uses the unsigned
+    map) of float32 ``x`` (1-D)."""
+    x = np.asarray(x, np.float32).reshape(-1)
+    n = x.size
+    nb = -(-n // BLOCK)
+    pad = np.zeros(nb * BLOCK, np.float32)
+    pad[:n] = x
+    blocks = pad.reshape(nb, BLOCK)
+    finite = np.isfinite(blocks)
+    A = np.max(np.where(finite, np.abs(blocks), 0), axis=1).astype(np.float32)
+    unsigned = ~np.any(blocks < 0, axis=1)             # (-inf counts as negative)
+    with np.errstate(all="ignore"):
+        inv = np.where(A > 0, np.float32(1) / A, np.float32(0)).astype(np.float32)
+        y = np.where(finite, blocks * inv[:, None], blocks)
+    codes = encode(y, unsigned[:, None]).reshape(-1)[:n]
+    absmax = np.where(unsigned, -A, A).astype(np.float32)
+    return codes, absmax
+
+
+def dequantize(codes: np.ndarray, absmax: np.ndarray) -> np.ndarray:
+    """float32 values of ``codes`` with per-block ``absmax`` (as :func:`quantize` gives)."""
+    codes = np.asarray(codes).reshape(-1)
+    blk = np.arange(codes.size) // BLOCK
+    a = np.asarray(absmax, np.float32)[blk]
+    v = decode(codes, np.signbit(a))
+    with np.errstate(all="ignore"):
+        out = v * np.abs(a)
+    return np.where(np.isfinite(v), out, v).astype(np.float32)

@@ -373,10 +373,11 @@ class Optimizer:
     def __init__(self, params, *args, backend: str | None = None, capturable: bool = False,
                  max_grad_norm=None, skip_nonfinite: bool = False, state_dtype=None,
                  master_weights: bool = False, stochastic_rounding: bool = False, seed: int = 0,
-                 **kwargs):
+                 min_8bit_size: int = formats.MIN_8BIT_SIZE, **kwargs):
         self._setup(params, self._parse_args(args, kwargs), backend, capturable,
                     guard=(max_grad_norm, skip_nonfinite),
-                    storage=(state_dtype, master_weights, stochastic_rounding, seed))
+                    storage=(state_dtype, master_weights, stochastic_rounding, seed,
+                             min_8bit_size))
 
     def _parse_args(self, args, kwargs) -> dict:
         """The constructor's hyperparameters and options, checked, over the defaults."""
@@ -402,7 +403,7 @@ class Optimizer:
         return defaults
 
     def _setup(self, params, defaults, backend, capturable, states=None, guard=(None, False),
-               storage=(None, False, False, 0)):
+               storage=(None, False, False, 0, formats.MIN_8BIT_SIZE)):
         rule = self.rule
         self.max_grad_norm, self.skip_nonfinite = check_guard(*guard, f"{rule.name}(): ")
         self.skipped_steps, self.last_step_skipped, self.last_grad_norm = 0, False, None
@@ -476,9 +477,14 @@ class Optimizer:
         """The storage format (hwoptim.formats) from the params' dtype and the options
         ``(state_dtype, master_weights, stochastic_rounding, seed)``, checked."""
         where = f"{self.rule.name}(): "
-        state_dtype, master, sr, seed = storage
+        state_dtype, master, sr, seed, min_8bit = storage
         self.format = formats.make(formats.dtype_name(arrays[0].dtype), state_dtype, master,
                                    sr, where)
+        if isinstance(min_8bit, (bool, np.bool_)) or not isinstance(min_8bit, numbers.Integral) \
+                or min_8bit < 0:
+            raise ValueError(f"{where}min_8bit_size={min_8bit!r} is invalid: expected an "
+                             f"integer >= 0 (arrays with fewer elements keep float32 state)")
+        self.min_8bit_size = int(min_8bit)
         if isinstance(seed, (bool, np.bool_)) or not isinstance(seed, numbers.Integral) \
                 or not 0 <= seed < 2 ** 64:
             raise ValueError(f"{where}seed={seed!r} is invalid: expected an integer from 0 to "
@@ -501,6 +507,14 @@ class Optimizer:
                                  f"updates in stages (factored state); 16-bit params and "
                                  f"state formats are not supported there yet: keep those "
                                  f"params float32 (a second optimizer), or flatten them")
+
+    def _format_of(self, p) -> formats.Format:
+        """Param ``p``'s storage format: the optimizer's, but float32 state for int8 state
+        arrays under ``min_8bit_size`` elements."""
+        f = self.format
+        if f.quantized and p.size < self.min_8bit_size:
+            return formats.Format(f.param, f.compute, f.master, f.sr)
+        return f
 
     def _add_groups(self, groups, first: int, states=None):
         """Check every group's values, then make its state; ``first``: its index."""
@@ -534,15 +548,21 @@ class Optimizer:
                 for s in rule.active_states(rule.array_flags(flags, p.shape)):
                     if states is not None:
                         st[s.name] = states[i][s.name]
+                        if f"{s.name}_absmax" in states[i]:
+                            st[f"{s.name}_absmax"] = states[i][f"{s.name}_absmax"]
                         continue
                     init = merged[s.init] if isinstance(s.init, str) else s.init
                     if callable(init):           # a state starting at lr: the first step's
                         init = self._call_lr(gi, init, 1)
-                    if self.format.plain:
+                    fp = self._format_of(p)
+                    if fp.plain:
                         st[s.name] = self.backend.full(p, init, s.shape_for(p.shape))
+                    elif fp.quantized:           # codes, and a scale per block
+                        st[s.name], st[f"{s.name}_absmax"] = formats.quantize(
+                            np.full(p.size, init, np.float32))
                     else:                        # (rounded into the state's storage)
                         st[s.name] = formats.round_nearest(
-                            np.full(s.shape_for(p.shape), init, np.float32), self.format.state)
+                            np.full(s.shape_for(p.shape), init, np.float32), fp.state)
                 if self.format.master:           # the float32 copy the rule updates
                     st["master"] = (states[i]["master"] if states is not None
                                     else p.astype(np.float32))
@@ -568,8 +588,9 @@ class Optimizer:
                 if plan.stages is not None:
                     self._views[i] = [p] + [st[n] for n in plan.arrays[2:]]
                 else:
-                    self._views[i] = [p.reshape(-1)] + [st[n].reshape(-1)
-                                                        for n in plan.arrays[2:]]
+                    names = self._format_of(p).arrays(plan.arrays)[2:]
+                    self._views[i] = [p.reshape(-1)] + [
+                        st[n].reshape(-1) for n in names if n not in ("master", "_srkey")]
                 if self.format.master:
                     self._views[i].append(st["master"].reshape(-1))
                 if self.format.sr:              # this param's key, written every step
@@ -926,12 +947,16 @@ class Optimizer:
         return not self.capturable and all(hasattr(k, "many") for k in self._kernels())
 
     def _multi_tables(self):
-        """Per group: (kernel, pointer table with the grad column to fill, sizes, rows,
-        the group's param indices), built once per set of buffers."""
+        """Per kernel slot: (kernel, pointer table with the grad column to fill, sizes,
+        rows, the slot's param indices), or None for a slot without params; built once per
+        set of buffers."""
         if self._tables is None:
             tabs = []
-            for gi, k in enumerate(self._kernels()):
-                idx = np.array([i for i, g in enumerate(self._group_of) if g == gi], np.int64)
+            for si, k in enumerate(self._kernels()):
+                idx = np.array([i for i, s in enumerate(self._slot_of) if s == si], np.int64)
+                if not idx.size:
+                    tabs.append(None)
+                    continue
                 cols = [[_data_address(v) for v in self._views[i]] for i in idx]
                 tab = np.zeros((len(idx), len(cols[0]) + 1), np.int64)
                 for r, c in enumerate(cols):
@@ -976,20 +1001,23 @@ class Optimizer:
         flags (Adafactor's factored arrays); ``_slot_of[i]``: param ``i``'s slot."""
         if self._kern is None:
             plans = [_plan(self.rule, f) for f in self._flags]
+            keys = [self._kdtype] * len(plans)
             slot_group, slot_of, index = list(range(len(plans))), [], {}
             for p, gi in zip(self._params, self._group_of):
                 f = self.rule.array_flags(self._flags[gi], p.shape)
-                if f is self._flags[gi]:
+                fkey = self._format_of(p).key
+                if f is self._flags[gi] and fkey == self._kdtype:
                     slot_of.append(gi)
                     continue
                 pl = _plan(self.rule, f)
-                if (gi, pl.key) not in index:
-                    index[(gi, pl.key)] = len(plans)
+                if (gi, pl.key, fkey) not in index:
+                    index[(gi, pl.key, fkey)] = len(plans)
                     plans.append(pl)
+                    keys.append(fkey)
                     slot_group.append(gi)
-                slot_of.append(index[(gi, pl.key)])
+                slot_of.append(index[(gi, pl.key, fkey)])
             self._slot_of, self._slot_group = slot_of, slot_group
-            kern = [_kernel(self.backend, pl, self._kdtype) for pl in plans]
+            kern = [_kernel(self.backend, pl, k) for pl, k in zip(plans, keys)]
             # backends may offer a launch that skips re-checking what step() has checked
             self._launch = [getattr(k, "unchecked", k) for k in kern]
             self._prepare = [getattr(k, "prepare_unchecked", k.prepare) for k in kern]
@@ -1126,7 +1154,10 @@ class Optimizer:
     def _launch_all(self, entries, flat, scal, tables=None):
         if tables is not None:               # grad addresses: one launch per group
             combine = self._norm_combine
-            for gi, ((k, tab, sizes, rows, idx), sc) in enumerate(zip(tables, scal)):
+            for gi, (table, sc) in enumerate(zip(tables, scal)):
+                if table is None:
+                    continue
+                k, tab, sizes, rows, idx = table
                 tab[:, 1] = flat[idx]
                 if combine is None:
                     k.many(tab, sizes, rows, np.array([sc], dtype=self._cdtype))
@@ -1290,29 +1321,8 @@ class Optimizer:
             raise ValueError(f"state_dict['state'] has {len(sd['state'])} entries; expected "
                              f"{len(self.state)}")
         carry = self._check_carry(sd) if self.rule.carry else []
-        loaded = []                           # per param: {name: host array to copy in}
-        for i, (mine, theirs) in enumerate(zip(self.state, sd["state"])):
-            if set(theirs) - {"master"} != set(mine) - {"master"}:
-                raise ValueError(f"state_dict['state'][{i}] holds {sorted(theirs)}; expected "
-                                 f"{sorted(mine)}")
-            new = {}
-            for k, v in theirs.items():
-                if k not in mine:                 # a master copy this format does not keep
-                    continue
-                v = np.asarray(v)
-                if v.dtype != mine[k].dtype and v.shape == tuple(mine[k].shape) and \
-                        formats.dtype_name(v.dtype) is not None and \
-                        _compute_of(formats.dtype_name(v.dtype)) == self._cdtype:
-                    # another storage format of the same math: converted (to nearest)
-                    v = formats.round_nearest(v, formats.dtype_name(mine[k].dtype))
-                if v.shape != tuple(mine[k].shape) or v.dtype != mine[k].dtype:
-                    raise ValueError(f"state_dict['state'][{i}][{k!r}] is {v.dtype} "
-                                     f"{v.shape}; expected {mine[k].dtype} "
-                                     f"{tuple(mine[k].shape)}")
-                new[k] = v
-            if "master" in mine and "master" not in new:     # it starts from the params
-                new["master"] = self._params[i].astype(np.float32)
-            loaded.append(new)
+        loaded = [self._loaded_state(i, mine, theirs)
+                  for i, (mine, theirs) in enumerate(zip(self.state, sd["state"]))]
         fmt = sd.get("format") or {}
         # all checked: now change things
         for mine, new in zip(self.state, loaded):
@@ -1330,6 +1340,57 @@ class Optimizer:
             for gi, g in enumerate(self.param_groups):
                 self._hyper_dev[gi].set(self._hyper_vector(g))
                 self._step_dev[gi].fill(float(step))
+
+    def _loaded_state(self, i, mine, theirs) -> dict:
+        """``state_dict['state'][i]`` checked against ``state[i]`` and converted to its
+        storage: {name: host array to copy in}. Another storage format of the same math
+        converts: float storage to nearest, int8 codes dequantized, float into int8
+        quantized; a master copy the checkpoint lacks starts from the params."""
+        where = f"state_dict['state'][{i}]"
+        if not isinstance(theirs, dict):
+            raise ValueError(f"{where} is {_describe(theirs)}; expected a dict of arrays")
+
+        def base(st):
+            return {k for k in st if not (isinstance(k, str) and k.endswith("_absmax"))} \
+                - {"master"}
+        if base(theirs) != base(mine):
+            raise ValueError(f"{where} holds {sorted(map(str, theirs))}; expected "
+                             f"{sorted(mine)}")
+        new = {}
+        for k in sorted(base(mine)) + (["master"] if "master" in mine and "master" in theirs
+                                       else []):
+            v, q = np.asarray(theirs[k]), f"{k}_absmax"
+            want = mine[k]
+            if q in theirs and q not in mine:           # int8 there: decoded
+                a = np.asarray(theirs[q])
+                if v.dtype != np.uint8 or v.size != want.size or a.dtype != np.float32 or \
+                        a.size != -(-want.size // formats.BLOCK):
+                    raise ValueError(f"{where}[{k!r}] is {v.dtype} {v.shape} with absmax "
+                                     f"{a.dtype} {a.shape}; expected uint8 codes of "
+                                     f"{want.size} elements and float32 absmax of "
+                                     f"{-(-want.size // formats.BLOCK)} blocks")
+                v = formats.dequantize(v, a).reshape(want.shape)
+            if q in mine and q not in theirs:           # int8 here: quantized
+                if v.size != want.size or formats.dtype_name(v.dtype) is None or \
+                        _compute_of(formats.dtype_name(v.dtype)) != self._cdtype:
+                    raise ValueError(f"{where}[{k!r}] is {v.dtype} {v.shape}; expected "
+                                     f"{want.size} elements of a {self._cdtype} format")
+                new[k], new[q] = formats.quantize(v.astype(np.float32).reshape(-1))
+                continue
+            if q in mine:                               # int8 on both sides: as stored
+                new[q] = np.asarray(theirs[q])
+            elif v.dtype != want.dtype and v.shape == tuple(want.shape) and \
+                    formats.dtype_name(v.dtype) is not None and \
+                    _compute_of(formats.dtype_name(v.dtype)) == self._cdtype:
+                v = formats.round_nearest(v, formats.dtype_name(want.dtype))
+            new[k] = v
+        for k, v in new.items():
+            if v.shape != tuple(mine[k].shape) or v.dtype != mine[k].dtype:
+                raise ValueError(f"{where}[{k!r}] is {v.dtype} {v.shape}; expected "
+                                 f"{mine[k].dtype} {tuple(mine[k].shape)}")
+        if "master" in mine and "master" not in new:    # it starts from the params
+            new["master"] = self._params[i].astype(np.float32)
+        return new
 
     def _check_carry(self, sd) -> list:
         """``state_dict['carry']`` checked: per group, None or {name: finite float}."""
@@ -1363,7 +1424,10 @@ class Optimizer:
         state = [dict(st) for st in self.state]
         return (_rebuild, (type(self), groups, state, self.step_count, self.backend_name,
                            self.capturable, [c and dict(c) for c in self._carry],
-                           (self.max_grad_norm, self.skip_nonfinite, self.skipped_steps)))
+                           (self.max_grad_norm, self.skip_nonfinite, self.skipped_steps),
+                           (None if self.format.state == self.format.compute
+                            else self.format.state, self.format.master, self.format.sr,
+                            self.seed, self.min_8bit_size)))
 
 
 def _compute_of(dtype_name) -> str | None:
@@ -1374,10 +1438,10 @@ def _compute_of(dtype_name) -> str | None:
 
 
 def _rebuild(cls, groups, state, step, backend, capturable, carry=None,
-             guard=(None, False, 0)):
+             guard=(None, False, 0), storage=(None, False, False, 0, formats.MIN_8BIT_SIZE)):
     opt = cls.__new__(cls)
     opt._setup(groups, opt._parse_args((), {}), backend, capturable, states=state,
-               guard=guard[:2])
+               guard=guard[:2], storage=storage)
     opt.skipped_steps = guard[2]
     opt._step = int(step)
     if carry is not None:

@@ -31,11 +31,25 @@ MODES = [
     ("bfloat16", {"master_weights": True, "state_dtype": "bfloat16"}),
     ("bfloat16", {"stochastic_rounding": True, "seed": 11}),
     ("float16", {"stochastic_rounding": True, "seed": 2**40 + 3}),
+    ("bfloat16", {"state_dtype": "int8", "min_8bit_size": 0}),
+    ("float32", {"state_dtype": "int8", "min_8bit_size": 0}),
+    ("float16", {"state_dtype": "int8", "master_weights": True, "min_8bit_size": 0}),
+    ("bfloat16", {"state_dtype": "int8", "stochastic_rounding": True}),   # (small: float32)
 ]
 MODE_IDS = [f"{d}-{','.join(f'{k}={v}' for k, v in o.items()) or 'default'}" for d, o in MODES]
-# one option set per rule (its first), shapes the elementwise kernels take (vectors, and
-# matrices for rules whose state has the param's shape)
+# one option set per rule (its first)
 RULE_CASES = [option_sets(r)[0] for _, r in sorted(RULES.items())]
+# every rule in five formats (each kind of storage once), three rules in every format: the
+# kernels print a format's loads and stores apart from the rule's math, and each case
+# compiles its own kernels (CI time)
+_EVERY_RULE = ("float16-default", "bfloat16-state_dtype=bfloat16",
+               "bfloat16-master_weights=True,state_dtype=bfloat16",
+               "float16-stochastic_rounding=True,seed=1099511627779",
+               "bfloat16-state_dtype=int8,min_8bit_size=0")
+_EVERY_MODE = ("Adam", "SGD", "Lion")
+CASES = [pytest.param(c, m, id=f"{c[0]}-{mid}") for c in RULE_CASES
+         for m, mid in zip(MODES, MODE_IDS)
+         if mid in _EVERY_RULE or c[0].split("[")[0] in _EVERY_MODE]
 
 
 def _kwargs(rule, opts):
@@ -95,12 +109,11 @@ def _same(a, b):
                               equal_nan=True) for x, y in zip(a, b))
 
 
-@pytest.mark.parametrize("mode", MODES, ids=MODE_IDS)
-@pytest.mark.parametrize("case", RULE_CASES, ids=[c[0] for c in RULE_CASES])
+@pytest.mark.parametrize("case, mode", CASES)
 def test_numba_is_the_numpy_reference_bit_for_bit(case, mode, rng):
-    """Three steps of every rule in every format: Numba's one-array kernel (one param),
-    and its multi-tensor kernels (17 params, serial and parallel), give the NumPy
-    backend's bits in params and every state buffer."""
+    """Three steps of every rule in five formats (three rules in all): Numba's
+    multi-tensor kernels (17 params, serial and parallel) give the NumPy backend's bits in
+    params and every state buffer."""
     if "numba" not in HOST:
         pytest.skip("numba is not available")
     name, opts = case
@@ -119,7 +132,10 @@ def test_numba_is_the_numpy_reference_bit_for_bit(case, mode, rng):
             out[backend] = (params, opt.state_dict())
         return out["numpy"], out["numba"]
 
-    for sizes in ([300], [1, 7, 64, 100, 3, 2, 5, 9, 33, 70_000] + [50] * 7):
+    # 17 params: the multi-tensor kernel (the one-array kernel: the test below); with one
+    # of 70000 elements the parallel one, for the rules run in every format
+    sizes = [1, 7, 64, 100, 3, 2, 5, 9, 33, 300] + [50] * 7
+    for sizes in [sizes] + ([sizes[:-1] + [70_000]] if rule.name in _EVERY_MODE else []):
         (pa, sa), (pb, sb) = run(sizes, dtype, fmt)
         same = _same
         if _takes_norms(rule, opts):     # norms sum in another order: agree to rounding
@@ -138,8 +154,7 @@ def test_numba_is_the_numpy_reference_bit_for_bit(case, mode, rng):
 
 
 @pytest.mark.parametrize("backend", HOST)
-@pytest.mark.parametrize("mode", MODES, ids=MODE_IDS)
-@pytest.mark.parametrize("case", RULE_CASES, ids=[c[0] for c in RULE_CASES])
+@pytest.mark.parametrize("case, mode", CASES)
 def test_a_step_is_the_float32_step_rounded_into_the_format(case, mode, backend, rng):
     """From a warmed-up state, one step in a format equals the float32 optimizer's step
     from the same values (the format's buffers upcast: a checkpoint loads across formats),
@@ -157,11 +172,14 @@ def test_a_step_is_the_float32_step_rounded_into_the_format(case, mode, backend,
     base = [(p.astype(np.float32) if not fmt.get("master_weights")
              else opt.state[i]["master"].copy()) for i, p in enumerate(params)]
     ref = getattr(hwoptim, rule.name)(base, backend=backend, **_kwargs(rule, opts))
-    ref.load_state_dict(sd)                       # bfloat16 state upcast, exactly
+    ref.load_state_dict(sd)                       # bfloat16 state upcast, int8 decoded
     for i, st in enumerate(ref.state):
         for k in st:
-            assert np.array_equal(st[k], np.asarray(opt.state[i][k], np.float32),
-                                  equal_nan=True)
+            mine = opt.state[i][k]
+            if f"{k}_absmax" in opt.state[i]:
+                mine = formats.dequantize(mine, opt.state[i][f"{k}_absmax"]).reshape(
+                    st[k].shape)
+            assert np.array_equal(st[k], np.asarray(mine, np.float32), equal_nan=True)
     opt.step(grads[2])
     ref.step([g.astype(np.float32) for g in grads[2]])
     f = opt.format
@@ -175,6 +193,11 @@ def test_a_step_is_the_float32_step_rounded_into_the_format(case, mode, backend,
         assert np.array_equal(p.view(np.uint16), want.view(np.uint16)) or _same([p], [want])
         for k, v in ref.state[i].items():
             mine = opt.state[i][k]
+            if f"{k}_absmax" in opt.state[i]:            # int8: the float32 state, encoded
+                codes, absmax = formats.quantize(v.reshape(-1))
+                assert np.array_equal(mine, codes), k
+                assert np.array_equal(opt.state[i][f"{k}_absmax"], absmax), k
+                continue
             assert _same([mine], [formats.round_nearest(v, formats.dtype_name(mine.dtype))]), k
         if f.master:
             assert np.array_equal(opt.state[i]["master"], q, equal_nan=True)
@@ -336,12 +359,12 @@ def test_state_memory_per_element(mode, backend):
     """Adam's state bytes per element, measured from the arrays: 8 with float32 state, 4
     with bfloat16, +4 for a master copy."""
     dtype, fmt = mode
-    p = np.zeros(10_000, formats.np_dtype(dtype))
+    p = np.zeros(40 * 256, formats.np_dtype(dtype))
     opt = hwoptim.Adam([p], backend=backend, **fmt)
     per = sum(a.nbytes for a in opt.state[0].values()) / p.size
-    want = (4 if fmt.get("state_dtype") == "bfloat16" else 8) + 4 * fmt.get("master_weights",
-                                                                          False)
-    assert per == want
+    state = {"bfloat16": 4, "int8": 2 + 2 * 4 / 256}.get(fmt.get("state_dtype"), 8)
+    assert per == state + 4 * fmt.get("master_weights", False)
+    assert fmt.get("state_dtype") != "int8" or per - 4 * fmt.get("master_weights", 0) <= 2.05
 
 
 # ----------------------------------------------------------------------------- checkpoints
@@ -465,3 +488,88 @@ def test_large_arrays_with_stochastic_rounding_step_in_chunks(monkeypatch, rng):
         for g in grads:
             opt.step(g)
     assert np.array_equal(a[0].view(np.uint16), b[0].view(np.uint16))
+
+
+# ----------------------------------------------------------------------------- int8 state
+
+def test_int8_maps_pinned_and_round_trip():
+    """The two maps' values at a few codes (the README's table), every code decodes and
+    encodes back to itself, NaN and ±Inf have codes of their own."""
+    s = formats.decode(np.uint8([0, 1, 8, 0x40, 0x78, 0x80 | 0x78, 0x7E, 0xFE, 0x7F]), False)
+    assert s[:6].tolist() == [0.0, 2.0**-17, 2.0**-14, 2.0**-7, 1.0, -1.0]
+    assert s[6] == np.inf and s[7] == -np.inf and np.isnan(s[8])
+    u = formats.decode(np.uint8([0, 1, 8, 0xF8, 0xFE, 0xFF]), True)
+    assert u[:4].tolist() == [0.0, 2.0**-33, 2.0**-30, 1.0]
+    assert u[4] == np.inf and np.isnan(u[5])
+    for unsigned in (False, True):
+        codes = np.arange(256, dtype=np.uint8)
+        v = formats.decode(codes, unsigned)
+        ok = np.isinf(v) | (np.abs(v) <= 1)          # (NaN: one code, whatever the sign)
+        assert np.array_equal(formats.encode(v[ok], unsigned), codes[ok])
+        assert np.isnan(formats.decode(formats.encode(np.float32([np.nan]), unsigned),
+                                       unsigned)).all()
+        assert (~ok).sum() == (12 if not unsigned else 6)    # unused codes above 1, NaN
+
+
+@pytest.mark.parametrize("scale", [1e-3, 1.0, 1e6])
+def test_int8_error_bound(scale, rng):
+    """The README's bound, on values spread over eight decades (signed blocks) and their
+    squares (non-negative blocks, the unsigned map): |x^ - x| <= max(2^-4 |x|, 2^-18 A)
+    signed, max(2^-4 |x|, 2^-34 A) unsigned, A the block's absmax; a quarter of a
+    block's elements are NaN, ±Inf or 0 and stay so, and do not change the others."""
+    n = 50 * 256 + 77
+    x = (rng.standard_normal(n) * 10.0 ** rng.uniform(-8, 0, n) * scale).astype(np.float32)
+    for vals, bias in ((x, 18), (x * x, 34)):
+        codes, absmax = formats.quantize(vals)
+        assert absmax.size == -(-n // 256) and np.signbit(absmax).all() == (bias == 34)
+        back = formats.dequantize(codes, absmax)
+        A = np.repeat(np.abs(absmax), 256)[:n]
+        assert np.all(np.abs(back - vals) <= np.maximum(2.0**-4 * np.abs(vals),
+                                                        2.0**-bias * A))
+        special = vals.copy()
+        special[::4] = rng.choice(np.float32([np.nan, np.inf, -np.inf, 0.0]), special[::4].size)
+        c2, a2 = formats.quantize(special)
+        b2 = formats.dequantize(c2, a2)
+        assert np.array_equal(b2[::4], special[::4], equal_nan=True)
+
+
+@pytest.mark.parametrize("backend", HOST)
+def test_int8_state_keeps_float32_under_min_8bit_size(backend, rng):
+    """bitsandbytes' rule: arrays under min_8bit_size (4096) elements keep float32 state;
+    min_8bit_size=0 quantizes them all; one optimizer holds both kinds."""
+    ps = [rng.standard_normal(n).astype(BF16) for n in (4095, 4096, 10)]
+    opt = hwoptim.Adam(ps, backend=backend, state_dtype="int8")
+    kinds = [st["exp_avg"].dtype for st in opt.state]
+    assert kinds == [np.float32, np.uint8, np.float32]
+    opt.step([rng.standard_normal(p.size).astype(BF16) for p in ps])
+    opt = hwoptim.Adam(ps, backend=backend, state_dtype="int8", min_8bit_size=0)
+    assert all(st["exp_avg"].dtype == np.uint8 for st in opt.state)
+    with pytest.raises(ValueError, match="min_8bit_size=-1 is invalid: expected an integer"):
+        hwoptim.Adam(ps, state_dtype="int8", min_8bit_size=-1)
+
+
+@pytest.mark.parametrize("backend", HOST)
+def test_int8_checkpoints_convert(backend, rng):
+    """float32 state into an int8 optimizer quantizes; int8 into float32 dequantizes; int8
+    into int8 keeps the codes; bad codes are refused before anything changes."""
+    p = rng.standard_normal(5000).astype(np.float32)
+    f32 = hwoptim.Adam([p.copy()], backend=backend)
+    f32.step([rng.standard_normal(5000).astype(np.float32)])
+    sd = f32.state_dict()
+    q = hwoptim.Adam([p.copy()], backend=backend, state_dtype="int8")
+    q.load_state_dict(sd)
+    codes, absmax = formats.quantize(sd["state"][0]["exp_avg"])
+    assert np.array_equal(q.state[0]["exp_avg"], codes)
+    assert np.array_equal(q.state[0]["exp_avg_absmax"], absmax)
+    back = hwoptim.Adam([p.copy()], backend=backend)
+    back.load_state_dict(q.state_dict())
+    assert np.array_equal(back.state[0]["exp_avg"], formats.dequantize(codes, absmax))
+    q2 = hwoptim.Adam([p.copy()], backend=backend, state_dtype="int8")
+    q2.load_state_dict(q.state_dict())
+    assert np.array_equal(q2.state[0]["exp_avg_sq"], q.state[0]["exp_avg_sq"])
+    bad = q.state_dict()
+    bad["state"][0]["exp_avg_absmax"] = bad["state"][0]["exp_avg_absmax"][:-1]
+    before = back.state_dict()
+    with pytest.raises(ValueError, match="expected uint8 codes of 5000 elements"):
+        back.load_state_dict(bad)
+    assert np.array_equal(back.state[0]["exp_avg"], before["state"][0]["exp_avg"])

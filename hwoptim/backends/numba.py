@@ -130,7 +130,7 @@ class Kernel:
         # uint16 arrays of their bits, the math and the scalars are in the compute dtype
         self.fmt = Format.parse(dtype)
         self.cdtype = self.fmt.compute
-        self.names = tuple(plan.arrays) + self.fmt.extras     # the kernels' array arguments
+        self.names = self.fmt.arrays(plan.arrays)             # the kernels' array arguments
         self.module = diskcache.load_module(
             lambda cache: codegen.numba_source(plan, dtype, cache=cache),
             f"{plan.key}_{dtype}")

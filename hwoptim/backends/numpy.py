@@ -32,8 +32,10 @@ def kernel(plan, dtype):
     def run_format(arrays, k):
         """A storage format: every buffer loaded into the compute dtype, the rule's math,
         each output rounded into its storage (hwoptim.formats' conversions)."""
-        bufs = dict(zip(names + fmt.extras, arrays))
+        bufs = dict(zip(fmt.arrays(names), arrays))
         work = [bufs["master"] if (n == "param" and fmt.master) else
+                formats.dequantize(bufs[n], bufs[f"{n}_absmax"]) if (
+                    fmt.quantized and n not in ("param", "grad")) else
                 formats.load(bufs[n], fmt.compute) for n in names]
         new = {}
         run([*work], k, out=new)
@@ -45,6 +47,8 @@ def kernel(plan, dtype):
             elif name == "param" and fmt.sr:
                 bits = formats.element_bits(bufs["_srkey"][0], np.arange(v.size))
                 dst[...] = formats.round_stochastic(v, fmt.param, bits)
+            elif fmt.quantized and name != "param":
+                dst[...], bufs[f"{name}_absmax"][...] = formats.quantize(v)
             else:
                 dst[...] = formats.round_nearest(v, fmt.storage(name))
 
