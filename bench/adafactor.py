@@ -19,7 +19,7 @@ import statistics
 import numpy as np
 
 import hwoptim
-from hwoptim.bench.timing import measure
+from hwoptim.bench.timing import measure, torch_on_our_threads
 from hwoptim.bench.workload import model_shapes
 
 
@@ -80,13 +80,7 @@ def main(argv=None) -> int:
     ap.add_argument("--dtype", default="float32")
     ap.add_argument("--no-torch", action="store_true")
     args = ap.parse_args(argv)
-    torch = None
-    if not args.no_torch:
-        try:
-            import torch
-            torch.set_num_threads(hwoptim.get_num_threads())
-        except ImportError:
-            pass
+    torch = None if args.no_torch else torch_on_our_threads()
     dtype = np.dtype(args.dtype)
     print(f"threads {hwoptim.get_num_threads()}, Adafactor {dtype}, medians of {args.rounds} "
           f"interleaved rounds")

@@ -7,7 +7,7 @@ as the yardstick, on the digits MLP and on a model of 1.1M parameters.
   training images), mini-batches of 64, 500 steps (22 epochs); the loss is the
   cross-entropy over the whole training set after the last step.
 * ``teacher``: a 64-1024-1024-1 MLP (1.1M parameters) regressing a fixed random teacher
-  network (64-256-1, tanh) plus noise of variance 0.01, a fresh mini-batch of 256 inputs
+  network (64-256-1, tanh) plus noise of variance 0.01, a fresh mini-batch of 64 inputs
   per step, 2000 steps; the loss is the mean squared error on 8192 held-out inputs (the
   noise floor is 0.01), so it measures how far the optimizer got, not how well it memorised.
 
@@ -91,7 +91,7 @@ def digits_task(torch, steps=500, batch=64):
             "batches": batches, "loss": torch.nn.CrossEntropyLoss(), "eval": (xtr, ytr)}
 
 
-def teacher_task(torch, steps=2000, batch=256):
+def teacher_task(torch, steps=2000, batch=64):
     g = torch.Generator().manual_seed(1234)
     w1, w2 = torch.randn(64, 256, generator=g) / 8, torch.randn(256, 1, generator=g) / 16
 

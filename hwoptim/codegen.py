@@ -293,8 +293,9 @@ def _numba_element(p: KernelPlan, dtype: str, index: str = "i") -> tuple[list, l
     stores = []
     for o in p.outputs:
         v = nm(p.roots[o])
-        if fmt.quantized and o not in ("param", "grad"):   # the block's values, encoded after
-            stores.append(f"_q{p.arrays.index(o) - 2}[_j] = {v}")
+        if fmt.quantized and o not in ("param", "grad"):   # encoded with the block's scale
+            j = p.arrays.index(o) - 2
+            stores.append(f"{o}[i] = _q_code({v}, _pre{j}, _inv{j}, _u{j})")
         elif o == "param" and fmt.master:
             stores += [f"master[i] = {v}", f"param[i] = {_nb_store(fmt, 'param', v)}"]
         elif o == "param" and fmt.sr:
@@ -320,26 +321,50 @@ def _nb_load_line(p: KernelPlan, fmt: Format, a: str, absmax: str = "block") -> 
     return f"x_{a} = {_nb_load(fmt, a, f'{a}[i]')}"
 
 
-def _nb_blocks(p: KernelPlan, body: list, outer: str) -> list:
-    """The int8-state loop over blocks of 256 elements (``_n`` of them from ``i = 0``):
-    ``outer`` "prange"/"range" over groups of 64 blocks (each with its scratch of the
-    block's new state values), or "" for one group of every block (a chunk). Per block: the
-    states' absmax (their map in its sign) read once, the element loop (``body``), then each
-    state's block encoded (:func:`_q_store`) and its new absmax stored."""
-    qs = list(p.arrays[2:])
-    alloc = [f"_q{j} = np.empty(256, np.float32)" for j in range(len(qs))]
+def _nb_blocks(p: KernelPlan, body: list, rng: str) -> list:
+    """The int8-state loop (``rng``: "prange" or "range") over blocks of 256 elements
+    (``_n`` of them from ``i = 0``), two passes per block. The first evaluates only what
+    the new states need (the statements their outputs reach: for Adam the two moments, no
+    square root or divide) and reduces each to its absmax (the largest bit pattern of a
+    finite |x|: non-negative floats order as integers) and whether it has a negative value;
+    :func:`_q_scale` turns those into the map and scale; the second runs the whole update
+    and stores each new state's code directly. Both are plain loops that LLVM vectorises
+    (no scratch memory)."""
+    qs = [a for a in p.arrays[2:] if a in p.outputs]
+    need = _reach([p.roots[a] for a in qs], through_norm=False)
+    temps = {f"t{k}" for k in range(len(p.order))}
+    # the loads (LLVM drops those the states do not use), then the states' statements
+    first = [ln for ln in body if ln.startswith("x_")]
+    first += [ln for ln in body if ln.split(" = ")[0] in temps and _stmt_id(p, ln) in need]
     block = ["_bl = _b << 8",
              "_m = min(256, _n - _bl)"]
-    block += [f"_s{j} = {a}_absmax[_b]" for j, a in enumerate(qs)]
+    block += [f"_s{j} = {a}_absmax[_b]" for j, a in enumerate(p.arrays[2:])]
+    block += [f"_A{j} = np.uint64(0)" for j, a in enumerate(p.arrays[2:]) if a in qs]
+    block += [f"_N{j} = False" for j, a in enumerate(p.arrays[2:]) if a in qs]
+    block += ["for _j in range(_m):", "    i = _bl + _j"] + [f"    {ln}" for ln in first]
+    for j, a in enumerate(p.arrays[2:]):
+        if a in qs:
+            v = _stored_value(body, a)
+            block += [f"    _A{j} = max(_A{j}, _abs_bits({v}))",
+                      f"    _N{j} = _N{j} | ({v} < 0)"]
+    for j, a in enumerate(p.arrays[2:]):
+        if a in qs:
+            block.append(f"_pre{j}, _inv{j}, _u{j}, _a{j} = _q_scale(_A{j}, _N{j})")
     block += ["for _j in range(_m):", "    i = _bl + _j"] + [f"    {ln}" for ln in body]
-    block += [f"{a}_absmax[_b] = _q_store(_q{j}, _m, {a}, _bl)" for j, a in enumerate(qs)
-              if a in p.outputs]
-    if not outer:
-        return alloc + ["for _b in range((_n + 255) >> 8):"] + [f"    {ln}" for ln in block]
-    return (["_nb = (_n + 255) >> 8", f"for _g in {outer}((_nb + 63) >> 6):"]
-            + [f"    {ln}" for ln in alloc]
-            + ["    for _b in range(_g * 64, min(_nb, _g * 64 + 64)):"]
-            + [f"        {ln}" for ln in block])
+    block += [f"{a}_absmax[_b] = _a{j}" for j, a in enumerate(p.arrays[2:]) if a in qs]
+    return [f"for _b in {rng}((_n + 255) >> 8):"] + [f"    {ln}" for ln in block]
+
+
+def _stmt_id(p: KernelPlan, line: str):
+    """id of the scheduled node a body statement ``t<k> = ...`` defines."""
+    return id(p.order[int(line.split(" = ")[0][1:])])
+
+
+def _stored_value(body: list, a: str) -> str:
+    """The value the element statements ``body`` encode into int8 state ``a``."""
+    head = f"{a}[i] = _q_code("
+    line = next(ln for ln in body if ln.startswith(head))
+    return line[len(head):].split(", _pre")[0]
 
 
 def _nb_load(fmt: Format, a: str, ref: str) -> str:
@@ -378,6 +403,7 @@ _INF = np.uint64(0x7F800000)
 _ONE = np.uint64(1)
 _TWO24 = np.float32(2.0 ** 24)
 _TWOM24 = np.float32(2.0 ** -24)
+_SMALL = np.uint64(0x03800000)         # the bits of 2**-120 (absmax below: prescaled)
 
 
 def _i32(builder, v):
@@ -482,62 +508,92 @@ def _bf_sr(typingctx, x, r):
     return types.uint16(types.float32, r), lower
 
 
-@njit(inline="always")
-def _q_load(c, a):
+def _q_special(builder, u, top_mag):
+    """(top code, top - 1) of the map ``u`` (i1: unsigned) as i32."""
+    return (builder.select(u, _c32(0xFF), _c32(0x7F)),
+            builder.select(u, _c32(0xFE), _c32(0x7E)))
+
+
+@intrinsic
+def _q_load(typingctx, c, a):
     """An int8 state's code ``c`` decoded with its block's absmax ``a`` (negative: the
-    unsigned map), as hwoptim.formats.dequantize."""
-    u = (_bits_of(a) >> np.uint64(31)) != 0
-    cc = np.int64(c)
-    mag = cc if u else cc & 0x7F
-    e = mag >> 3
-    m = mag & 7
-    bias = 31 if u else 15
-    k = np.float32(m if e == 0 else 8 + m)
-    v = k * _f32_of(np.uint64(max(e, 1) - bias - 3 + 127) << _U23)
-    if not u and cc >= 0x80:
-        v = -v
-    top = 0xFF if u else 0x7F
-    if mag == top:
-        return np.float32(np.nan)
-    if mag == top - 1:
-        return np.float32(-np.inf) if (not u and cc >= 0x80) else np.float32(np.inf)
-    return v * np.abs(a)
+    unsigned map), as hwoptim.formats.dequantize; selects only (vectorises)."""
+    def lower(context, builder, sig, args):
+        f32 = _ir.FloatType()
+        cc = builder.zext(args[0], _ir.IntType(32))
+        ab = builder.bitcast(args[1], _ir.IntType(32))
+        u = builder.icmp_unsigned("!=", builder.lshr(ab, _c32(31)), _c32(0))
+        neg = builder.and_(builder.not_(u), builder.icmp_unsigned(">=", cc, _c32(0x80)))
+        mag = builder.select(u, cc, builder.and_(cc, _c32(0x7F)))
+        e = builder.lshr(mag, _c32(3))
+        m = builder.and_(mag, _c32(7))
+        bias = builder.select(u, _c32(31), _c32(15))
+        k = builder.select(builder.icmp_unsigned("==", e, _c32(0)), m, builder.add(m, _c32(8)))
+        e1 = builder.select(builder.icmp_unsigned("==", e, _c32(0)), _c32(1), e)
+        pw = builder.bitcast(builder.shl(builder.sub(builder.add(e1, _c32(124)), bias),
+                                         _c32(23)), f32)
+        v = builder.fmul(builder.uitofp(k, f32), pw)
+        v = builder.select(neg, builder.fneg(v), v)
+        aa = builder.bitcast(builder.and_(ab, _c32(0x7FFFFFFF)), f32)
+        res = builder.fmul(v, aa)
+        top, inf_code = _q_special(builder, u, None)
+        inf = builder.select(neg, _ir.Constant(f32, float("-inf")), _ir.Constant(f32, float("inf")))
+        res = builder.select(builder.icmp_unsigned("==", mag, inf_code), inf, res)
+        return builder.select(builder.icmp_unsigned("==", mag, top),
+                              _ir.Constant(f32, float("nan")), res)
+    return types.float32(types.uint8, types.float32), lower
+
+
+@intrinsic
+def _q_code(typingctx, v, pre, inv, u):
+    """The code of ``v`` in a block with absmax A: ``(v * pre) * inv``, ``inv = 1 / (A *
+    pre)`` (``pre``: 2**64 for a subnormal A, else 1), in map ``u`` (unsigned), as
+    hwoptim.formats.quantize; selects only (vectorises)."""
+    def lower(context, builder, sig, args):
+        f32, i32 = _ir.FloatType(), _ir.IntType(32)
+        x, inv = args[0], args[2]
+        u = builder.icmp_unsigned("!=", args[3], _ir.Constant(args[3].type, 0))
+        vb = builder.bitcast(x, i32)
+        va = builder.and_(vb, _c32(0x7FFFFFFF))
+        isnan = builder.icmp_unsigned(">", va, _c32(0x7F800000))
+        isinf = builder.icmp_unsigned("==", va, _c32(0x7F800000))
+        sign = builder.select(builder.or_(u, isnan), _c32(0),
+                              builder.shl(builder.lshr(vb, _c32(31)), _c32(7)))
+        bias = builder.select(u, _c32(31), _c32(15))
+        y = builder.fmul(builder.fmul(x, args[1]), inv)
+        a = builder.bitcast(builder.and_(builder.bitcast(y, i32), _c32(0x7FFFFFFF)), f32)
+        E = builder.sub(builder.lshr(builder.bitcast(a, i32), _c32(23)), _c32(127))
+        e = builder.add(E, bias)
+        e = builder.select(builder.icmp_signed("<", e, _c32(1)), _c32(1), e)
+        scale = builder.bitcast(builder.shl(builder.sub(builder.add(bias, _c32(130)), e),
+                                            _c32(23)), f32)
+        rint = builder.module.declare_intrinsic("llvm.rint", [f32])
+        k = builder.fptosi(builder.call(rint, [builder.fmul(a, scale)]), i32)
+        mag = builder.add(builder.mul(builder.sub(e, _c32(1)), _c32(8)), k)
+        top, inf_code = _q_special(builder, u, None)
+        mag = builder.select(isinf, inf_code, mag)
+        mag = builder.select(isnan, top, mag)
+        return builder.trunc(builder.or_(mag, sign), _ir.IntType(8))
+    return types.uint8(types.float32, types.float32, types.float32, types.boolean), lower
 
 
 @njit(inline="always")
-def _q_code(v, inv, u, bias):
-    """The code of ``v`` in a block with 1 / absmax ``inv`` and map ``u``."""
-    sign = 0x80 if (not u and (_bits_of(v) >> np.uint64(31)) != 0) else 0
-    if np.isnan(v):
-        return np.uint8(0xFF if u else 0x7F)
-    if np.isinf(v):
-        return np.uint8((0xFE if u else 0x7E) | sign)
-    a = np.abs(v * inv)
-    E = np.int64(_bits_of(a) >> _U23) - 127
-    e = max(E + bias, 1)
-    k = np.int64(np.rint(a * _f32_of(np.uint64(bias + 3 - e + 127) << _U23)))
-    return np.uint8(((e - 1) * 8 + k) | sign)
+def _abs_bits(v):
+    """The bits of |v| where v is finite, else 0 (non-negative floats order as integers)."""
+    b = _bits_of(v) & np.uint64(0x7FFFFFFF)
+    return b if b < _INF else np.uint64(0)
 
 
 @njit(inline="always")
-def _q_store(q, m, codes, lo):
-    """Encode the block ``q[:m]`` into ``codes[lo:lo + m]``; its absmax (over the finite
-    values), negative where every value is >= 0 (the unsigned map)."""
-    A = np.float32(0.0)
-    neg = False
-    for j in range(m):
-        v = q[j]
-        av = np.abs(v)
-        if av < np.float32(np.inf) and av > A:
-            A = av
-        if v < 0:
-            neg = True
-    inv = np.float32(1.0) / A if A > 0 else np.float32(0.0)
+def _q_scale(A, neg):
+    """(pre, inv, unsigned?, stored absmax) of a block whose largest finite |x| has the
+    bits ``A`` and which holds a negative value where ``neg``: codes are
+    ``_q_code(x, pre, inv, unsigned)``, as hwoptim.formats.quantize."""
+    Af = _f32_of(A)
+    pre = np.float32(2.0 ** 64) if A < _SMALL else np.float32(1.0)
+    inv = np.float32(1.0) / (Af * pre) if A > 0 else np.float32(0.0)
     u = not neg
-    bias = 31 if u else 15
-    for j in range(m):
-        codes[lo + j] = _q_code(q[j], inv, u, bias)
-    return -A if u else A
+    return pre, inv, u, (-Af if u else Af)
 
 
 @njit(inline="always")
@@ -620,19 +676,54 @@ def numba_source(p: KernelPlan, dtype: str, cache: bool = True) -> str:
             "from numba import njit, prange" + ("" if fmt.plain else ", types"),
             *([] if fmt.plain else ["from numba.extending import intrinsic"]), ""]
     out = head + consts + [""]
+    if fmt.quantized:
+        return "\n".join(out + _numba_blocked_kernels(p, fmt, args, cache)) + "\n"
     for fname, par, rng in (("parallel", True, "prange"), ("serial", False, "range")):
         out += [_njit_line(par, cache), f"def {fname}({args}):"]
         if fmt.sr:      # elements below 2**32 (the index's high word mixes in as 0; the
             # backend runs larger arrays through the multi-tensor kernel, chunk by chunk)
             out.append("    _kh = np.uint64(_srkey[0])")
-        if fmt.quantized:
-            out.append("    _n = param.shape[0]")
-            out += [f"    {line}" for line in _nb_blocks(p, body, rng)]
-        else:
-            out.append(f"    for i in {rng}(param.shape[0]):")
-            out += [f"        {line}" for line in body]
+        out.append(f"    for i in {rng}(param.shape[0]):")
+        out += [f"        {line}" for line in body]
         out.append("")
     return "\n".join(out) + "\n"
+
+
+def _numba_blocked_kernels(p: KernelPlan, fmt: Format, args: str, cache: bool) -> list:
+    """int8 state's one-array kernels: ``_blocks(_off, ...)`` runs the blocks of its
+    arrays in order (``_off``: the index of their first element, which stochastic rounding
+    draws its bits from); ``serial`` is ``_blocks`` over everything, ``parallel`` a prange
+    over up to 256 runs of whole blocks, each ``_blocks`` on slices (a prange over the blocks
+    themselves compiled to code 5x slower than the serial loop)."""
+    names = [a for a in fmt.arrays(p.arrays) if a != "_srkey"]
+    scal = [f"k_{s}" for s in p.all_scalars]
+    out = _nb_blocks_function(p, fmt, cache)
+    key = "np.uint64(_srkey[0])" if fmt.sr else "np.uint64(0)"
+    out += ["", _njit_line(False, cache), f"def serial({args}):",
+            f"    _blocks(0, {key}, {', '.join(names + scal)})", ""]
+    sliced = [f"{a}[_b0:_b1]" if a.endswith("_absmax") else f"{a}[_lo:_hi]" for a in names]
+    out += [_njit_line(True, cache), f"def parallel({args}):",
+            "    _nb = (param.shape[0] + 255) >> 8",
+            "    _nc = min(_nb, 256)",
+            "    for _c in prange(_nc):",
+            "        _b0 = _c * _nb // _nc",
+            "        _b1 = (_c + 1) * _nb // _nc",
+            "        _lo = _b0 << 8",
+            "        _hi = min(param.shape[0], _b1 << 8)",
+            f"        _blocks(_lo, {key}, {', '.join(sliced + scal)})", ""]
+    return out
+
+
+def _nb_blocks_function(p: KernelPlan, fmt: Format, cache: bool) -> list:
+    """``_blocks(_off, _kh, arrays..., scalars...)``: int8 state's blocks of the arrays in
+    order, two passes each (:func:`_nb_blocks`); ``_off``: the tensor index of their first
+    element, ``_kh``: the stochastic-rounding key with that index's high word mixed in."""
+    _, body = _numba_element(p, fmt.key, index="_off + i")
+    names = [a for a in fmt.arrays(p.arrays) if a != "_srkey"]
+    args = ", ".join(names + [f"k_{s}" for s in p.all_scalars])
+    out = [_njit_line(False, cache), f"def _blocks(_off, _kh, {args}):",
+           "    _n = param.shape[0]"]
+    return out + [f"    {line}" for line in _nb_blocks(p, body, "range")]
 
 
 def numba_multi_source(p: KernelPlan, dtype: str, cache: bool = True) -> str:
@@ -658,6 +749,8 @@ def numba_multi_source(p: KernelPlan, dtype: str, cache: bool = True) -> str:
             "from numba.extending import intrinsic", ""]
     names = list(fmt.arrays(p.arrays))
     out = head + consts + ([""] if consts else []) + [""] + _nb_at_lines(p, fmt, names) + [""]
+    if fmt.quantized:
+        out += _nb_blocks_function(p, fmt, cache) + ["", ""]
     per_chunk = ["_t = _chunks[_c, 0]",
                  "_lo = _chunks[_c, 1]",
                  "_n = _chunks[_c, 2] - _lo",
@@ -674,7 +767,9 @@ def numba_multi_source(p: KernelPlan, dtype: str, cache: bool = True) -> str:
                 "        for _c in range(_groups[_g], _groups[_g + 1]):"]
         out += [f"            {line}" for line in per_chunk]
         if fmt.quantized:        # (chunks start at multiples of 16384: whole blocks)
-            out += [f"            {line}" for line in _nb_blocks(p, body, "")]
+            args = [a for a in names if a != "_srkey"] + [f"k_{s}" for s in p.all_scalars]
+            out.append(f"            _blocks(_lo, {'_kh' if fmt.sr else 'np.uint64(0)'}, "
+                       f"{', '.join(args)})")
         else:
             out.append("            for i in range(_n):")
             out += [f"                {line}" for line in body]

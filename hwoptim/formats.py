@@ -311,9 +311,12 @@ def quantize(x: np.ndarray) -> tuple:
     finite = np.isfinite(blocks)
     A = np.max(np.where(finite, np.abs(blocks), 0), axis=1).astype(np.float32)
     unsigned = ~np.any(blocks < 0, axis=1)             # (-inf counts as negative)
+    # y = (x * pre) * inv, inv = 1 / (A * pre): pre = 2**64 where A < 2**-120 (else 1/A
+    # overflows), an exact scaling
+    pre = np.where(A < np.float32(2.0 ** -120), np.float32(2.0 ** 64), np.float32(1.0))
     with np.errstate(all="ignore"):
-        inv = np.where(A > 0, np.float32(1) / A, np.float32(0)).astype(np.float32)
-        y = np.where(finite, blocks * inv[:, None], blocks)
+        inv = np.where(A > 0, np.float32(1) / (A * pre), np.float32(0)).astype(np.float32)
+        y = np.where(finite, (blocks * pre[:, None]) * inv[:, None], blocks)
     codes = encode(y, unsigned[:, None]).reshape(-1)[:n]
     absmax = np.where(unsigned, -A, A).astype(np.float32)
     return codes, absmax

@@ -1357,8 +1357,8 @@ class Optimizer:
             raise ValueError(f"{where} holds {sorted(map(str, theirs))}; expected "
                              f"{sorted(mine)}")
         new = {}
-        for k in sorted(base(mine)) + (["master"] if "master" in mine and "master" in theirs
-                                       else []):
+        for k in [k for k in theirs if k in base(mine)] + (
+                ["master"] if "master" in mine and "master" in theirs else []):
             v, q = np.asarray(theirs[k]), f"{k}_absmax"
             want = mine[k]
             if q in theirs and q not in mine:           # int8 there: decoded

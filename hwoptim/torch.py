@@ -26,7 +26,7 @@ import torch
 from torch.optim import Optimizer as _TorchOptimizer
 
 from . import backends as _backends
-from . import interop
+from . import formats, interop
 from .optim import _kernel, _plan, check_amp, check_guard, check_value, guard_verdict
 from .spec import carry_init, host_scalars
 from .rules import RULES
@@ -38,6 +38,7 @@ _EAGER_STATE = {"Adagrad"}          # state for every param in the constructor
 _NO_STEP = {"SGD"}                  # no state["step"]; the first step is the buffer's first
 _TORCH_ONLY = ("foreach", "fused", "capturable", "differentiable")   # accepted torch args
 _DTYPES = {torch.float32: "float32", torch.float64: "float64"}
+_SIXTEEN = {torch.bfloat16: "bfloat16", torch.float16: "float16"}   # CPU tensors (formats)
 _STRIDED = torch.strided
 
 
@@ -59,9 +60,12 @@ def _host(v):
 
 
 def _view(t):
-    """A NumPy (CPU) or CuPy (CUDA) view of tensor ``t``'s memory."""
+    """A NumPy (CPU) or CuPy (CUDA) view of tensor ``t``'s memory (bfloat16: as
+    ``ml_dtypes.bfloat16``, which NumPy cannot take from torch directly)."""
     t = t.detach()
     if t.device.type == "cpu":
+        if t.dtype is torch.bfloat16:
+            return t.view(torch.int16).numpy().view(formats.np_dtype("bfloat16"))
         return t.numpy()
     return interop.as_array(t, "tensor")
 
@@ -77,8 +81,19 @@ class Optimizer(_TorchOptimizer):
     _grad_factor = False          # kernels multiply grads by a per-step factor (_clip)
 
     def __init__(self, params, *args, backend: str | None = None, max_grad_norm=None,
-                 skip_nonfinite: bool = False, **kwargs):
+                 skip_nonfinite: bool = False, state_dtype=None, master_weights: bool = False,
+                 stochastic_rounding: bool = False, seed: int = 0,
+                 min_8bit_size: int = formats.MIN_8BIT_SIZE, **kwargs):
         rule = self.rule
+        where = f"{type(self).__name__}(): "
+        formats.make("bfloat16", state_dtype, master_weights, stochastic_rounding, where)
+        for name, v, top in (("seed", seed, 2**64), ("min_8bit_size", min_8bit_size, 2**63)):
+            if isinstance(v, (bool, np.bool_)) or not isinstance(v, (int, np.integer)) or \
+                    not 0 <= v < top:
+                raise ValueError(f"{where}{name}={v!r} is invalid: expected an integer >= 0")
+        self._storage = {"state_dtype": state_dtype, "master_weights": bool(master_weights),
+                         "stochastic_rounding": bool(stochastic_rounding), "seed": int(seed),
+                         "min_8bit_size": int(min_8bit_size)}
         self.max_grad_norm, self.skip_nonfinite = check_guard(
             max_grad_norm, skip_nonfinite, f"{type(self).__name__}(): ")
         self.skipped_steps, self.last_step_skipped, self.last_grad_norm = 0, False, None
@@ -95,7 +110,8 @@ class Optimizer(_TorchOptimizer):
         if unknown:
             raise TypeError(f"{type(self).__name__}() got an unexpected argument "
                             f"{unknown[0]!r}; expected one of {', '.join(names)}, backend, "
-                            f"max_grad_norm, skip_nonfinite")
+                            f"max_grad_norm, skip_nonfinite, state_dtype, master_weights, "
+                            f"stochastic_rounding, seed, min_8bit_size")
         defaults = {n: p.default for n, p in self._parameters.items() if n != "params"}
         defaults.update(kwargs)
         for k in ("capturable", "differentiable"):
@@ -111,6 +127,82 @@ class Optimizer(_TorchOptimizer):
         self._checked_groups = {}
         self._steps, self._step_index, self._need = _StepBank(), {}, {}
         super().__init__(params, defaults)      # calls add_param_group for each group
+
+    # ------------------------------------------------------------------ formats
+    def _format_of(self, p) -> formats.Format:
+        """Param ``p``'s storage format (hwoptim.formats) from the constructor's options:
+        master weights and stochastic rounding apply to its 16-bit params, ``state_dtype``
+        to all but float64 ones, int8 from ``min_8bit_size`` elements."""
+        st, f = self._storage, None
+        name = _DTYPES.get(p.dtype) or _SIXTEEN.get(p.dtype)
+        if name is None or name == "float64":
+            return formats.make(name or "float64")
+        sixteen = name in formats.SIXTEEN
+        state = st["state_dtype"]
+        if state == "int8" and p.numel() < st["min_8bit_size"]:
+            state = None
+        f = formats.make(name, state, st["master_weights"] and sixteen,
+                         st["stochastic_rounding"] and sixteen)
+        return f
+
+    def _sr_index(self, p) -> int:
+        """``p``'s number over all groups (its stochastic-rounding stream)."""
+        index = self.__dict__.get("_param_numbers")
+        if index is None or id(p) not in index:
+            index = self.__dict__["_param_numbers"] = {
+                id(q): i for i, q in enumerate(q for g in self.param_groups for q in g["params"])}
+        return index[id(p)]
+
+    def state_dict(self):
+        """torch's state dict, with ``"hwoptim_format"``: the storage options (and the
+        stochastic-rounding seed), which :meth:`load_state_dict` takes back."""
+        sd = super().state_dict()
+        sd["hwoptim_format"] = dict(self._storage)
+        return sd
+
+    def load_state_dict(self, state_dict):
+        """torch's, keeping each state buffer's saved dtype, then converting every buffer
+        to this optimizer's storage format (float to nearest, int8 quantized or decoded; a
+        missing master copy from the params); a saved seed continues its stream."""
+        super().load_state_dict(state_dict)
+        # torch cast floating state to the params' dtype: put the saved buffers back
+        ids = [i for g in state_dict["param_groups"] for i in g["params"]]
+        mine = [p for g in self.param_groups for p in g["params"]]
+        for i, p in zip(ids, mine):
+            for k, v in (state_dict["state"].get(i) or {}).items():
+                if k != "step" and isinstance(v, torch.Tensor) and p in self.state:
+                    self.state[p][k] = v.detach().to(device=p.device).clone()
+        saved = state_dict.get("hwoptim_format") or {}
+        if self._storage["stochastic_rounding"] and isinstance(saved.get("seed"), int):
+            self._storage["seed"] = saved["seed"]
+        self._to_formats()
+
+    def _to_formats(self):
+        """Every param's state buffers in its format's storage."""
+        for group in self.param_groups:
+            for p in group["params"]:
+                st = self.state.get(p)
+                if not st:
+                    continue
+                f = self._format_of(p)
+                flags = self.rule.array_flags(self._flags(group, "")[1], p.shape)
+                for s in self.rule.active_states(flags):
+                    if s.name not in st:
+                        continue
+                    v, q = st[s.name], f"{s.name}_absmax"
+                    if q in st:                         # int8 codes: decoded
+                        v = torch.from_numpy(formats.dequantize(_view(v), _view(st.pop(q))))
+                        v = v.reshape(s.shape_for(p.shape) if s.shape else p.shape)
+                    if f.quantized:
+                        codes, absmax = formats.quantize(_view(v.float()).reshape(-1))
+                        st[s.name], st[q] = torch.from_numpy(codes), torch.from_numpy(absmax)
+                    else:
+                        st[s.name] = v.to(dtype=_torch_dtype(f.state if p.dtype is not
+                                                             torch.float64 else "float64"))
+                if f.master and "master" not in st:
+                    st["master"] = p.detach().float().clone()
+                elif not f.master:
+                    st.pop("master", None)
 
     # ------------------------------------------------------------------ signature
     @classmethod
@@ -197,15 +289,25 @@ class Optimizer(_TorchOptimizer):
         for c, v in carry_init(self.rule, h).items():   # 0-d CPU tensors, as torch's
             if c not in state:
                 state[c] = torch.tensor(v, dtype=_scalar_dtype())
+        f = self._format_of(p)
         for s in self.rule.active_states(self.rule.array_flags(flags, p.shape)):
             if s.name not in state:
                 init = h[s.init] if isinstance(s.init, str) else s.init
-                if s.shape is None:
+                if f.quantized:                  # codes, and a scale per 256 elements
+                    codes, absmax = formats.quantize(np.full(p.numel(), init, np.float32))
+                    state[s.name] = torch.from_numpy(codes)
+                    state[f"{s.name}_absmax"] = torch.from_numpy(absmax)
+                elif not f.plain:
+                    state[s.name] = torch.full(s.shape_for(p.shape), init,
+                                               dtype=_torch_dtype(f.state), device=p.device)
+                elif s.shape is None:
                     state[s.name] = torch.full_like(p, init,
                                                     memory_format=torch.preserve_format)
                 else:                            # Adafactor's row and column factors
                     state[s.name] = torch.full(s.shape_for(p.shape), init, dtype=p.dtype,
                                                device=p.device)
+        if f.master and "master" not in state:   # the float32 copy the rule updates
+            state["master"] = p.detach().float().clone()
 
     def _advance_steps(self, group, states) -> list:
         """Each state's ``step`` advanced by one, as torch advances it; the new counts.
@@ -261,7 +363,8 @@ class Optimizer(_TorchOptimizer):
                 g = p.grad
                 if g is None:
                     continue
-                if (g.layout is _STRIDED and g.dtype is p.dtype and p.dtype in _DTYPES
+                if (g.layout is _STRIDED and g.dtype is p.dtype and (
+                        p.dtype in _DTYPES or (p.dtype in _SIXTEEN and p.device.type == "cpu"))
                         and g.shape == p.shape and g.get_device() == p.get_device()
                         and p.is_contiguous() and g.is_contiguous()):
                     items.append((p, g))        # the common case, checked in one go
@@ -270,9 +373,11 @@ class Optimizer(_TorchOptimizer):
                     raise RuntimeError(f"{where}params[{j}] has a sparse grad; "
                                        f"{type(self).__name__} does not support sparse "
                                        f"gradients (torch.optim.SparseAdam does)")
-                if p.dtype not in _DTYPES:
-                    raise TypeError(f"{where}params[{j}] is {p.dtype}; hwoptim.torch updates "
-                                    f"float32 and float64 params")
+                if p.dtype not in _DTYPES and not (p.dtype in _SIXTEEN and
+                                                   p.device.type == "cpu"):
+                    raise TypeError(f"{where}params[{j}] is {p.dtype} on {p.device}; "
+                                    f"hwoptim.torch updates float32 and float64 params, and "
+                                    f"bfloat16 and float16 params on the CPU")
                 if g.dtype != p.dtype or g.shape != p.shape or g.device != p.device:
                     raise ValueError(f"{where}params[{j}].grad is {g.dtype} {tuple(g.shape)} "
                                      f"on {g.device}; expected {p.dtype} {tuple(p.shape)} on "
@@ -324,7 +429,7 @@ class Optimizer(_TorchOptimizer):
         for dtype in {g.dtype for g in grads}:
             views = [_view(g).reshape(-1) for g in grads if g.dtype is dtype]
             sizes = np.array([v.size for v in views], np.int64)
-            s, f = backend.grad_stats(views, sizes, _DTYPES[dtype])
+            s, f = backend.grad_stats(views, sizes, _DTYPES.get(dtype) or _SIXTEEN[dtype])
             sumsq, finite = sumsq + s, finite and f
         if inv_scale is not None:
             sumsq *= inv_scale * inv_scale
@@ -374,9 +479,19 @@ class Optimizer(_TorchOptimizer):
             ts = [(t, *(float(st[c.name]) for c in rule.carry)) for st, t in zip(states, ts)]
         by_kernel = {}
         for (p, g), st, t in zip(items, states, ts):
-            by_kernel.setdefault((p.device, _DTYPES[p.dtype]), []).append((p, g, t, st))
+            key = _DTYPES[p.dtype] if (p.dtype in _DTYPES and not self._storage["state_dtype"]
+                                       ) else self._format_of(p).key
+            by_kernel.setdefault((p.device, key), []).append((p, g, t, st))
         for (dev, dtype), work in by_kernel.items():
             fam = "host" if dev.type == "cpu" else "cuda"
+            if plan.stages is not None and dtype not in ("float32", "float64"):
+                raise ValueError(f"{type(self).__name__}: a {work[0][0].dim()}-d param in "
+                                 f"format {dtype}: {self.rule.name}'s factored (staged) "
+                                 f"params take float32/float64 only yet")
+            if fam == "cuda" and dtype not in ("float32", "float64"):
+                raise ValueError(f"{type(self).__name__}: state_dtype={self._storage['state_dtype']!r} "
+                                 f"runs on CPU tensors only yet (CUDA: the kernels keep one "
+                                 f"dtype for every buffer)")
             k = _kernel(_backends.pick(fam, self._backend_request), plan, dtype)
             stream = None
             if fam == "cuda":
@@ -405,10 +520,23 @@ class Optimizer(_TorchOptimizer):
         launch key: its step count, and for rules that carry scalars, their values."""
         distinct = sorted({w[2] for w in work})
         step_of = (lambda key: key[0]) if self.rule.carry else (lambda key: key)
+        fmt = formats.Format.parse(dtype)
+        names = fmt.arrays(("param", "grad") + tuple(names))[2:]
+        keys = None
+        if fmt.sr:                          # each param's key for its step
+            keys = np.array([formats.sr_key(self._storage["seed"], step_of(t),
+                                            [self._sr_index(p)])[0]
+                             for p, g, t, st in work], np.uint32)
+        dtype = fmt.compute
+
+        def buf(j, st, n):
+            return keys[j:j + 1] if n == "_srkey" else st[n]
         if hasattr(k, "many"):
             row_of = {t: r for r, t in enumerate(distinct)}
-            ptrs = np.array([[p.data_ptr(), g.data_ptr(), *[st[n].data_ptr() for n in names]]
-                             for p, g, _, st in work], np.int64)
+            ptrs = np.array([[p.data_ptr(), g.data_ptr(),
+                              *[(keys.ctypes.data + 4 * j if n == "_srkey" else st[n].data_ptr())
+                                for n in names]]
+                             for j, (p, g, _, st) in enumerate(work)], np.int64)
             sizes = np.array([p.numel() for p, *_ in work], np.int64)
             rows = (np.zeros(len(work), np.int64) if len(distinct) == 1 else
                     np.array([row_of[w[2]] for w in work], np.int64))
@@ -419,13 +547,19 @@ class Optimizer(_TorchOptimizer):
         for t in distinct:
             scal = k.prepare(self._with_carry(h, t), step_of(t))
             flat = (lambda a: a) if staged else (lambda a: a.reshape(-1))
-            items = [[flat(_view(p)), _view(g).reshape(-1)] + [flat(_view(st[n])) for n in names]
-                     for p, g, tt, st in work if tt == t]
+            items = [[flat(_view(p)), _view(g).reshape(-1)] + [
+                         buf(j, st, n) if n == "_srkey" else flat(_view(st[n])) for n in names]
+                     for j, (p, g, tt, st) in enumerate(work) if tt == t]
             if hasattr(k, "run_list"):        # staged (Adafactor's matrices): together
                 k.run_list(items, scal)
                 continue
             for arrays in items:
                 k(arrays, scal)
+
+
+def _torch_dtype(name: str):
+    return {"float32": torch.float32, "float64": torch.float64, "bfloat16": torch.bfloat16,
+            "float16": torch.float16}[name]
 
 
 class _StepBank:

@@ -573,3 +573,126 @@ def test_int8_checkpoints_convert(backend, rng):
     with pytest.raises(ValueError, match="expected uint8 codes of 5000 elements"):
         back.load_state_dict(bad)
     assert np.array_equal(back.state[0]["exp_avg"], before["state"][0]["exp_avg"])
+
+
+# ----------------------------------------------------------------------------- hwoptim.torch
+
+TORCH_MODES = [("bfloat16", {}), ("bfloat16", {"state_dtype": "int8", "min_8bit_size": 0}),
+               ("float16", {"master_weights": True}),
+               ("bfloat16", {"stochastic_rounding": True, "seed": 9,
+                             "state_dtype": "bfloat16"}),
+               ("float32", {"state_dtype": "int8"})]
+
+
+@pytest.mark.torch
+@pytest.mark.parametrize("backend", HOST)
+@pytest.mark.parametrize("mode", TORCH_MODES, ids=[f"{d}-{o}" for d, o in TORCH_MODES])
+def test_torch_class_steps_16_bit_tensors_as_the_native_class(mode, backend, torch, rng):
+    """hwoptim.torch.Adam on CPU tensors of 16-bit dtypes, in each format, gives the native
+    class's bits on the same values (params numbered as the native class numbers them: the
+    same stochastic-rounding streams); its state_dict goes through torch.save/torch.load and
+    a new optimizer resumes bit-identically."""
+    import io
+    import hwoptim.torch as ht
+    dtype, fmt = mode
+    tdt = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}[dtype]
+    shapes = [(64, 80), (80,), (5000,)]
+    init = [rng.standard_normal(s).astype(np.float32) for s in shapes]
+    grads = [[rng.standard_normal(s).astype(np.float32) for s in shapes] for _ in range(4)]
+    tp = [torch.nn.Parameter(torch.tensor(a).to(tdt)) for a in init]
+    opt = ht.Adam(tp, lr=1e-2, backend=backend, **fmt)
+    mine = [torch.tensor(a).to(tdt).float().numpy().astype(formats.np_dtype(dtype))
+            for a in init]
+    ref = hwoptim.Adam(mine, lr=1e-2, backend=backend, **fmt)
+    for g in grads[:2]:
+        for t, a in zip(tp, g):
+            t.grad = torch.tensor(a).to(tdt)
+        opt.step()
+        ref.step([a.astype(formats.np_dtype(dtype)) for a in g])
+    for t, m in zip(tp, mine):
+        assert np.array_equal(t.detach().float().numpy(), m.astype(np.float32).reshape(t.shape))
+    buf = io.BytesIO()
+    torch.save(opt.state_dict(), buf)
+    tp2 = [torch.nn.Parameter(t.detach().clone()) for t in tp]
+    opt2 = ht.Adam(tp2, lr=1e-2, backend=backend, **{**fmt, "seed": 1})
+    opt2.load_state_dict(torch.load(io.BytesIO(buf.getvalue()), weights_only=False))
+    for g in grads[2:]:
+        for ps in (tp, tp2):
+            for t, a in zip(ps, g):
+                t.grad = torch.tensor(a).to(tdt)
+        opt.step()
+        opt2.step()
+    for a, b in zip(tp, tp2):
+        assert torch.equal(a.detach().view(torch.int16 if tdt != torch.float32 else torch.int32),
+                           b.detach().view(torch.int16 if tdt != torch.float32 else torch.int32))
+    for k, v in opt.state[tp[2]].items():
+        assert torch.equal(v, opt2.state[tp2[2]][k]), k
+
+
+@pytest.mark.torch
+def test_torch_class_loads_torch_optim_state_into_int8(torch, rng):
+    """torch.optim.Adam's state_dict (float32 moments) into hwoptim.torch.Adam with int8
+    state: the moments quantized; back into torch.optim.Adam: decoded (float32)."""
+    import hwoptim.torch as ht
+    p = torch.nn.Parameter(torch.randn(6000))
+    p.grad = torch.randn(6000)
+    ta = torch.optim.Adam([p], lr=1e-3)
+    ta.step()
+    sd = ta.state_dict()
+    q = torch.nn.Parameter(p.detach().clone())
+    mine = ht.Adam([q], lr=1e-3, state_dtype="int8")
+    mine.load_state_dict(sd)
+    codes, absmax = formats.quantize(sd["state"][0]["exp_avg"].numpy())
+    assert np.array_equal(mine.state[q]["exp_avg"].numpy(), codes)
+    assert np.array_equal(mine.state[q]["exp_avg_absmax"].numpy(), absmax)
+    back = torch.optim.Adam([torch.nn.Parameter(p.detach().clone())], lr=1e-3)
+    # hwoptim's int8 state decoded by a float32 hwoptim.torch optimizer, then into torch
+    f32 = ht.Adam([torch.nn.Parameter(p.detach().clone())], lr=1e-3)
+    f32.load_state_dict(mine.state_dict())
+    back.load_state_dict(f32.state_dict())
+    got = back.state_dict()["state"][0]["exp_avg"].numpy()
+    assert np.array_equal(got, formats.dequantize(codes, absmax))
+
+
+# ----------------------------------------------------------------------------- the lesson
+
+def test_lesson_runs_methods_in_storage_formats():
+    """``hwoptim viz``'s methods take ``dtype=`` and the format's options: the path holds
+    values of the storage dtype; on the valley with a small lr, bfloat16 with
+    round-to-nearest stalls where float32 and stochastic rounding go on."""
+    from hwoptim.lesson import landscapes as L, trajectories as T
+    ls = L.get("valley")
+    runs = {}
+    for label, extra in (("fp32", "dtype='float32'"), ("rne", "dtype='bfloat16'"),
+                         ("sr", "dtype='bfloat16', stochastic_rounding=True"),
+                         ("int8", "dtype='float32', state_dtype='int8', min_8bit_size=0")):
+        m = T.parse_method(f"{label}=Adam(lr=0.001, {extra})")
+        runs[label] = T.run(ls, m, 1000, backend="numpy")
+    bf = runs["rne"].path.astype(np.float32)
+    assert np.array_equal(bf, bf.astype(BF16).astype(np.float32))      # bfloat16 values
+    assert runs["rne"].losses[-1] > 2 * runs["fp32"].losses[-1]
+    assert runs["sr"].losses[-1] < 0.5 * runs["rne"].losses[-1]
+    assert runs["int8"].losses[-1] < 0.5 * runs["rne"].losses[-1]
+    with pytest.raises(ValueError, match="dtype='int4'"):
+        T.parse_method("Adam(dtype='int4')")
+
+
+@pytest.mark.skipif("numba" not in HOST, reason="numba is not available")
+@pytest.mark.parametrize("many", [False, True])
+def test_int8_parallel_kernels_are_the_reference(many, rng):
+    """int8 state with stochastic rounding on arrays large enough for the parallel kernels
+    (one array: a prange over runs of blocks; many: the multi-tensor chunks), against the
+    NumPy backend, bit for bit."""
+    sizes = [300_000] if not many else [200_000, 70_001] + [100] * 15
+    out = []
+    for backend in ("numpy", "numba"):
+        r = np.random.default_rng(3)
+        params, grads = _problem(r, sizes, BF16)
+        opt = hwoptim.Adam(params, backend=backend, state_dtype="int8",
+                           stochastic_rounding=True, seed=8)
+        for g in grads:
+            opt.step(g)
+        out.append((params, opt.state_dict()))
+    assert _same(out[0][0], out[1][0])
+    for x, y in zip(out[0][1]["state"], out[1][1]["state"]):
+        assert all(np.array_equal(x[k], y[k]) for k in x)

@@ -107,6 +107,11 @@ def add_arguments(parser) -> None:
                         help="instead: Adam float32, default threads against one thread, "
                              "with none, one or every core kept busy by other processes "
                              "(sizes 1e4,1e5,1e6,1e7; target <= 1.5x)")
+    parser.add_argument("--formats", action="store_true",
+                        help="instead: one rule (--rules, default Adam) in every storage "
+                             "format (16-bit params, bfloat16/int8 state, master weights, "
+                             "stochastic rounding) against its byte floor, its arithmetic "
+                             "and torch's fused float32 Adam (--sizes, default 1e7,5e7)")
     parser.add_argument("--interleaved", action="store_true",
                         help="instead: Adam float32 steps alternating with NumPy and torch "
                              "matrix products (sizes 1e5,1e7; target <= 1.2x the two apart)")
@@ -362,6 +367,16 @@ def run_sections(args) -> int:
 
 
 def run(args) -> int:
+    if getattr(args, "formats", False):
+        from types import SimpleNamespace
+        from . import formats
+        rules = _csv(args.rules) or ("Adam",)
+        code = 0
+        for rule in rules:
+            code |= formats.run(SimpleNamespace(
+                rule=rule, sizes=args.sizes or "1e7,5e7", rounds=args.pairs,
+                no_torch=args.no_torch))
+        return code
     if getattr(args, "contention", False) or getattr(args, "interleaved", False):
         try:
             return run_sections(args)

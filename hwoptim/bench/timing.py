@@ -14,6 +14,18 @@ import time
 import hwoptim.backends
 
 
+def torch_on_our_threads():
+    """``torch`` with as many threads as hwoptim's kernels use (comparisons side by side),
+    or ``None`` where it is not installed."""
+    try:
+        import torch
+    except ImportError:
+        return None
+    import hwoptim
+    torch.set_num_threads(hwoptim.get_num_threads())
+    return torch
+
+
 def sample(fn, reps: int) -> float:
     """Seconds per call of ``fn``, over ``reps`` back-to-back calls."""
     t0 = time.perf_counter()

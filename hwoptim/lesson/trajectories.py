@@ -22,6 +22,7 @@ import numpy as np
 
 import hwoptim
 from hwoptim import backends as _backends
+from hwoptim import formats
 from .landscapes import Landscape, array_module
 
 __all__ = ["Method", "Trajectory", "LESSON_METHODS", "ALIASES", "parse_method", "run",
@@ -44,8 +45,16 @@ class Method:
         return getattr(hwoptim, self.optimizer)
 
     def make(self, params, backend=None, **override):
-        """The optimizer over ``params`` (``override`` replaces hyperparameters)."""
-        return self.cls()(params, backend=backend, **{**self.hypers, **override})
+        """The optimizer over ``params`` (``override`` replaces hyperparameters; ``dtype``,
+        the params' storage, is the run's, not the optimizer's)."""
+        kw = {k: v for k, v in {**self.hypers, **override}.items() if k != "dtype"}
+        return self.cls()(params, backend=backend, **kw)
+
+    @property
+    def storage(self):
+        """The params' dtype this method asks for (``dtype='bfloat16'``, ``'float16'``,
+        ``'float32'``: a storage format, hwoptim.formats), or ``None``: the run's."""
+        return self.hypers.get("dtype")
 
     def with_hypers(self, **hypers) -> "Method":
         return replace(self, hypers={**self.hypers, **hypers})
@@ -82,8 +91,11 @@ def parse_method(text: str) -> Method:
 
     ``NAME`` is one of the lesson's names (``SGD``, ``Momentum``, ``Nesterov``, ``AdaGrad``,
     ``Adadelta``, ``RMSProp``, ``Adam``, ``AdamW``; any case) or an hwoptim class name;
-    values are Python literals (``betas=(0.9, 0.99)``, ``nesterov=True``). Examples:
-    ``"Adam(lr=0.05)"``, ``"slow=SGD(lr=0.001)"``, ``"Momentum(momentum=0.5)"``.
+    values are Python literals (``betas=(0.9, 0.99)``, ``nesterov=True``); the storage
+    format's options are keyword arguments too, and ``dtype=`` the params' dtype
+    (``'bfloat16'``, ``'float16'``, ``'float32'``; README, "Storage formats"). Examples:
+    ``"Adam(lr=0.05)"``, ``"slow=SGD(lr=0.001)"``, ``"Momentum(momentum=0.5)"``,
+    ``"bf16 SR=Adam(lr=0.01, dtype='bfloat16', stochastic_rounding=True)"``.
     """
     s = text.strip()
     head, paren, rest = s.partition("(")
@@ -129,7 +141,11 @@ def parse_method(text: str) -> Method:
         label = alias + (f"({', '.join(f'{k}={v}' for k, v in extra.items())})"
                          if extra else "")
     m = Method(label, cls, hypers)
-    m.make(np.zeros(1), backend="numpy")   # hwoptim checks the hyperparameters, with its messages
+    if m.storage is not None and formats.dtype_name(_np_dtype(m.storage)) is None:
+        raise ValueError(f"method {text!r}: dtype={m.storage!r}; expected one of "
+                         f"{', '.join(formats.PARAM_DTYPES)}")
+    # hwoptim checks the hyperparameters, with its messages
+    m.make(np.zeros(1, _np_dtype(m.storage or "float64")), backend="numpy")
     return m
 
 
@@ -163,6 +179,10 @@ class Trajectory:
     @property
     def final(self):
         return None if self.path is None else self.path[-1]
+
+
+def _np_dtype(name):
+    return formats.np_dtype(name) if name in formats.PARAM_DTYPES else np.dtype(name)
 
 
 def _array_module_for(backend):
@@ -206,12 +226,28 @@ def run(landscape: Landscape, method: Method, steps: int, *, start=None, backend
         raise ValueError(f"steps={steps}: expected a number >= 0")
     src = landscape.start if start is None else start
     xp = array_module(src) if array_module(src) is not np else _array_module_for(backend)
+    stored = None
+    if method.storage is not None:      # params in a storage format: math in float64 here
+        stored, dtype = _np_dtype(method.storage), np.float64
     p = xp.array(src, dtype=dtype).reshape(-1)
     if p.shape != (landscape.dim,):
         raise ValueError(f"start has {p.size} values; {landscape.name} has {landscape.dim} "
                          f"variables")
     g = xp.zeros_like(p)
-    opt = method.make(p, backend=backend)
+    if stored is not None:
+        p_s, g_s = p.astype(stored), xp.zeros(p.shape, stored)
+        opt = method.make(p_s, backend=backend)
+        inner = opt.step
+
+        class _Stored:             # the landscape sees float64; the optimizer its storage
+            backend_name, param_groups, state = opt.backend_name, opt.param_groups, opt.state
+
+            @staticmethod
+            def step(grad):
+                g_s[...] = grad.astype(stored)
+                inner([g_s])
+                p[...] = p_s.astype(np.float64)
+        opt = _Stored
     if record == "auto":
         record = "point" if landscape.dim <= 64 else None
     take = (lambda q: _host(q)) if record == "point" else \

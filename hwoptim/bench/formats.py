@@ -1,14 +1,14 @@
-"""Issue 10's CPU targets: one rule's step in every storage format, side by side in one run
+"""One rule's step in every storage format (hwoptim.formats), side by side in one run
 (``hwoptim.bench.timing.measure``: interleaved rounds, the order rotating, medians).
 
-    python bench/formats.py [--rule Adam] [--sizes 1e7,5e7] [--rounds 9] [--no-torch]
+    hwoptim bench --formats [--rules Adam] [--sizes 1e7,5e7] [--pairs 9] [--no-torch]
 
 For each format: bytes per element the step must move (from the kernel's loads and stores;
 int8 state: a byte per element and a float32 absmax per 256), ns per element of hwoptim's
 step on one param of N elements, of a floor kernel that moves the same bytes (the same
 arrays, element types as stored: each element read, summed as float32 and written back,
 no conversion beyond an int/float cast), and of the step's own
-arithmetic (the serial kernel on 4096 elements that stay in L1/L2, per core, divided by the
+arithmetic (the serial kernel on 32768 elements that stay in L2, per core, divided by the
 thread count: what the math alone costs with every core busy); and torch's fused float32
 Adam (``torch.optim.Adam(fused=True)``) in the same rounds. State bytes per element are
 measured from the arrays.
@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import statistics
+import sys
 import time
 
 import numpy as np
@@ -24,7 +25,7 @@ import numpy as np
 import hwoptim
 from hwoptim import formats
 from hwoptim.backends import numba as nb
-from hwoptim.bench.timing import measure
+from hwoptim.bench.timing import measure, torch_on_our_threads
 from hwoptim.optim import _plan
 
 FORMATS = [   # (label, param dtype, options)
@@ -98,8 +99,8 @@ def case(rule, dtype, opts, n, torch):
 
 
 def arithmetic_ns(rule, dtype, opts) -> float:
-    """ns per element of the serial kernel on 4096 in-cache elements, per core / threads."""
-    n = 4096
+    """ns per element of the serial kernel on 32768 elements (in L2), per core / threads."""
+    n = 32768
     p = np.ones(n, formats.np_dtype(dtype))
     g = np.full(n, 1e-3, formats.np_dtype(dtype))
     o = getattr(hwoptim, rule)([p], **opts)
@@ -108,7 +109,7 @@ def arithmetic_ns(rule, dtype, opts) -> float:
     arrays = [nb._bits16(a) for a in [o._views[0][0], g] + list(o._views[0][1:])]
     sc = [np.dtype(o.format.compute).type(x) for x in o._prepare[0](o.param_groups[0], 2)]
     f(*arrays, *sc)
-    reps, best = 2000, np.inf
+    reps, best = 300, np.inf
     for _ in range(7):
         t0 = time.perf_counter()
         for _ in range(reps):
@@ -123,14 +124,15 @@ def main(argv=None) -> int:
     ap.add_argument("--sizes", default="1e7,5e7")
     ap.add_argument("--rounds", type=int, default=9)
     ap.add_argument("--no-torch", action="store_true")
-    args = ap.parse_args(argv)
-    torch = None
-    if not args.no_torch:
-        try:
-            import torch
-            torch.set_num_threads(hwoptim.get_num_threads())
-        except ImportError:
-            pass
+    return run(ap.parse_args(argv))
+
+
+def run(args) -> int:
+    """The tables (``args``: rule, sizes, rounds, no_torch)."""
+    if not hasattr(hwoptim, args.rule):
+        print(f"hwoptim bench --formats: no rule {args.rule!r}", file=sys.stderr)
+        return 2
+    torch = None if args.no_torch else torch_on_our_threads()
     print(f"threads {hwoptim.get_num_threads()}, {args.rule}, medians of {args.rounds} "
           f"interleaved rounds; ns per element")
     for n in (int(float(s)) for s in args.sizes.split(",")):
