@@ -696,3 +696,20 @@ def test_int8_parallel_kernels_are_the_reference(many, rng):
     assert _same(out[0][0], out[1][0])
     for x, y in zip(out[0][1]["state"], out[1][1]["state"]):
         assert all(np.array_equal(x[k], y[k]) for k in x)
+
+
+@pytest.mark.parametrize("backend", HOST)
+def test_a_copied_optimizer_keeps_its_format(backend, rng):
+    """copy.deepcopy (and pickle) keep the format, the seed and min_8bit_size: the copy
+    steps to the original's bits."""
+    import copy
+    params, grads = _problem(rng, [5000, 100], BF16)
+    opt = hwoptim.Adam(params, backend=backend, state_dtype="int8", stochastic_rounding=True,
+                       seed=77, min_8bit_size=1000)
+    opt.step(grads[0])
+    twin = copy.deepcopy(opt)
+    assert twin.format == opt.format and twin.seed == 77 and twin.min_8bit_size == 1000
+    assert twin.state[1]["exp_avg"].dtype == np.float32          # under min_8bit_size
+    opt.step(grads[1])
+    twin.step(grads[1])
+    assert _same(params, twin._params)
