@@ -58,7 +58,12 @@ def as_array(a, what: str):
     dev = int(dev)
     try:
         if dev in (_CPU, _CUDA_HOST):
-            if lib == "torch":
+            if lib == "torch" and str(a.dtype) == "torch.bfloat16":
+                # NumPy takes no bfloat16 export: the bits, seen as ml_dtypes.bfloat16
+                import torch
+                from .formats import np_dtype
+                out = a.view(torch.int16).numpy().view(np_dtype("bfloat16"))
+            elif lib == "torch":
                 out = a.numpy()              # the same view as np.from_dlpack, 4x cheaper
             else:
                 out = np.from_dlpack(a)

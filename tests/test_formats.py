@@ -713,3 +713,45 @@ def test_a_copied_optimizer_keeps_its_format(backend, rng):
     opt.step(grads[1])
     twin.step(grads[1])
     assert _same(params, twin._params)
+
+
+@pytest.mark.skipif("numba" not in HOST, reason="numba is not available")
+@pytest.mark.parametrize("mode", MODES, ids=MODE_IDS)
+def test_a_checkpoint_resumes_on_the_other_backend(mode, rng):
+    """Three steps on Numba, the state_dict loaded into a NumPy-backend optimizer, three
+    more: the bits of six steps on Numba."""
+    dtype, fmt = mode
+    params, _ = _problem(rng, [33, 3000], formats.np_dtype(dtype))
+    grads = [[_values(rng, p.size).astype(p.dtype) for p in params] for _ in range(6)]
+    a = [p.copy() for p in params]
+    opt = hwoptim.Adam(a, lr=1e-2, backend="numba", **fmt)
+    for g in grads:
+        opt.step(g)
+    b = [p.copy() for p in params]
+    first = hwoptim.Adam(b, lr=1e-2, backend="numba", **fmt)
+    for g in grads[:3]:
+        first.step(g)
+    second = hwoptim.Adam(b, lr=1e-2, backend="numpy", **fmt)
+    second.load_state_dict(first.state_dict())
+    for g in grads[3:]:
+        second.step(g)
+    assert _same(a, b)
+
+
+@pytest.mark.torch
+@pytest.mark.parametrize("backend", HOST)
+def test_native_class_steps_torch_16_bit_tensors_in_place(backend, torch, rng):
+    """torch CPU tensors of bfloat16 and float16 as the native class's params and grads
+    (DLPack; bfloat16's bits reinterpreted, as NumPy takes no bfloat16 export): updated in
+    place, the bits of the same step on NumPy arrays."""
+    for tdt, dtype in ((torch.bfloat16, "bfloat16"), (torch.float16, "float16")):
+        init = rng.standard_normal(3000).astype(np.float32)
+        g = rng.standard_normal(3000).astype(np.float32)
+        t = torch.tensor(init).to(tdt)
+        opt = hwoptim.Adam([t], backend=backend, stochastic_rounding=True)
+        opt.step([torch.tensor(g).to(tdt)])
+        a = torch.tensor(init).to(tdt).float().numpy().astype(formats.np_dtype(dtype))
+        ref = hwoptim.Adam([a], backend=backend, stochastic_rounding=True)
+        ref.step([torch.tensor(g).to(tdt).float().numpy().astype(formats.np_dtype(dtype))])
+        assert np.array_equal(t.float().numpy(), a.astype(np.float32))
+        assert not np.array_equal(t.float().numpy(), init)
