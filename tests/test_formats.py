@@ -755,3 +755,21 @@ def test_native_class_steps_torch_16_bit_tensors_in_place(backend, torch, rng):
         ref.step([torch.tensor(g).to(tdt).float().numpy().astype(formats.np_dtype(dtype))])
         assert np.array_equal(t.float().numpy(), a.astype(np.float32))
         assert not np.array_equal(t.float().numpy(), init)
+
+
+@pytest.mark.skipif("numba" not in HOST, reason="numba is not available")
+def test_bench_formats_prints_every_format(capsys):
+    """``hwoptim bench --formats``: a row per format with its bytes per element (plain SGD
+    reads p and g and writes p: 12 B in float32); an unknown rule is a usage error."""
+    from hwoptim.cli import main
+
+    def bench_main(args):
+        return main(["bench", *args])
+    assert bench_main(["--formats", "--rules", "SGD", "--sizes", "3000", "--pairs", "1",
+                       "--no-torch"]) == 0
+    out = capsys.readouterr().out
+    rows = [ln for ln in out.splitlines() if ln.startswith("| ") and "---" not in ln][1:]
+    from hwoptim.bench.formats import FORMATS
+    assert len(rows) == len(FORMATS)
+    assert rows[0].split("|")[2].strip() == "12"          # fp32 SGD without momentum
+    assert bench_main(["--formats", "--rules", "NoSuchRule", "--no-torch"]) == 2

@@ -23,10 +23,9 @@ import time
 import numpy as np
 
 import hwoptim
-from hwoptim import formats
+from hwoptim import codegen, formats
 from hwoptim.backends import numba as nb
 from hwoptim.bench.timing import measure, torch_on_our_threads
-from hwoptim.optim import _plan
 
 FORMATS = [   # (label, param dtype, options)
     ("fp32", "float32", {}),
@@ -85,7 +84,7 @@ def case(rule, dtype, opts, n, torch):
     opt = getattr(hwoptim, rule)([p], **opts)
     opt.step([g])
     fmt = opt.format
-    plan = _plan(opt.rule, opt._flags[0])
+    plan = codegen.plan(opt.rule, opt._flags[0])
     names = fmt.arrays(plan.arrays)
     bufs = dict(zip(names, [nb._bits16(a) for a in [_views(opt)[0], g] + _views(opt)[1:]]))
     reads = ["master" if (a == "param" and fmt.master) else a for a in plan.reads]

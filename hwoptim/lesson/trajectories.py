@@ -248,6 +248,8 @@ def run(landscape: Landscape, method: Method, steps: int, *, start=None, backend
                 inner([g_s])
                 p[...] = p_s.astype(np.float64)
         opt = _Stored
+    else:
+        opt = method.make(p, backend=backend)
     if record == "auto":
         record = "point" if landscape.dim <= 64 else None
     take = (lambda q: _host(q)) if record == "point" else \
