@@ -508,7 +508,7 @@ def _bf_sr(typingctx, x, r):
     return types.uint16(types.float32, r), lower
 
 
-def _q_special(builder, u, top_mag):
+def _q_special(builder, u):
     """(top code, top - 1) of the map ``u`` (i1: unsigned) as i32."""
     return (builder.select(u, _c32(0xFF), _c32(0x7F)),
             builder.select(u, _c32(0xFE), _c32(0x7E)))
@@ -536,7 +536,7 @@ def _q_load(typingctx, c, a):
         v = builder.select(neg, builder.fneg(v), v)
         aa = builder.bitcast(builder.and_(ab, _c32(0x7FFFFFFF)), f32)
         res = builder.fmul(v, aa)
-        top, inf_code = _q_special(builder, u, None)
+        top, inf_code = _q_special(builder, u)
         inf = builder.select(neg, _ir.Constant(f32, float("-inf")), _ir.Constant(f32, float("inf")))
         res = builder.select(builder.icmp_unsigned("==", mag, inf_code), inf, res)
         return builder.select(builder.icmp_unsigned("==", mag, top),
@@ -570,7 +570,7 @@ def _q_code(typingctx, v, pre, inv, u):
         rint = builder.module.declare_intrinsic("llvm.rint", [f32])
         k = builder.fptosi(builder.call(rint, [builder.fmul(a, scale)]), i32)
         mag = builder.add(builder.mul(builder.sub(e, _c32(1)), _c32(8)), k)
-        top, inf_code = _q_special(builder, u, None)
+        top, inf_code = _q_special(builder, u)
         mag = builder.select(isinf, inf_code, mag)
         mag = builder.select(isnan, top, mag)
         return builder.trunc(builder.or_(mag, sign), _ir.IntType(8))

@@ -106,9 +106,6 @@ class Format:
             return "uint32"
         return "uint8" if self.quantized else self.state
 
-    def state_bytes(self) -> int:
-        return np_dtype(self.state).itemsize
-
     @classmethod
     def parse(cls, key) -> "Format":
         """The format named by ``key`` (a :attr:`key`, or a plain dtype name)."""
@@ -169,12 +166,15 @@ def mix32(x):
     return x
 
 
-def sr_key(seed: int, step: int, tensors) -> np.ndarray:
-    """uint32 keys of step ``step`` for the tensors numbered ``tensors`` (an optimizer
-    numbers its params in order over all groups) of a run seeded with ``seed``."""
+def sr_key(seed: int, step, tensors) -> np.ndarray:
+    """uint32 keys of step ``step`` (a number, or one per tensor) for the tensors numbered
+    ``tensors`` (an optimizer numbers its params in order over all groups) of a run seeded
+    with ``seed``."""
+    step = np.asarray(step, dtype=np.uint64)
     k = mix32(np.uint64((seed & _M32) ^ 0x9E3779B9))
-    for word in (seed >> 32, step & _M32, step >> 32):
-        k = mix32(k ^ np.uint64(word & _M32))
+    k = mix32(k ^ np.uint64((seed >> 32) & _M32))
+    for word in (step & np.uint64(_M32), step >> np.uint64(32)):
+        k = mix32(k ^ word)
     t = np.asarray(tensors, dtype=np.uint64)
     return mix32(k ^ mix32(t)).astype(np.uint32)
 
@@ -187,11 +187,6 @@ def element_bits(key, index):
 
 
 # ----------------------------------------------------------------------------- rounding
-
-def load(a: np.ndarray, compute: str) -> np.ndarray:
-    """``a`` converted (exactly) to the compute dtype."""
-    return a.astype(compute)
-
 
 def round_nearest(x: np.ndarray, storage: str) -> np.ndarray:
     """float32/64 ``x`` rounded to nearest (ties to even) into ``storage``: NumPy's and

@@ -475,7 +475,8 @@ class Optimizer:
 
     def _set_format(self, arrays, storage):
         """The storage format (hwoptim.formats) from the params' dtype and the options
-        ``(state_dtype, master_weights, stochastic_rounding, seed)``, checked."""
+        ``(state_dtype, master_weights, stochastic_rounding, seed, min_8bit_size)``,
+        checked."""
         where = f"{self.rule.name}(): "
         state_dtype, master, sr, seed, min_8bit = storage
         self.format = formats.make(formats.dtype_name(arrays[0].dtype), state_dtype, master,

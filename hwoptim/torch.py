@@ -6,7 +6,9 @@ torch's own optimizers), step hooks, LR schedulers and ``torch.amp.GradScaler`` 
 
 ``step()`` runs hwoptim's generated kernels on the tensors' memory, zero-copy: the Numba
 backend (or NumPy, ``backend="numpy"``) for CPU tensors, CuPy for CUDA tensors, on torch's
-current stream. The one extra argument is ``backend=``. torch's ``foreach`` and ``fused``
+current stream. The extra arguments are ``backend=`` and, for CPU tensors, the storage
+formats' ``state_dtype=``, ``master_weights=``, ``stochastic_rounding=``, ``seed=`` and
+``min_8bit_size=`` (README, "Storage formats"). torch's ``foreach`` and ``fused``
 are accepted and change nothing (hwoptim's kernels are always fused); ``capturable=True`` and
 ``differentiable=True`` are refused.
 
@@ -133,7 +135,7 @@ class Optimizer(_TorchOptimizer):
         """Param ``p``'s storage format (hwoptim.formats) from the constructor's options:
         master weights and stochastic rounding apply to its 16-bit params, ``state_dtype``
         to all but float64 ones, int8 from ``min_8bit_size`` elements."""
-        st, f = self._storage, None
+        st = self._storage
         name = _DTYPES.get(p.dtype) or _SIXTEEN.get(p.dtype)
         if name is None or name == "float64":
             return formats.make(name or "float64")
@@ -141,9 +143,8 @@ class Optimizer(_TorchOptimizer):
         state = st["state_dtype"]
         if state == "int8" and p.numel() < st["min_8bit_size"]:
             state = None
-        f = formats.make(name, state, st["master_weights"] and sixteen,
-                         st["stochastic_rounding"] and sixteen)
-        return f
+        return formats.make(name, state, st["master_weights"] and sixteen,
+                            st["stochastic_rounding"] and sixteen)
 
     def _sr_index(self, p) -> int:
         """``p``'s number over all groups (its stochastic-rounding stream)."""
@@ -524,9 +525,9 @@ class Optimizer(_TorchOptimizer):
         names = fmt.arrays(("param", "grad") + tuple(names))[2:]
         keys = None
         if fmt.sr:                          # each param's key for its step
-            keys = np.array([formats.sr_key(self._storage["seed"], step_of(t),
-                                            [self._sr_index(p)])[0]
-                             for p, g, t, st in work], np.uint32)
+            keys = formats.sr_key(self._storage["seed"],
+                                  [step_of(t) for p, g, t, st in work],
+                                  [self._sr_index(p) for p, g, t, st in work])
         dtype = fmt.compute
 
         def buf(j, st, n):

@@ -212,9 +212,9 @@ def _bits_of_every_float16():
 @pytest.mark.parametrize("dtype", ["float16", "bfloat16"])
 def test_round_nearest_matches_the_libraries_and_the_kernels(dtype):
     """Round to nearest (ties to even) of float32 values spread over every exponent, the
-    neighbours of every 16-bit number and their midpoints, NaN and infinities: the Numba
-    kernels' conversions (through SGD with lr=0: the param is only loaded and stored) and
-    an SGD step that moves by a half-ulp."""
+    neighbours of every 16-bit number and their midpoints, NaN and infinities: NumPy's and
+    ml_dtypes' own conversions, and the Numba kernels' (a master copy holding the values,
+    stored into the params by SGD with lr=0)."""
     every = _bits_of_every_float16().view(formats.np_dtype(dtype)).astype(np.float32)
     every = every[np.isfinite(every)]
     up = np.nextafter(every, np.float32(np.inf))
@@ -227,9 +227,6 @@ def test_round_nearest_matches_the_libraries_and_the_kernels(dtype):
     assert np.array_equal(want.astype(np.float32), x.astype(formats.np_dtype(dtype)).astype(
         np.float32), equal_nan=True)
     if "numba" in HOST:
-        # SGD: p - lr*g with lr = 1 and g = p - x (exact in float64? no: in float32 the
-        # param is x after the subtraction only when exact) -- instead a master copy holds
-        # x and lr=0 stores it: the store is exactly the conversion under test
         p = np.zeros(x.size, formats.np_dtype(dtype))
         opt = hwoptim.SGD([p], lr=0.0, master_weights=True, backend="numba")
         opt.state[0]["master"][...] = x

@@ -36,7 +36,7 @@ def kernel(plan, dtype):
         work = [bufs["master"] if (n == "param" and fmt.master) else
                 formats.dequantize(bufs[n], bufs[f"{n}_absmax"]) if (
                     fmt.quantized and n not in ("param", "grad")) else
-                formats.load(bufs[n], fmt.compute) for n in names]
+                bufs[n].astype(fmt.compute) for n in names]
         new = {}
         run([*work], k, out=new)
         for name in outputs:
