@@ -1219,21 +1219,26 @@ def _chunk_loop_head(p: KernelPlan, name: str, extra_arg: str = "", prologue: st
     return text
 
 
-def _cuda_reduce_kernel(p: KernelPlan, name: str) -> str:
+def _cuda_reduce_kernel(p: KernelPlan, name: str, pointers=None, call=None) -> str:
     """The reduction kernel: one block per chunk (grid-stride over chunks), each thread
     summing its elements' squares in double, the block's sums combined (warp shuffles, then
     shared memory) and added atomically to ``sums[tensor * K + j]`` (zeroed by the caller).
-    Arguments as the multi-tensor kernel's, then ``sums``."""
+    Arguments as the multi-tensor kernel's, then ``sums``. ``pointers`` (lines) and ``call``
+    (the reduce function's arguments): a storage format's, instead of the plain ones."""
     k = len(p.norms)
     idx = {a: p.arrays.index(a) for a in p.reduce_reads}
     text = _chunk_loop_head(p, name, "double* __restrict__ sums",
                             f"    __shared__ double part[{k}][32];\n")
-    for a in p.reduce_reads:
-        t = _array_ctype(a)
-        text.append(f"        const {t}* const {a} = reinterpret_cast<const {t}*>"
-                    f"(at[{idx[a]}]) + lo;\n")
-    call = ", ".join([f"{a}[i]" for a in p.reduce_reads] + [f"k_{s}" for s in p.scalars]
-                     + ["acc"])
+    if pointers is None:
+        for a in p.reduce_reads:
+            t = _array_ctype(a)
+            text.append(f"        const {t}* const {a} = reinterpret_cast<const {t}*>"
+                        f"(at[{idx[a]}]) + lo;\n")
+    else:
+        text += [f"        {ln}\n" for ln in pointers]
+    if call is None:
+        call = ", ".join([f"{a}[i]" for a in p.reduce_reads] + [f"k_{s}" for s in p.scalars]
+                         + ["acc"])
     text.append(f"        double acc[{k}] = {{{', '.join(['0.0'] * k)}}};\n"
                 f"        for (long long i = threadIdx.x; i < n; i += blockDim.x)\n"
                 f"            {p.key}_reduce({call});\n"
@@ -1323,6 +1328,427 @@ def cuda_multi_source(p: KernelPlan, dtype: str) -> CudaMulti:
     if k:
         parts += [c_reduce_function(p), _cuda_reduce_kernel(p, base + "_reduce")]
     return CudaMulti("\n".join(parts), name, vec, base + "_reduce" if k else "")
+
+
+# ----------------------------------------------------------------------------- CUDA formats
+#
+# A storage format (hwoptim.formats) on the GPU: the same element statements as the plain
+# kernels, between loads that turn each buffer's storage into float32 and stores that round
+# back (16-bit buffers are ``unsigned short`` arrays of their bits; int8 states ``unsigned
+# char`` codes with a float32 absmax per 256-element block). The conversions are integer
+# bit operations written once below, in C++ that compiles both as CUDA and on the CPU (the
+# tests run these very lines against hwoptim.formats' NumPy reference, bit for bit), and
+# none of them depends on flush-to-zero.
+#
+# Kernels: one warp per 256-element tile, each lane taking elements lane, lane + 32, ...
+# (eight each: every load instruction of the warp reads 32 consecutive elements, whatever
+# the buffers' alignment). An int8 state's new values stay in registers while the warp
+# reduces their absmax (shuffles) and whether one is negative; then each lane stores its
+# codes. Every launch is a multi-tensor one (one tensor or many; chunks of 4096 elements,
+# whole tiles).
+
+_C_FORMAT_HELPERS = r'''// Storage formats: hwoptim.formats' conversions, bit for bit, in integer operations.
+#if defined(__CUDACC__) || defined(__CUDACC_RTC__)
+__device__ __forceinline__ unsigned hw_bits(const float x) { return __float_as_uint(x); }
+__device__ __forceinline__ float hw_float(const unsigned u) { return __uint_as_float(u); }
+#else
+inline unsigned hw_bits(const float x) { unsigned u; std::memcpy(&u, &x, 4); return u; }
+inline float hw_float(const unsigned u) { float x; std::memcpy(&x, &u, 4); return x; }
+#endif
+// hwoptim.formats.mix32 ("lowbias32")
+__device__ __forceinline__ unsigned hw_mix32(unsigned x)
+{
+    x ^= x >> 16; x *= 0x7FEB352Du; x ^= x >> 15; x *= 0x846CA68Bu; x ^= x >> 16;
+    return x;
+}
+__device__ __forceinline__ float hw_bf_load(const unsigned short u)
+{
+    return hw_float((unsigned)u << 16);
+}
+// to nearest, ties to even; NaN: its sign and 0x7FC0 (as ml_dtypes)
+__device__ __forceinline__ unsigned short hw_bf_round(const float x)
+{
+    const unsigned b = hw_bits(x);
+    if ((b & 0x7FFFFFFFu) > 0x7F800000u) return (unsigned short)(((b >> 16) & 0x8000u) | 0x7FC0u);
+    return (unsigned short)((b + 0x7FFFu + ((b >> 16) & 1u)) >> 16);
+}
+// stochastic: up where the low 16 bits of r are below the dropped fraction; NaN, the
+// infinities and a rounding up to infinity take round-to-nearest's result
+__device__ __forceinline__ unsigned short hw_bf_sr(const float x, const unsigned r)
+{
+    const unsigned b = hw_bits(x), s = b & 0x80000000u, a = b ^ s;
+    const unsigned up = (a + (r & 0xFFFFu)) >> 16;
+    if (a >= 0x7F800000u || up >= 0x7F80u) return hw_bf_round(x);
+    return (unsigned short)(up | (s >> 16));
+}
+__device__ __forceinline__ float hw_h_load(const unsigned short h)
+{
+    const unsigned s = (unsigned)(h & 0x8000u) << 16, e = (h >> 10) & 0x1Fu, m = h & 0x3FFu;
+    if (e == 0x1Fu) return hw_float(s | 0x7F800000u | (m ? 0x400000u | (m << 13) : 0u));
+    if (e) return hw_float(s | ((e + 112u) << 23) | (m << 13));
+    return hw_float(s | hw_bits((float)m * 5.9604644775390625e-8f));    // m 2^-24: exact
+}
+// to nearest, ties to even (subnormals included); NaN stays NaN (quiet)
+__device__ __forceinline__ unsigned short hw_h_round(const float x)
+{
+    const unsigned b = hw_bits(x), s = (b >> 16) & 0x8000u, a = b & 0x7FFFFFFFu;
+    if (a > 0x7F800000u) return (unsigned short)(s | 0x7E00u | ((a >> 13) & 0x3FFu));
+    if (a >= 0x477FF000u) return (unsigned short)(s | 0x7C00u);          // from 65520: inf
+    if (a >= 0x38800000u)                                                 // normal: >= 2^-14
+        return (unsigned short)(s | ((a + 0xFFFu + ((a >> 13) & 1u) - 0x38000000u) >> 13));
+    if (a < 0x33000000u) return (unsigned short)s;                        // <= 2^-25: zero
+    const unsigned m = (a & 0x7FFFFFu) | 0x800000u, sh = 126u - (a >> 23);   // 14..24
+    const unsigned q = m >> sh, rem = m & ((1u << sh) - 1u), half = 1u << (sh - 1u);
+    return (unsigned short)(s | (q + (rem > half || (rem == half && (q & 1u)))));
+}
+// stochastic, as hw_bf_sr; below 2^-24 the neighbours are 0 and 2^-24, taken with
+// probability |x| / 2^-24 from the low 24 bits of r
+__device__ __forceinline__ unsigned short hw_h_sr(const float x, const unsigned r)
+{
+    const unsigned b = hw_bits(x), s = b & 0x80000000u, a = b ^ s;
+    if (a >= 0x7F800000u) return hw_h_round(x);
+    const unsigned e = a >> 23;
+    if (e < 103u) {            // up where (r mod 2^24) 2^-24 < |x| 2^24 = m 2^(e' - 102)
+        const unsigned long long m = e ? (a & 0x7FFFFFu) | 0x800000u : a;
+        const unsigned sh = (e ? 102u - e : 101u) < 40u ? (e ? 102u - e : 101u) : 40u;
+        const bool up = ((unsigned long long)(r & 0xFFFFFFu) << sh) < m;
+        return (unsigned short)((s >> 16) | (up ? 1u : 0u));
+    }
+    const unsigned drop = e >= 113u ? 13u : 126u - e, mask = (1u << drop) - 1u;
+    const unsigned short out = hw_h_round(hw_float(((a + (r & mask)) & ~mask) | s));
+    return (out & 0x7FFFu) == 0x7C00u ? hw_h_round(x) : out;
+}
+// int8 state: the code c of a block with absmax A (negative: the unsigned map)
+__device__ __forceinline__ float hw_q_load(const unsigned char c, const float A)
+{
+    const unsigned ab = hw_bits(A), cc = c;
+    const bool u = (ab >> 31) != 0u, neg = !u && cc >= 0x80u;
+    const unsigned mag = u ? cc : (cc & 0x7Fu), e = mag >> 3, m = mag & 7u;
+    if (mag == (u ? 0xFFu : 0x7Fu)) return hw_float(0x7FC00000u);
+    if (mag == (u ? 0xFEu : 0x7Eu)) return hw_float(neg ? 0xFF800000u : 0x7F800000u);
+    const float v = (float)(e ? m + 8u : m)
+                    * hw_float(((e ? e : 1u) + 124u - (u ? 31u : 15u)) << 23);
+    return (neg ? -v : v) * hw_float(ab & 0x7FFFFFFFu);
+}
+// the bits of |v| where v is finite, else 0 (non-negative floats order as integers)
+__device__ __forceinline__ unsigned hw_abs_bits(const float v)
+{
+    const unsigned a = hw_bits(v) & 0x7FFFFFFFu;
+    return a < 0x7F800000u ? a : 0u;
+}
+// a block's map from the bits A of its largest finite |x| and whether it holds a negative
+// value: codes are hw_q_code(x, pre, inv, u); the stored absmax is sa. Where A < 2^-120,
+// 1/A would overflow: pre = 2^64 (A 2^64 built from its bits: exact under flush-to-zero)
+__device__ __forceinline__ void hw_q_scale(const unsigned A, const bool neg, float& pre,
+                                           float& inv, bool& u, float& sa)
+{
+    const bool small = A < 0x03800000u;
+    pre = small ? 18446744073709551616.0f : 1.0f;
+    const float scaled = !small ? hw_float(A)
+                         : A >= 0x00800000u ? hw_float(A + (64u << 23))
+                         : (float)A * 2.5849394142282115e-26f;        // A 2^-149 2^64 = A 2^-85
+    inv = A ? 1.0f / scaled : 0.0f;
+    u = !neg;
+    sa = u ? -hw_float(A) : hw_float(A);
+}
+__device__ __forceinline__ unsigned char hw_q_code(const float x, const float pre,
+                                                   const float inv, const bool u)
+{
+    const unsigned vb = hw_bits(x), va = vb & 0x7FFFFFFFu;
+    if (va > 0x7F800000u) return (unsigned char)(u ? 0xFFu : 0x7Fu);
+    const unsigned sign = u ? 0u : (vb >> 31) << 7;
+    if (va == 0x7F800000u) return (unsigned char)((u ? 0xFEu : 0x7Eu) | sign);
+    const unsigned bias = u ? 31u : 15u;
+    const unsigned a = hw_bits((x * pre) * inv) & 0x7FFFFFFFu;
+    const int E = (int)(a >> 23) - 127 + (int)bias;
+    const unsigned e = E < 1 ? 1u : (unsigned)E;
+    const int k = (int)rintf(hw_float(a) * hw_float((bias + 130u - e) << 23));
+    return (unsigned char)(((e - 1u) * 8u + (unsigned)k) | sign);
+}
+'''
+
+_C_STORAGE = {"float32": "float", "float64": "double", "float16": "unsigned short",
+              "bfloat16": "unsigned short", "uint8": "unsigned char", "uint32": "unsigned"}
+
+
+def _c_format_typedefs(fmt: Format) -> str:
+    c = {"param": fmt.param, "grad": fmt.param, "state": fmt.storage("state"),
+         "compute": fmt.compute}
+    return (f"typedef {_C_STORAGE[c['param']]} TP;\ntypedef {_C_STORAGE[c['grad']]} TG;\n"
+            f"typedef {_C_STORAGE[c['state']]} TS;\ntypedef {_C_STORAGE[c['compute']]} TC;\n")
+
+
+def _c_load(fmt: Format, p: KernelPlan, a: str, i: str = "i") -> str:
+    """Buffer ``a``'s element ``i`` in the compute type (an int8 state decoded with its
+    block's absmax ``s<j>``)."""
+    if a == "param" and fmt.master:
+        return f"master[{i}]"
+    if fmt.quantized and a not in ("param", "grad"):
+        return f"hw_q_load({a}[{i}], s{p.arrays.index(a) - 2})"
+    f = {"bfloat16": "hw_bf_load", "float16": "hw_h_load"}.get(fmt.storage(a))
+    return f"{f}({a}[{i}])" if f else f"{a}[{i}]"
+
+
+def _c_round(fmt: Format, a: str, v: str) -> str:
+    f = {"bfloat16": "hw_bf_round", "float16": "hw_h_round"}.get(fmt.storage(a))
+    return f"{f}({v})" if f else v
+
+
+def _c_format_args(p: KernelPlan, fmt: Format) -> tuple:
+    """(pointer parameters, their names) of the element function and the kernels' arrays:
+    ``fmt.arrays(p.arrays)`` less the int8 absmax arrays (blocks' scales: the tile reads
+    them) and ``_srkey`` (its value, ``kh``, is an argument)."""
+    names = [a for a in fmt.arrays(p.arrays) if not a.endswith("_absmax") and a != "_srkey"]
+    out = []
+    for a in names:
+        t = "float" if a == "master" else _array_ctype(a)
+        const = "" if (a in p.outputs or a == "master") else "const "
+        out.append(f"{const}{t}* __restrict__ {a}")
+    return out, names
+
+
+def _quantized_outputs(p: KernelPlan, fmt: Format) -> list:
+    return [a for a in p.arrays[2:] if fmt.quantized and a in p.outputs]
+
+
+def c_format_element_function(p: KernelPlan, fmt: Format) -> str:
+    """``<key>_element``: element ``i`` of one tensor in storage format ``fmt``: the loads,
+    the rule's statements (as :func:`c_update_function`'s), the stores; an int8 state's new
+    value goes to ``q<j>`` (the tile encodes it once its block's absmax is known).
+    Arguments: the buffers (see :func:`_c_format_args`), ``i``; with stochastic rounding
+    ``gi`` (the element's index in its tensor, low word) and ``kh`` (the tensor's key, the
+    index's high word mixed in); int8: each state's block absmax ``s<j>``; the kernel
+    scalars; int8: ``q<j>`` out."""
+    nm = _Namer(lambda v: f"(TC){v!r}")
+    ptrs, _ = _c_format_args(p, fmt)
+    args = ptrs + ["const long long i"]
+    if fmt.sr:
+        args += ["const unsigned gi", "const unsigned kh"]
+    if fmt.quantized:
+        args += [f"const float s{j}" for j, a in enumerate(p.arrays[2:])]
+    args += [f"const TC k_{s}" for s in p.all_scalars]
+    qs = _quantized_outputs(p, fmt)
+    args += [f"TC& q{p.arrays.index(a) - 2}" for a in qs]
+    lines = [f"const TC x_{a} = {_c_load(fmt, p, a)};" for a in p.reads]
+    for e in p.order:
+        t = "bool" if _is_bool(e) else "TC"
+        lines.append(f"const {t} {nm.new(e)} = {_c_expr(e, nm)};")
+    for o in p.outputs:
+        v = nm(p.roots[o])
+        if o in qs:
+            lines.append(f"q{p.arrays.index(o) - 2} = {v};")
+        elif o == "param" and fmt.master:
+            lines += [f"master[i] = {v};", f"param[i] = {_c_round(fmt, 'param', v)};"]
+        elif o == "param" and fmt.sr:
+            f = "hw_bf_sr" if fmt.param == "bfloat16" else "hw_h_sr"
+            lines.append(f"param[i] = {f}({v}, hw_mix32(gi ^ kh));")
+        else:
+            lines.append(f"{o}[i] = {_c_round(fmt, o, v)};")
+    sig = ",\n    ".join(args)
+    body = "\n".join(f"    {ln}" for ln in lines)
+    return f"__device__ __forceinline__ void {p.key}_element(\n    {sig})\n{{\n{body}\n}}\n"
+
+
+def c_format_reduce_function(p: KernelPlan, fmt: Format) -> str:
+    """The reduction pass's element function for format ``fmt``: as
+    :func:`c_reduce_function`, over element ``i`` of the buffers (int8 states: absmax
+    arrays ``<name>_absmax`` of the tensor's blocks)."""
+    nm = _Namer(lambda v: f"(TC){v!r}")
+    lines = []
+    for a in p.reduce_reads:
+        x = _c_load(fmt, p, a)
+        if fmt.quantized and a not in ("param", "grad"):
+            x = f"hw_q_load({a}[i], {a}_absmax[i >> 8])"
+        lines.append(f"const TC x_{a} = {x};")
+    for e in p.reduce_order:
+        t = "bool" if _is_bool(e) else "TC"
+        lines.append(f"const {t} {nm.new(e)} = {_c_expr(e, nm)};")
+    for j, e in enumerate(p.norms):
+        lines.append(f"{{ const double v = (double)({nm(e)}); acc[{j}] += v * v; }}")
+    args = []
+    for a in p.reduce_reads:
+        if a == "param" and fmt.master:
+            args.append("const float* __restrict__ master")
+            continue
+        args.append(f"const {_array_ctype(a)}* __restrict__ {a}")
+        if fmt.quantized and a not in ("param", "grad"):
+            args.append(f"const float* __restrict__ {a}_absmax")
+    sig = ",\n    ".join(args + ["const long long i"] + [f"const TC k_{s}" for s in p.scalars]
+                          + ["double* acc"])
+    body = "\n".join(f"    {ln}" for ln in lines)
+    return f"__device__ __forceinline__ void {p.key}_reduce(\n    {sig})\n{{\n{body}\n}}\n"
+
+
+def _c_format_reduce_call(p: KernelPlan, fmt: Format) -> str:
+    args = []
+    for a in p.reduce_reads:
+        if a == "param" and fmt.master:
+            args.append("master")
+            continue
+        args.append(a)
+        if fmt.quantized and a not in ("param", "grad"):
+            args.append(f"{a}_absmax")
+    return ", ".join(args + ["i"] + [f"k_{s}" for s in p.scalars] + ["acc"])
+
+
+def _c_tile(p: KernelPlan, fmt: Format, lanes: str) -> list:
+    """The statements updating tile ``b`` (elements ``base = b * 256`` on, below ``n``) of
+    one chunk. ``lanes``: "warp" (the CUDA kernel: this lane's eight elements, an int8
+    state's absmax reduced by shuffles) or "loop" (the C++ test harness: each lane in turn,
+    the same reduction, max and or, in a loop)."""
+    _, names = _c_format_args(p, fmt)
+    qs = _quantized_outputs(p, fmt)
+    qj = [p.arrays.index(a) - 2 for a in qs]
+    warp = lanes == "warp"
+    qref = "[k]" if warp else "[lane][k]"
+    call = names + ["i"]
+    if fmt.sr:
+        call += ["(unsigned)(lo + i)", "kh"]
+    if fmt.quantized:
+        call += [f"s{j}" for j in range(len(p.arrays) - 2)]
+    call += [f"k_{s}" for s in p.all_scalars] + [f"q{j}{qref}" for j in qj]
+    out = ["const long long base = b << 8;"]
+    if fmt.quantized:
+        out += [f"const float s{j} = {a}_absmax[b];" for j, a in enumerate(p.arrays[2:])]
+    out += [f"TC q{j}{'[8]' if warp else '[32][8]'}; unsigned A{j} = 0u; bool N{j} = false;"
+            for j in qj]
+    each = ["#pragma unroll", "for (int k = 0; k < 8; ++k) {",
+            "    const long long i = base + lane + 32 * k;",
+            "    if (i < n) {",
+            f"        {p.key}_element({', '.join(call)});"]
+    for j in qj:
+        q = f"q{j}{qref}"
+        each += [f"        A{j} = A{j} > hw_abs_bits({q}) ? A{j} : hw_abs_bits({q});",
+                 f"        N{j} = N{j} || {q} < (TC)0;"]
+    each += ["    }", "}"]
+
+    def over_lanes(lines):
+        if warp:
+            return lines
+        return (["for (int lane = 0; lane < 32; ++lane) {"] + [f"    {ln}" for ln in lines]
+                + ["}"])
+
+    out += over_lanes(each)
+    if not qs:
+        return out
+    if warp:
+        for j in qj:
+            out += ["#pragma unroll", "for (int o = 16; o > 0; o >>= 1) {",
+                    f"    const unsigned y = __shfl_xor_sync(0xffffffffu, A{j}, o);",
+                    f"    A{j} = A{j} > y ? A{j} : y;", "}",
+                    f"N{j} = __any_sync(0xffffffffu, N{j});"]
+    for j in qj:
+        out += [f"float pre{j}, inv{j}, sa{j}; bool u{j};",
+                f"hw_q_scale(A{j}, N{j}, pre{j}, inv{j}, u{j}, sa{j});"]
+    enc = ["#pragma unroll", "for (int k = 0; k < 8; ++k) {",
+           "    const long long i = base + lane + 32 * k;"]
+    enc += [f"    if (i < n) {a}[i] = hw_q_code(q{j}{qref}, pre{j}, inv{j}, u{j});"
+            for a, j in zip(qs, qj)]
+    out += over_lanes(enc + ["}"])
+    return out + [f"{'if (lane == 0) ' if warp else ''}{a}_absmax[b] = sa{j};"
+                  for a, j in zip(qs, qj)]
+
+
+def _c_chunk_pointers(p: KernelPlan, fmt: Format, used) -> list:
+    """Pointers to one chunk (tensor ``t``, elements ``lo`` on) of buffers ``used`` (names
+    in ``fmt.arrays(p.arrays)``), from the address row ``at``; ``kh`` for ``_srkey``."""
+    allnames = fmt.arrays(p.arrays)
+    out = []
+    for a in used:
+        j = allnames.index(a)
+        if a == "_srkey":
+            out.append(f"const unsigned kh = *reinterpret_cast<const unsigned*>(at[{j}]) "
+                       f"^ hw_mix32((unsigned)(lo >> 32));")
+            continue
+        t = "float" if (a == "master" or a.endswith("_absmax")) else _array_ctype(a)
+        q = "" if (a in p.outputs or a == "master" or (
+            a.endswith("_absmax") and a[:-7] in p.outputs)) else "const "
+        off = "(lo >> 8)" if a.endswith("_absmax") else "lo"
+        out.append(f"{q}{t}* const {a} = reinterpret_cast<{q}{t}*>(at[{j}]) + {off};")
+    return out
+
+
+def cuda_format_source(p: KernelPlan, fmt) -> CudaMulti:
+    """The CUDA module of plan ``p`` in storage format ``fmt`` (not plain): a multi-tensor
+    kernel ``<base>_multi`` with :func:`cuda_multi_source`'s arguments (the table's address
+    rows in ``fmt.arrays(p.arrays)`` order) and, for rules taking norms, the reduction
+    kernel ``<base>_reduce`` before it. One warp per 256-element tile; chunks must start at
+    multiples of 256 (the multi-tensor chunks do: 4096 elements)."""
+    fmt = Format.parse(fmt)
+    base = f"hw_{p.key}_{fmt.key}"
+    name = base + "_multi"
+    _, names = _c_format_args(p, fmt)
+    used = [a for a in fmt.arrays(p.arrays) if a in names or a == "_srkey"
+            or (a.endswith("_absmax"))]
+    k = len(p.norms)
+    text = _chunk_loop_head(p, name, "const double* __restrict__ sums" if k else "")
+    text += [f"        const TC k_{s} = (TC)sqrt(sums[t * {k} + {j}]);\n"
+             for j, s in enumerate(p.norm_names)]
+    text += [f"        {ln}\n" for ln in _c_chunk_pointers(p, fmt, used)]
+    text += [f"        __builtin_assume(__isGlobal({a}));\n" for a in used if a != "_srkey"]
+    text.append("        const int lane = threadIdx.x & 31;\n"
+                "        for (long long b = threadIdx.x >> 5; (b << 8) < n; "
+                "b += blockDim.x >> 5) {\n")
+    text += [f"            {ln}\n" for ln in _c_tile(p, fmt, "warp")]
+    text.append("        }\n    }\n}\n")
+    parts = [
+        f"// Generated by hwoptim from the {p.rule.name} spec ({_flag_text(p)}), format "
+        f"{fmt.key}: multi-tensor kernel{'s (reduction, then update)' if k else ''}.",
+        "// Edit the spec in hwoptim/rules, not this file.",
+        _c_format_typedefs(fmt), _C_FORMAT_HELPERS, c_format_element_function(p, fmt),
+        "".join(text)]
+    if k:
+        parts += [c_format_reduce_function(p, fmt), _cuda_format_reduce_kernel(p, fmt, base)]
+    return CudaMulti("\n".join(parts), name, 0, base + "_reduce" if k else "")
+
+
+def _cuda_format_reduce_kernel(p: KernelPlan, fmt: Format, base: str) -> str:
+    """:func:`_cuda_reduce_kernel` over the format's buffers."""
+    reads = []
+    for a in p.reduce_reads:
+        reads.append("master" if (a == "param" and fmt.master) else a)
+        if fmt.quantized and a not in ("param", "grad"):
+            reads.append(f"{a}_absmax")
+    used = [a for a in fmt.arrays(p.arrays) if a in reads]
+    return _cuda_reduce_kernel(p, base + "_reduce", _c_chunk_pointers(p, fmt, used),
+                               _c_format_reduce_call(p, fmt))
+
+
+def cpp_format_test_source(p: KernelPlan, fmt) -> str:
+    """A C++ translation unit running tiles of :func:`cuda_format_source`'s kernel on the
+    CPU (the same element function, helpers and tile statements; the warp's lanes in a
+    loop): ``run(buffers in fmt.arrays(p.arrays) order, kernel scalars, lo, n, nscale,
+    ftz)`` updates elements ``lo`` to ``lo + n`` of one tensor (the buffers point at
+    element ``lo``; ``lo`` a multiple of 256), rules taking norms summing them first
+    (``nscale``: what each sum is multiplied by before the square root)."""
+    fmt = Format.parse(fmt)
+    ctype = {"master": "float", "_srkey": "unsigned"}
+    ptrs = [f"{ctype.get(a, 'float' if a.endswith('_absmax') else _array_ctype(a))}* {a}"
+            for a in fmt.arrays(p.arrays)]
+    args = ", ".join(ptrs + [f"const TC k_{s}" for s in p.scalars]
+                     + ["const long long lo", "const long long n", "const double* nscale",
+                        "int ftz"])
+    body = ["const unsigned int csr = _mm_getcsr();",
+            "if (ftz) _mm_setcsr(csr | 0x8040);  // flush-to-zero and denormals-are-zero"]
+    if fmt.sr:
+        body.append("const unsigned kh = _srkey[0] ^ hw_mix32((unsigned)(lo >> 32));")
+    if p.norms:
+        body += [f"double acc[{len(p.norms)}] = {{{', '.join(['0.0'] * len(p.norms))}}};",
+                 f"for (long long i = 0; i < n; ++i) {p.key}_reduce("
+                 f"{_c_format_reduce_call(p, fmt)});"]
+        body += [f"const TC k_{s} = (TC)sqrt(acc[{j}] * nscale[{j}]);"
+                 for j, s in enumerate(p.norm_names)]
+    body += ["for (long long b = 0; (b << 8) < n; ++b) {"]
+    body += [f"    {ln}" for ln in _c_tile(p, fmt, "loop")]
+    body += ["}", "_mm_setcsr(csr);"]
+    return "\n".join([
+        "#include <cmath>", "#include <cstring>", "#include <xmmintrin.h>",
+        "#define __device__", "#define __forceinline__ inline",
+        "using std::sqrt; using std::fabs; using std::fmax; using std::fmin; using std::pow;",
+        "using std::rintf;",
+        _c_format_typedefs(fmt), _C_FORMAT_HELPERS, c_format_element_function(p, fmt),
+        c_format_reduce_function(p, fmt) if p.norms else "",
+        f'extern "C" void run({args}) {{'] + [f"    {ln}" for ln in body] + ["}"]) + "\n"
 
 
 def _flag_text(p: KernelPlan) -> str:

@@ -434,3 +434,60 @@ def test_many_drops_old_chunk_tables_only_when_the_device_is_done(fake_cupy, rng
     run.many(ptrs, sizes, rows, scalars)
     assert _FakeCupy.syncs.count("device") == 1
     assert len(_FakeCupy.launches) == keep + 1
+
+
+FORMAT_CASES = [("Adam", "bfloat16_sint8_sr"), ("SGD", "float16_sfloat32_master"),
+                ("LAMB", "float16_sbfloat16")]
+
+
+@pytest.mark.parametrize("rule_name, key", FORMAT_CASES, ids=[f"{r}-{k}" for r, k in FORMAT_CASES])
+def test_storage_formats_launch_the_format_module(rule_name, key, fake_cupy, rng):
+    """A storage format (``codegen.cuda_format_source``): one array or many, every launch is
+    its multi-tensor kernel (after its reduction kernel for LAMB) on the current stream, one
+    256-thread block per chunk of 4096 elements (whole int8 blocks, never across 2**32), the
+    packed table holding each tensor's addresses in ``Format.arrays`` order (absmax, master
+    copy, stochastic-rounding key included), its row and the float32 scalars; capturable
+    mode is refused before anything runs."""
+    from hwoptim.formats import Format
+    mod = _backend("cupy")
+    plan, h = _plan(rule_name, **({"momentum": 0.9} if rule_name == "SGD" else {}))
+    fmt = Format.parse(key)
+    run = mod.kernel(plan, key)
+    src = codegen.cuda_format_source(plan, fmt)
+    assert [m.code for m in fake_cupy.modules] == []             # built when first launched
+    names = fmt.arrays(plan.arrays)
+    sizes = [5000, 0, 3, 70_000]
+    ptrs = np.array([[0x7F0000000000 + (i << 36) + (j << 30) for j in range(len(names))]
+                     for i in range(len(sizes))], np.int64)
+    rows = np.array([2, 0, 1, 1], np.int64)
+    scalars = np.array([run.prepare(h, t) for t in (1, 2, 3)], np.float32)
+    stream = fake_cupy.cuda.ExternalStream(0xABC0)
+    with stream:
+        run.many(ptrs, np.asarray(sizes, np.int64), rows, scalars)
+    assert [m.code for m in fake_cupy.modules] == [src.source]
+    kernels = [src.reduce, src.name] if plan.norms else [src.name]
+    assert [L["kernel"] for L in _FakeCupy.launches] == kernels
+    chunks = codegen.chunk_table(sizes, mod.FORMAT_CHUNK)
+    assert mod.FORMAT_CHUNK % 256 == 0 and 2**32 % mod.FORMAT_CHUNK == 0
+    for L in _FakeCupy.launches:
+        assert L["stream"] is stream and L["block"] == (mod.THREADS,)
+        assert L["grid"] == (len(chunks),)
+        table, chunk_dev, n, n_chunks = L["args"][:4]
+        assert (n, n_chunks) == (len(sizes), len(chunks))
+        assert np.array_equal(chunk_dev.host, chunks)
+        words = table.host
+        assert np.array_equal(words[:ptrs.size].reshape(ptrs.shape), ptrs)
+        assert np.array_equal(words[ptrs.size:ptrs.size + len(sizes)], rows)
+        got = words[ptrs.size + len(sizes):].view(np.float32)[:scalars.size]
+        assert np.array_equal(got, scalars.reshape(-1))
+    _FakeCupy.launches.clear()
+    one = [_Array(10_000, 0x7F0000000000 + (j << 30) + 2) for j in range(len(names))]
+    run(one, scalars[0])                       # one array (any alignment): a table of one
+    assert [L["kernel"] for L in _FakeCupy.launches] == kernels
+    assert _FakeCupy.launches[-1]["args"][2] == 1
+    _FakeCupy.launches.clear()
+    with pytest.raises(ValueError, match="capturable=True with storage format"):
+        run.device(one, None)
+    with pytest.raises(ValueError, match=r"ptrs \(n, %d\)" % len(names)):
+        run.many(ptrs[:, :-1], np.asarray(sizes, np.int64), rows, scalars)
+    assert _FakeCupy.launches == []

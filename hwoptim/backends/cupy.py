@@ -11,10 +11,18 @@ update function run as C++ in every CI run (tests/test_cuda_source.py).
 (``codegen.cuda_multi_source``: the same update function, one block per chunk of any
 tensor), from a device pointer table uploaded per call and a chunk table cached per list
 of sizes.
+
+A storage format (16-bit params, bfloat16 or int8 state, master weights, stochastic
+rounding: ``hwoptim.formats``) has its own module, ``codegen.cuda_format_source``: the same
+element statements between loads and stores that convert each buffer bit for bit as the
+NumPy reference does, one warp per 256-element tile, launched as a multi-tensor kernel for
+one array or many (``_format_kernel``). Its element function, conversions and tiles run as
+C++ in CI too (tests/test_cuda_formats.py).
 """
 import numpy as np
 
 from .. import codegen
+from ..formats import Format
 
 FAMILY = "cuda"
 THREADS = 256
@@ -28,6 +36,9 @@ NVRTC_OPTIONS = ("--fmad=false",)
 # table look-ups are spread over four loads per array). On an H200 a 200-array list of
 # ~5e7 elements steps at 0.95 of the one-buffer step (bench/results/NVIDIA-H200-*).
 MULTI_CHUNK_BYTES = 16_384
+# Storage formats (codegen.cuda_format_source): chunks of 4096 elements, sixteen tiles of
+# 256 (an int8 block each), so each of a block's 8 warps takes two
+FORMAT_CHUNK = 4096
 _sm_count = {}
 
 
@@ -68,6 +79,9 @@ def refuse_norms(plan, backend: str):
 
 
 def kernel(plan, dtype):
+    fmt = Format.parse(dtype)
+    if not fmt.plain:
+        return _format_kernel(plan, fmt)
     import cupy
     k = codegen.cuda_source(plan, dtype)
     module = cupy.RawModule(code=k.source, options=NVRTC_OPTIONS)
@@ -117,11 +131,26 @@ def kernel(plan, dtype):
             multi["module"] = cupy.RawModule(code=m.source, options=NVRTC_OPTIONS)
         key = (cupy.cuda.runtime.getDevice(), "multi")
         if key not in funcs:
-            funcs[key] = multi["module"].get_function(multi["kernels"].name)
-            if plan.norms:
-                funcs[key + ("reduce",)] = multi["module"].get_function(
-                    multi["kernels"].reduce)
+            funcs[key] = (multi["module"].get_function(multi["kernels"].name),
+                          multi["module"].get_function(multi["kernels"].reduce)
+                          if plan.norms else None)
         return funcs[key]
+
+    many, tables = _many(plan, multi_fn, len(plan.arrays), dtype,
+                         MULTI_CHUNK_BYTES // np.dtype(dtype).itemsize)
+
+    run.prepare = codegen.host_scalar_function(plan, dtype)   # (h, t) -> typed scalars
+    run.device, run.advance, run.source = run_device, advance, k.source
+    run.many, run.many_tables = many, tables
+    return run
+
+
+def _many(plan, kernels, n_arrays: int, dtype: str, chunk: int):
+    """(``many``, its chunk tables) for multi-tensor launches of ``kernels()`` (on the
+    current device: the update kernel, and the reduction kernel for rules taking norms),
+    whose tables have ``n_arrays`` address columns and ``dtype`` scalars, over chunks of
+    ``chunk`` elements."""
+    import cupy
 
     def forget(entry):
         # a dropped chunk table may still be read by a kernel queued on some stream
@@ -129,19 +158,18 @@ def kernel(plan, dtype):
             with cupy.cuda.Device(dev):
                 cupy.cuda.runtime.deviceSynchronize()
 
-    tables = codegen.ChunkTables(MULTI_CHUNK_BYTES // np.dtype(dtype).itemsize,
-                                 on_evict=forget)
-    n_arrays, n_scalars = len(plan.arrays), len(plan.scalars)
-    itemsize = np.dtype(dtype).itemsize
+    tables = codegen.ChunkTables(chunk, on_evict=forget)
+    n_scalars, itemsize = len(plan.scalars), np.dtype(dtype).itemsize
 
     def many(ptrs, sizes, rows, scalars, n_threads=None):
         """Update many separate arrays with one kernel launch on CuPy's current stream.
 
-        ``ptrs``: int64, ``(n_tensors, len(plan.arrays))``, device addresses (on the current
-        device) of each tensor's buffers in ``plan.arrays`` order, each ``sizes[i]``
-        contiguous elements of ``dtype``; ``sizes``, ``rows`` (the row of ``scalars`` each
-        tensor uses): int64, ``(n_tensors,)``; ``scalars``: ``(n_rows, len(plan.scalars))``,
-        host values (converted to ``dtype``). ``n_threads`` is ignored (CPU only).
+        ``ptrs``: int64, ``(n_tensors, n_arrays)``, device addresses (on the current device)
+        of each tensor's buffers (``plan.arrays``, or a storage format's
+        ``Format.arrays(plan.arrays)``), each tensor ``sizes[i]`` elements; ``sizes``,
+        ``rows`` (the row of ``scalars`` each tensor uses): int64, ``(n_tensors,)``;
+        ``scalars``: ``(n_rows, len(plan.scalars))``, host values (converted to ``dtype``).
+        ``n_threads`` is ignored (CPU only).
 
         The chunk table (``codegen.chunk_table``) is built and uploaded once per distinct
         ``sizes`` and device; every call uploads one packed host buffer (pointers, rows,
@@ -164,7 +192,7 @@ def kernel(plan, dtype):
         chunks = tables.get(sizes)
         if chunks.n_chunks == 0:
             return
-        f = multi_fn()
+        f, reduce = kernels()
         dev = cupy.cuda.runtime.getDevice()
         chunks_dev = chunks.extra.get(dev)
         if chunks_dev is None:
@@ -185,7 +213,7 @@ def kernel(plan, dtype):
             # per tensor, the norms' sums of squares: zeroed, summed by the reduction
             # kernel, read by the update, all on this stream (nothing waits on the host)
             sums = cupy.zeros(n * len(plan.norms), dtype=np.float64)
-            funcs[(dev, "multi", "reduce")](grid, (THREADS,), args + (sums,))
+            reduce(grid, (THREADS,), args + (sums,))
             if "rms" in plan.norm_kinds:       # an RMS: the mean square (1/size, kept with
                 scale = chunks.extra.get((dev, "scale"))     # the chunk table)
                 if scale is None:
@@ -196,8 +224,41 @@ def kernel(plan, dtype):
             args += (sums,)
         f(grid, (THREADS,), args)
 
-    run.prepare = codegen.host_scalar_function(plan, dtype)   # (h, t) -> typed scalars
-    run.device, run.advance, run.source = run_device, advance, k.source
+    return many, tables
+
+
+def _format_kernel(plan, fmt: Format):
+    """A storage format's kernels (``codegen.cuda_format_source``): every launch is a
+    multi-tensor one, over ``fmt.arrays(plan.arrays)`` (one tensor: a table of one row)."""
+    import cupy
+    k = codegen.cuda_format_source(plan, fmt)
+    module, funcs = {}, {}
+
+    def kernels():
+        dev = cupy.cuda.runtime.getDevice()
+        if dev not in funcs:
+            if "m" not in module:
+                module["m"] = cupy.RawModule(code=k.source, options=NVRTC_OPTIONS)
+            m = module["m"]
+            funcs[dev] = (m.get_function(k.name),
+                          m.get_function(k.reduce) if plan.norms else None)
+        return funcs[dev]
+
+    # chunks of whole 256-element tiles (int8 blocks), never across a multiple of 2**32
+    many, tables = _many(plan, kernels, len(fmt.arrays(plan.arrays)), fmt.compute,
+                         FORMAT_CHUNK)
+
+    def run(arrays, scalars):
+        many(np.array([[a.data.ptr for a in arrays]], np.int64),
+             np.array([arrays[0].size], np.int64), np.zeros(1, np.int64),
+             np.array([scalars], dtype=fmt.compute))
+
+    def no_device(*args):
+        raise ValueError(f"capturable=True with storage format {fmt.key} has no kernels "
+                         f"yet; use capturable=False")
+
+    run.prepare = codegen.host_scalar_function(plan, fmt.compute)
+    run.device, run.advance, run.source = no_device, no_device, k.source
     run.many, run.many_tables = many, tables
     return run
 
