@@ -438,6 +438,12 @@ class Optimizer:
         if capturable and self.backend_name != "cupy":
             raise ValueError(f"capturable=True needs backend='cupy' (device-side scalars for "
                              f"CUDA graphs); this optimizer uses {self.backend_name!r}")
+        if capturable and not self.format.plain:
+            raise ValueError(f"capturable=True with storage format {self.format.key} "
+                             f"(params {self.dtype}, state_dtype={self.format.state!r}, "
+                             f"master_weights={self.format.master}, stochastic_rounding="
+                             f"{self.format.sr}) has no device-scalar kernels yet; use "
+                             f"capturable=False")
         self.capturable = bool(capturable)
         if rule.shape_flags is not None and not getattr(self.backend, "STAGED", False):
             shaped = [i for i, a in enumerate(arrays)
@@ -456,6 +462,7 @@ class Optimizer:
                                  "(opt.state[i]['exp_avg'] = array) or reset one in place "
                                  "(opt.state[i]['exp_avg'][...] = 0)")
         self._flags, self._views, self._group_of, self._owned = [], [], [], []
+        self._srkeys = None                  # stochastic rounding: every param's key
         self._carry = []                     # per group: carried host scalars (None: fresh)
         self._sizes = None                   # params' sizes, for the grad guard
         # norms across processes (hwoptim.distributed): per group, a function of the
@@ -495,10 +502,12 @@ class Optimizer:
         self._cdtype = self.format.compute   # their math and scalars
         if self.format.plain:
             return
-        if self._family != "host":
+        if self._family != "host" and self.backend_name != "cupy":
             raise ValueError(f"{where}params of dtype {self.dtype} with state_dtype="
-                             f"{self.format.state!r} run on the CPU backends (numba, numpy) "
-                             f"for now; the CUDA kernels keep one dtype for every buffer")
+                             f"{self.format.state!r}, master_weights={self.format.master}, "
+                             f"stochastic_rounding={self.format.sr}: the "
+                             f"{self.backend_name!r} backend keeps one dtype for every "
+                             f"buffer; use backend='cupy'")
         if self.rule.shape_flags is not None:
             shaped = [i for i, a in enumerate(arrays)
                       if self.rule.shape_flags(tuple(a.shape)) != self.rule.shape_flags((1,))]
@@ -508,6 +517,24 @@ class Optimizer:
                                  f"updates in stages (factored state); 16-bit params and "
                                  f"state formats are not supported there yet: keep those "
                                  f"params float32 (a second optimizer), or flatten them")
+
+    def _on_device(self, host: np.ndarray, like):
+        """A host array of state, as this optimizer keeps it: itself on the CPU, a copy on
+        the GPU of param ``like`` (bfloat16 as ``uint16``: its bits; CuPy has no
+        bfloat16)."""
+        if self._family == "host":
+            return host
+        import cupy
+        with like.device:
+            return cupy.asarray(host.view(np.uint16) if formats.dtype_name(host.dtype) ==
+                                "bfloat16" else host)
+
+    def _storage_dtype(self, a) -> np.dtype:
+        """The dtype a state buffer's values have (a GPU's ``uint16`` bfloat16 state: its
+        bfloat16), as state_dict() gives them."""
+        if self._family != "host" and a.dtype == np.uint16:
+            return formats.np_dtype("bfloat16")
+        return a.dtype
 
     def _format_of(self, p) -> formats.Format:
         """Param ``p``'s storage format: the optimizer's, but float32 state for int8 state
@@ -559,11 +586,12 @@ class Optimizer:
                     if fp.plain:
                         st[s.name] = self.backend.full(p, init, s.shape_for(p.shape))
                     elif fp.quantized:           # codes, and a scale per block
-                        st[s.name], st[f"{s.name}_absmax"] = formats.quantize(
-                            np.full(p.size, init, np.float32))
+                        st[s.name], st[f"{s.name}_absmax"] = (
+                            self._on_device(a, p) for a in formats.quantize(
+                                np.full(p.size, init, np.float32)))
                     else:                        # (rounded into the state's storage)
-                        st[s.name] = formats.round_nearest(
-                            np.full(s.shape_for(p.shape), init, np.float32), fp.state)
+                        st[s.name] = self._on_device(formats.round_nearest(
+                            np.full(s.shape_for(p.shape), init, np.float32), fp.state), p)
                 if self.format.master:           # the float32 copy the rule updates
                     st["master"] = (states[i]["master"] if states is not None
                                     else p.astype(np.float32))
@@ -595,7 +623,19 @@ class Optimizer:
                 if self.format.master:
                     self._views[i].append(st["master"].reshape(-1))
                 if self.format.sr:              # this param's key, written every step
-                    self._views[i].append(np.zeros(1, np.uint32))
+                    self._views[i].append(self._key_view(i, p))
+
+    def _key_view(self, i: int, like):
+        """Param ``i``'s stochastic-rounding key: element ``i`` of one uint32 array for
+        every param (on the device of param ``like``), so a step writes all keys with one
+        copy; grown (and every view moved) when params are added."""
+        keys = self._srkeys
+        if keys is None or keys.shape[0] <= i:
+            keys = self._srkeys = self._on_device(np.zeros(max(8, 2 * i), np.uint32), like)
+            for j, v in enumerate(self._views):
+                if v is not None and j != i:
+                    v[-1] = keys[j:j + 1]
+        return keys[i:i + 1]
 
     def _refresh_owned(self):
         """The byte ranges that grads must not overlap: every param and state buffer."""
@@ -812,10 +852,9 @@ class Optimizer:
                                 f"cupy.ndarray of float32 or float64")
             if fam == "host" and not _plain_host(a):
                 _refuse_subclass(f"params[{i}]", a)
-            if a.dtype not in _DTYPES and not (fam == "host" and
-                                               formats.dtype_name(a.dtype) is not None):
-                more = ", float16 or bfloat16" if fam == "host" else ""
-                raise TypeError(f"params[{i}] has dtype {a.dtype}; expected float32 or float64"
+            if a.dtype not in _DTYPES and formats.dtype_name(a.dtype) is None:
+                more = ", float16 or bfloat16" if fam == "host" else " or float16"
+                raise TypeError(f"params[{i}] has dtype {a.dtype}; expected float32, float64"
                                 f"{more} (gradient steps need floating-point parameters)")
             if not a.flags.c_contiguous:
                 raise ValueError(f"params[{i}] (shape {tuple(a.shape)}) is not C-contiguous; "
@@ -1108,14 +1147,20 @@ class Optimizer:
         scal = [prep(hs[gi], t) for prep, gi in zip(self._prepare, self._slot_group)]
         tables = self._multi_tables() if isinstance(flat, np.ndarray) else None
         self._step, self._carry = t, carry   # everything is checked: from here on, update
-        if self.format.sr:                   # this step's stochastic-rounding keys
-            for v, key in zip(self._views, formats.sr_key(self.seed, t,
-                                                          np.arange(len(self._views)))):
-                v[-1][0] = key
         if self._stream is not None:         # torch CUDA tensors: on torch's current stream
             with self._stream():
+                self._write_keys(t)
                 return self._launch_all(entries, flat, scal, tables)
+        self._write_keys(t)
         self._launch_all(entries, flat, scal, tables)
+
+    def _write_keys(self, t: int):
+        """Stochastic rounding: step ``t``'s key of every param, one copy (on a GPU, on the
+        current stream: after the kernels that read the last step's keys)."""
+        if self.format.sr:
+            n = len(self._views)
+            self.backend.copy_from_host(self._srkeys[:n],
+                                        formats.sr_key(self.seed, t, np.arange(n)))
 
     def _grad_guard(self, flat, inv_scale=None):
         """``max_grad_norm`` / ``skip_nonfinite``: one read of every grad, then the factor
@@ -1254,10 +1299,16 @@ class Optimizer:
                 "stochastic_rounding": self.format.sr, "seed": self.seed}}),
             "shapes": [tuple(p.shape) for g in self.param_groups for p in g["params"]],
             "param_groups": groups,
-            "state": [{k: self.backend.to_host(v) for k, v in st.items()} for st in self.state],
+            "state": [{k: self._host_state(v) for k, v in st.items()} for st in self.state],
             **({"carry": [None if c is None else dict(c) for c in self._carry]}
                if self.rule.carry else {}),
         }
+
+    def _host_state(self, a) -> np.ndarray:
+        """A host copy of state buffer ``a`` with its values' dtype (bfloat16 for a GPU's
+        ``uint16`` bfloat16 state)."""
+        h = self.backend.to_host(a)
+        return h.view(self._storage_dtype(a))
 
     def load_state_dict(self, state_dict: dict) -> None:
         """Restore a :meth:`state_dict`, from any backend; everything is checked first.
@@ -1327,8 +1378,8 @@ class Optimizer:
         fmt = sd.get("format") or {}
         # all checked: now change things
         for mine, new in zip(self.state, loaded):
-            for k, v in new.items():
-                self.backend.copy_from_host(mine[k], v)
+            for k, v in new.items():                     # (bfloat16: its bits on a GPU)
+                self.backend.copy_from_host(mine[k], v.view(mine[k].dtype))
         if self.format.sr and isinstance(fmt.get("seed"), numbers.Integral) and \
                 not isinstance(fmt.get("seed"), (bool, np.bool_)) and 0 <= fmt["seed"] < 2**64:
             self.seed = int(fmt["seed"])     # the run's stream resumes
@@ -1361,7 +1412,7 @@ class Optimizer:
         for k in [k for k in theirs if k in base(mine)] + (
                 ["master"] if "master" in mine and "master" in theirs else []):
             v, q = np.asarray(theirs[k]), f"{k}_absmax"
-            want = mine[k]
+            want, want_dtype = mine[k], self._storage_dtype(mine[k])
             if q in theirs and q not in mine:           # int8 there: decoded
                 a = np.asarray(theirs[q])
                 if v.dtype != np.uint8 or v.size != want.size or a.dtype != np.float32 or \
@@ -1380,17 +1431,18 @@ class Optimizer:
                 continue
             if q in mine:                               # int8 on both sides: as stored
                 new[q] = np.asarray(theirs[q])
-            elif v.dtype != want.dtype and v.shape == tuple(want.shape) and \
+            elif v.dtype != want_dtype and v.shape == tuple(want.shape) and \
                     formats.dtype_name(v.dtype) is not None and \
                     _compute_of(formats.dtype_name(v.dtype)) == self._cdtype:
-                v = formats.round_nearest(v, formats.dtype_name(want.dtype))
+                v = formats.round_nearest(v, formats.dtype_name(want_dtype))
             new[k] = v
         for k, v in new.items():
-            if v.shape != tuple(mine[k].shape) or v.dtype != mine[k].dtype:
+            want_dtype = self._storage_dtype(mine[k])
+            if v.shape != tuple(mine[k].shape) or v.dtype != want_dtype:
                 raise ValueError(f"{where}[{k!r}] is {v.dtype} {v.shape}; expected "
-                                 f"{mine[k].dtype} {tuple(mine[k].shape)}")
+                                 f"{want_dtype} {tuple(mine[k].shape)}")
         if "master" in mine and "master" not in new:    # it starts from the params
-            new["master"] = self._params[i].astype(np.float32)
+            new["master"] = self.backend.to_host(self._params[i]).astype(np.float32)
         return new
 
     def _check_carry(self, sd) -> list:

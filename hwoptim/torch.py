@@ -490,9 +490,11 @@ class Optimizer(_TorchOptimizer):
                                  f"format {dtype}: {self.rule.name}'s factored (staged) "
                                  f"params take float32/float64 only yet")
             if fam == "cuda" and dtype not in ("float32", "float64"):
-                raise ValueError(f"{type(self).__name__}: state_dtype={self._storage['state_dtype']!r} "
-                                 f"runs on CPU tensors only yet (CUDA: the kernels keep one "
-                                 f"dtype for every buffer)")
+                raise ValueError(f"{type(self).__name__}: storage format {dtype} (state_dtype="
+                                 f"{self._storage['state_dtype']!r}, 16-bit params) runs on "
+                                 f"CPU tensors only yet in hwoptim.torch; on CUDA, the native "
+                                 f"classes (hwoptim.Adam, ...) take float16/float32 tensors "
+                                 f"with these options")
             k = _kernel(_backends.pick(fam, self._backend_request), plan, dtype)
             stream = None
             if fam == "cuda":

@@ -102,3 +102,31 @@ def test_contention_and_interleaved_commands_write_their_reports(tmp_path, capsy
     assert "numpy_blas" in i["pools"] and "torch" not in i["pools"]
     out = capsys.readouterr().out
     assert "default / one thread" in out and "pair / (work + step)" in out
+
+
+def test_gpu_report_shows_the_formats_section():
+    """The GPU report's formats section (no GPU needed: the report is a function of the
+    result): every format's row in the Markdown and the console table, its ratios in the
+    summary, an error row kept."""
+    from hwoptim.bench.gpu import format_markdown, format_table, summary
+    fm = [{"device": "X", "rule": "Adam", "format": "fp16 p+g, int8 state", "dtype": "float16",
+           "n": 2**28, "time_s": 2e-3, "bytes": int(10.06 * 2**28), "gbps": 1350.0,
+           "state_bytes": 2.03, "frac_copy": 0.45, "vs_torch_fused_fp32": 2.71},
+          {"device": "X", "rule": "Adam", "format": "fp32, int8 state", "dtype": "float32",
+           "n": 2**28, "time_s": None, "bytes": None, "gbps": None, "state_bytes": None,
+           "error": "RuntimeError: out of memory"}]
+    result = {"device": {"name": "X"}, "copy_gbps": 3000.0, "records": [], "models": [],
+              "overhead": [], "capturable": [], "formats": fm, "skipped": []}
+    s = summary(result)
+    assert s["formats_adam"] == {"fp16 p+g, int8 state": {
+        "n": 2**28, "gbps": 1350.0, "frac_copy": 0.45, "vs_torch_fused_fp32": 2.71,
+        "state_bytes": 2.03}}
+    result["summary"] = s
+    md = format_markdown(result)
+    row = next(ln for ln in md.splitlines() if ln.startswith("| fp16 p+g, int8 state"))
+    assert all(c in row for c in ("268435456", "10.06", "1350", "0.45", "2.71", "2.03")), row
+    assert "out of memory" in next(ln for ln in md.splitlines()
+                                   if ln.startswith("| fp32, int8 state"))
+    text = format_table(result)
+    assert "format fp16 p+g, int8 state" in text and "vs torch fused fp32 2.71" in text
+    assert "RuntimeError: out of memory" in text

@@ -273,7 +273,7 @@ def test_non_float_params(dtype, rng):
         cls = getattr(hwoptim, rule.name)
         _no_change_on_construct(lambda: cls(p), [p], TypeError, "params[0]",
                                 f"dtype {np.dtype(dtype)}",
-                                "expected float32 or float64, float16 or bfloat16")
+                                "expected float32, float64, float16 or bfloat16")
 
 
 def test_params_of_mixed_dtypes(rng):

@@ -392,6 +392,28 @@ def test_a_run_resumes_bit_identically(mode, backend, rng):
 
 
 @pytest.mark.parametrize("backend", HOST)
+def test_params_added_later_draw_the_same_bits(backend, rng):
+    """Stochastic rounding numbers params in order over all groups: an optimizer that got
+    eleven of its twelve params by add_param_group (the keys' array grows past its first
+    size, every param's key view moves) steps to the bits of one given all twelve at once,
+    and every param's bits differ from round-to-nearest's somewhere (its key is used)."""
+    params, _ = _problem(rng, [300] * 12, BF16)
+    grads = [[_values(rng, 300).astype(BF16) for _ in params] for _ in range(3)]
+    a, b, c = ([p.copy() for p in params] for _ in range(3))
+    one = hwoptim.Adam(a, lr=1e-2, backend=backend, stochastic_rounding=True, seed=5)
+    grown = hwoptim.Adam(b[:1], lr=1e-2, backend=backend, stochastic_rounding=True, seed=5)
+    for i in range(1, 12, 4):
+        grown.add_param_group({"params": b[i:i + 4]})
+    near = hwoptim.Adam(c, lr=1e-2, backend=backend)
+    for g in grads:
+        one.step(g)
+        grown.step(g)
+        near.step(g)
+    assert all(np.array_equal(x.view(np.uint16), y.view(np.uint16)) for x, y in zip(a, b))
+    assert all(not np.array_equal(x.view(np.uint16), y.view(np.uint16)) for x, y in zip(a, c))
+
+
+@pytest.mark.parametrize("backend", HOST)
 def test_checkpoints_convert_between_formats(backend, rng):
     """A float32-state checkpoint loads into a bfloat16-state optimizer (rounded to
     nearest) and back (exactly); a master copy missing from a checkpoint starts from the

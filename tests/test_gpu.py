@@ -15,7 +15,9 @@ fail.
   with ``step_count`` read from the device;
 * unaligned views run the element-wise kernel and are still correct; launches per step;
 * a list of separate arrays: one multi-tensor launch per step, each array within the
-  reference's tolerances.
+  reference's tolerances;
+* storage formats (float16 params, bfloat16 and int8 state, master weights, stochastic
+  rounding): the NumPy reference's bits, one param or many; checkpoints continue on the CPU.
 """
 from __future__ import annotations
 
@@ -790,6 +792,97 @@ def test_grad_scale_and_found_inf_on_the_gpu(dtype):
     before = a_p.copy()
     a.step(g, grad_scale=cupy.asarray([1024.0], np.float32), found_inf=cupy.ones(1))
     assert cupy.array_equal(a_p, before) and a.step_count == 5 and a.skipped_steps == 1
+
+
+# ----------------------------------------------------------------------------- formats
+
+# storage formats CuPy can hold (float16 and float32 params; bfloat16 state kept as its bits)
+GPU_FORMATS = [("float16", {}), ("float16", {"state_dtype": "bfloat16"}),
+               ("float16", {"master_weights": True}),
+               ("float16", {"stochastic_rounding": True, "seed": 2**40 + 3}),
+               ("float32", {"state_dtype": "int8", "min_8bit_size": 0}),
+               ("float16", {"state_dtype": "int8", "stochastic_rounding": True,
+                            "min_8bit_size": 1000}),
+               ("float32", {"state_dtype": "bfloat16"})]
+_FORMAT_IDS = [f"{d}-{','.join(f'{k}={v}' for k, v in o.items()) or 'default'}"
+               for d, o in GPU_FORMATS]
+# every rule (its first option set) in two formats, Adam, SGD and Lion in all
+FORMAT_CASES = [pytest.param(c, m, id=f"{c.id}-{mid}") for c in CASES
+                if c is next(x for x in CASES if x.rule is c.rule)
+                for i, (m, mid) in enumerate(zip(GPU_FORMATS, _FORMAT_IDS))
+                if c.rule.name in ("Adam", "SGD", "Lion") or i in (3, 5)]
+
+
+def _format_values(rng, n, dtype):
+    return (rng.standard_normal(n) * 10.0 ** rng.uniform(-2, 1, n)).astype(dtype)
+
+
+def _equal_bits(rule, opt, a, b) -> bool:
+    """The same bits; for rules taking norms (summed in another order) and Rprop (whose
+    NumPy reference rounds less often), 99% of the elements within one unit of their
+    storage (codes: equal)."""
+    from hwoptim.optim import _plan
+    a, b = np.asarray(a), np.asarray(b)
+    if a.dtype != b.dtype or a.shape != b.shape:
+        return False
+    if not (rule.name == "Rprop" or _plan(rule, opt._flags[0]).norms):
+        return a.tobytes() == b.tobytes()
+    if a.dtype.kind == "u":
+        return np.mean(a == b) > 0.99
+    eps = np.finfo(np.float16).eps if a.itemsize == 2 else 8 * np.finfo(np.float32).eps
+    return np.mean(np.isclose(a.astype(np.float32), b.astype(np.float32), rtol=eps, atol=0,
+                              equal_nan=True)) > 0.99
+
+
+@pytest.mark.parametrize("case, mode", FORMAT_CASES)
+def test_formats_on_the_gpu_are_the_cpu_bits(case, mode):
+    """Storage formats on CuPy arrays (codegen.cuda_format_source): five steps of a list of
+    params (the multi-tensor launch) and of one param (a table of one) give the NumPy
+    reference's bits in params and state (16-bit params, bfloat16 state, master weights,
+    stochastic rounding, int8 state; the GPU flushes subnormals, which these values avoid),
+    and the state_dict loads into a CPU optimizer that continues bit for bit."""
+    dtype, fopts = mode
+    if "bfloat16" in repr(fopts):
+        pytest.importorskip("ml_dtypes")
+    rule, cls = case.rule, getattr(hwoptim, case.rule.name)
+    kw = dict(case.kwargs, **fopts)
+    if rule.name == "SGD":
+        kw.setdefault("momentum", 0.9)
+    rng = np.random.default_rng(_seed(case.id, dtype, repr(fopts)))
+    for sizes in ([5000, 3, 70_000, 256], [70_000]):
+        host = [_format_values(rng, n, dtype) for n in sizes]
+        dev = [cupy.asarray(h) for h in host]
+        a, b = cls(dev, backend="cupy", **kw), cls(host, backend="numpy", **kw)
+        for _ in range(5):
+            gs = [_format_values(rng, n, dtype) for n in sizes]
+            a.step([cupy.asarray(g) for g in gs])
+            b.step(gs)
+        for i, (d, h) in enumerate(zip(dev, host)):
+            assert _equal_bits(rule, b, d.get(), h), f"{case.id} {mode} params[{i}]"
+        sa, sb = a.state_dict(), b.state_dict()
+        for i, (x, y) in enumerate(zip(sa["state"], sb["state"])):
+            assert sorted(x) == sorted(y)
+            for k in x:
+                assert _equal_bits(rule, b, x[k], y[k]), f"{case.id} {mode} state[{i}][{k!r}]"
+        c = cls([h.copy() for h in host], backend="numpy", **kw)
+        c.load_state_dict(sa)
+        gs = [_format_values(rng, n, dtype) for n in sizes]
+        c.step(gs)
+        b.step(gs)
+        assert all(x.tobytes() == y.tobytes() for x, y in zip(c._params, b._params))
+
+
+def test_formats_refused_where_the_gpu_has_no_kernel():
+    """capturable=True and the ElementwiseKernel backend with a storage format: refused at
+    construction, naming the option."""
+    w = cupy.asarray(np.ones(64, np.float16))
+    with pytest.raises(ValueError, match="capturable=True with storage format"):
+        hwoptim.Adam(w, capturable=True)
+    with pytest.raises(ValueError, match="use backend='cupy'"):
+        hwoptim.Adam(w, backend="cupy-elementwise")
+    w32 = cupy.asarray(np.ones(64, np.float32))
+    with pytest.raises(ValueError, match="capturable=True with storage format"):
+        hwoptim.Adam(w32, state_dtype="int8", capturable=True)
 
 
 # ----------------------------------------------------------------------------- sharded

@@ -274,7 +274,10 @@ def to_host(a):
 
 
 def copy_from_host(dst, src):
-    dst.set(np.ascontiguousarray(src, dtype=dst.dtype))
+    """``src`` into device array ``dst``, on the current stream (ordered after the kernels
+    queued there: a step's new stochastic-rounding keys wait for the last step's kernels)."""
+    import cupy
+    dst.set(np.ascontiguousarray(src, dtype=dst.dtype), stream=cupy.cuda.get_current_stream())
 
 
 def address(a):

@@ -20,7 +20,11 @@ Sections of :func:`run`'s result:
   over the flat buffer, and by torch over the same tensors;
 * ``overhead``: host time and wall time (synchronised) per step at small N, and kernel
   launches per step;
-* ``capturable``: one step captured in a CUDA graph and replayed, against eager steps.
+* ``capturable``: one step captured in a CUDA graph and replayed, against eager steps;
+* ``formats``: Adam at the largest size in each storage format (``measure.FORMATS``: 16-bit
+  params and grads, bfloat16 and int8 state, master weights, stochastic rounding) through
+  ``opt.step``: bytes per element, GB/s, fraction of copy bandwidth, state bytes per
+  element, and torch's fused float32 Adam at that size over it.
 
 ``python -m hwoptim.bench.gpu OUTDIR [--quick] [--budget S]`` writes
 ``OUTDIR/<card>-<date>.json`` and ``.md`` and prints a short table.

@@ -247,3 +247,53 @@ def _torch_model(ctx, rule, kwargs, shapes, dtype, impl):
                 v.uniform_(0.5, 1.5)
     torch.cuda.synchronize()
     return opt
+
+
+# Storage formats on the GPU (hwoptim.formats), Adam: CuPy has no bfloat16, so the 16-bit
+# params and grads here are float16 (the same bytes; bfloat16 differs only in the bits the
+# conversions keep)
+FORMATS = [
+    ("fp32", "float32", {}),
+    ("fp16 p+g, fp32 state", "float16", {}),
+    ("fp16 p+g, bf16 state", "float16", {"state_dtype": "bfloat16"}),
+    ("fp32 master, fp16 p+g", "float16", {"master_weights": True}),
+    ("fp16 p+g + SR, fp32 state", "float16", {"stochastic_rounding": True}),
+    ("fp32, int8 state", "float32", {"state_dtype": "int8"}),
+    ("fp16 p+g, int8 state", "float16", {"state_dtype": "int8"}),
+    ("fp16 p+g + SR, int8 state", "float16", {"stochastic_rounding": True,
+                                               "state_dtype": "int8"}),
+]
+
+
+def format_step(ctx, label, dtype, opts, n) -> dict:
+    """One record: Adam at ``n`` elements in a storage format (params of ``dtype``, the
+    optimizer options ``opts``) through ``opt.step``: its bytes per element (loads and
+    stores, int8's absmax included), state bytes per element measured from the arrays."""
+    from hwoptim.bench.formats import bytes_per_element as format_bytes
+    cupy = ctx.cupy
+    rec = {"device": ctx.name, "rule": "Adam", "format": label, "dtype": dtype, "n": int(n),
+           "time_s": None, "bytes": None, "gbps": None, "state_bytes": None}
+    rep = 8 if ctx.quick else 15
+    try:
+        def make():
+            w = ctx.normal(n, "float32").astype(dtype)
+            g = (ctx.normal(n, "float32") * 1e-2).astype(dtype)
+            opt = hwoptim.Adam(w, lr=1e-3, **opts)
+            opt.step(g)                          # state in its steady form
+            return opt, g
+        opt, g = make()
+        plan = codegen.plan(opt.rule, opt._flags[0])
+        per = format_bytes(plan, opt._format_of(opt._params[0]))
+        rec["bytes"] = int(per * n)
+        rec["state_bytes"] = sum(int(a.nbytes) for a in opt.state[0].values()) / n
+        sets = [(opt, g)] + [make() for _ in range(n_sets_for(rec["bytes"], ctx.l2) - 1)]
+        rec["time_s"] = time_steps(lambda i: sets[i][0].step(sets[i][1]), len(sets), 3, rep,
+                                   ctx.timer)
+        rec["gbps"] = rec["bytes"] / rec["time_s"] / 1e9
+        cupy.cuda.get_current_stream().synchronize()
+    except Exception as e:   # noqa: BLE001 - recorded, the run goes on
+        rec["error"] = error_text(e)
+    finally:
+        sets = opt = g = None
+        free()
+    return rec

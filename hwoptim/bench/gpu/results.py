@@ -108,6 +108,11 @@ def summary(result: dict) -> dict:
             "torch_host_busy_s": ht.get("host_busy_s") if ht else None}
     if models:
         out["models"] = models
+    fm = {r["format"]: {k: r.get(k) for k in ("n", "gbps", "frac_copy", "vs_torch_fused_fp32",
+                                              "state_bytes")}
+          for r in result.get("formats", []) if r.get("time_s")}
+    if fm:
+        out["formats_adam"] = fm
     return out
 
 
@@ -160,6 +165,19 @@ def format_markdown(result: dict) -> str:
                    fmt(r.get("gbps"), ".0f"),
                    fmt(r.get("frac_floor"), ".2f"), fmt(r.get("vs_torch"), ".2f"),
                    fmt(r.get("launches"))])
+    lines += ["", "## Storage formats (Adam)", "",
+              "bytes: what the step must load and store per element (int8: each block's "
+              "absmax too); of copy: its GB/s over the copy bandwidth (the floor of the same "
+              "bytes); vs torch fused fp32: torch.optim.Adam(fused=True) in float32 at the "
+              "same size, its time / this one's. fp16 stands for both 16-bit types (CuPy has "
+              "no bfloat16; the bytes are the same).", ""]
+    lines += _md_table(
+        ["format", "n", "time (ms)", "bytes/element", "GB/s", "of copy",
+         "vs torch fused fp32", "state B/element"], result.get("formats", []),
+        lambda r: [r["format"], r["n"], ms(r),
+                   fmt(r["bytes"] / r["n"] if r.get("bytes") else None, ".2f"),
+                   fmt(r.get("gbps"), ".0f"), fmt(r.get("frac_copy"), ".2f"),
+                   fmt(r.get("vs_torch_fused_fp32"), ".2f"), fmt(r.get("state_bytes"), ".2f")])
     lines += ["", "## Per-step overhead (small N)", "",
               "host: until step() returns; wall: step() + synchronize; gpu: CUDA events.", ""]
     lines += _md_table(
@@ -197,6 +215,12 @@ def format_table(result: dict) -> str:
                    f"{fmt((r.get('time_s') or 0) * 1e3, '.3f')} ms  "
                    f"host {fmt_us(r.get('host_s'))} us  "
                    f"launches {fmt(r.get('launches'))} {r.get('error', '')}")
+    for r in result.get("formats", []):
+        out.append(f"format {r['format']:<27} n={r['n']:<10} "
+                   + (f"{fmt(r.get('gbps'), '.0f'):>5} GB/s  copy {fmt(r.get('frac_copy'), '.2f')}"
+                      f"  vs torch fused fp32 {fmt(r.get('vs_torch_fused_fp32'), '.2f')}  "
+                      f"state {fmt(r.get('state_bytes'), '.2f')} B/el"
+                      if r.get("time_s") else r.get("error", "?")))
     for r in result.get("overhead", []):
         out.append(f"overhead n={r['n']:<8} {r['impl']:<26} host {fmt_us(r.get('host_s'))} us "
                    f"wall {fmt_us(r.get('wall_s'))} us launches {fmt(r.get('launches'))} "

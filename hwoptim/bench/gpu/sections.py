@@ -117,6 +117,29 @@ def _graph_section(ctx, budget, quick, small_model, result, say):
             rep=20 if quick else 50))
 
 
+def _formats_section(ctx, budget, big, result, say):
+    """Adam in every storage format at the largest size, and torch's fused float32 Adam at
+    that size (the rule section's record, or measured here), side by side."""
+    adam = RULES["Adam"]
+    torch_t = next((r["time_s"] for r in result["records"] if r.get("time_s") and
+                    (r["rule"], r["options"], r["dtype"], r["n"], r["impl"]) ==
+                    ("Adam", "default", "float32", big, "torch-fused")), None)
+    if torch_t is None and ctx.torch_has(adam, "torch-fused"):
+        torch_t = measure.rule_impl(ctx, adam, {}, "float32", big, "torch-fused").get("time_s")
+    for label, dtype, opts in measure.FORMATS:
+        if budget.over(f"format {label}"):
+            continue
+        r = measure.format_step(ctx, label, dtype, opts, big)
+        r["frac_copy"] = (r["gbps"] / result["copy_gbps"]
+                          if r.get("gbps") and result.get("copy_gbps") else None)
+        r["vs_torch_fused_fp32"] = torch_t / r["time_s"] if torch_t and r.get("time_s") else None
+        result["formats"].append(r)
+        say(f"format {label} n={big}: " + (
+            f"{r['time_s'] * 1e3:.3f} ms, {r['gbps']:.0f} GB/s, "
+            f"{r['bytes'] / r['n']:.2f} B/element, state {r['state_bytes']:.2f} B/element"
+            if r.get("time_s") else r.get("error", "?")))
+
+
 def _model_section(ctx, budget, quick, small_model, result, say):
     """A step over a model's tensors by every implementation: the benchmark's model-like
     lists (Adam; SGD with momentum) and, where torch is here, the real models' shapes
@@ -166,7 +189,7 @@ def run(quick: bool = False, out_dir: str | None = None, progress=None,
     result = {"device": ctx.device_info(), "quick": bool(quick),
               "date": datetime.datetime.now().isoformat(timespec="seconds"),
               "copy_gbps": None, "records": [], "models": [], "overhead": [],
-              "capturable": [], "skipped": budget.skipped}
+              "capturable": [], "formats": [], "skipped": budget.skipped}
     say(f"device: {result['device']}")
 
     big = 1 << (log2_n if log2_n is not None else (26 if quick else 28))
@@ -174,6 +197,7 @@ def run(quick: bool = False, out_dir: str | None = None, progress=None,
     result["prewarm"] = _prewarm(cases, say)
     _copy_section(ctx, big, result, say)
     _rule_section(ctx, budget, [c for c in cases if c[2] == "float32"], result, say)
+    _formats_section(ctx, budget, big, result, say)
     _overhead_section(ctx, budget, quick, result, say)
     small_model = model_shapes(MODELS["small"])   # the CPU report's tensors, as it times them
     result["model_shapes"] = ("large, small: hwoptim.bench.workload.model_shapes; gpt2-small, "
