@@ -89,7 +89,7 @@ def test_refused_exports_change_nothing(rng, torch):
         hwoptim.Adam(Jax(random_values(rng, (6,))))
     # a dtype hwoptim does not update (bfloat16, which NumPy cannot take from DLPack, is
     # a storage format: tests/test_formats.py)
-    with pytest.raises(TypeError, match="float32 or float64"):
+    with pytest.raises(TypeError, match="expected float32, float64, float16 or bfloat16"):
         hwoptim.Adam(torch.zeros(6, dtype=torch.int32))
     # mixed dtypes, and grads of the wrong dtype or shape: as for NumPy arrays
     with pytest.raises(TypeError, match="one dtype"):
