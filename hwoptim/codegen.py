@@ -325,11 +325,13 @@ def _nb_blocks(p: KernelPlan, body: list, rng: str) -> list:
     """The int8-state loop (``rng``: "prange" or "range") over blocks of 256 elements
     (``_n`` of them from ``i = 0``), two passes per block. The first evaluates only what
     the new states need (the statements their outputs reach: for Adam the two moments, no
-    square root or divide) and reduces each to its absmax (the largest bit pattern of a
-    finite |x|: non-negative floats order as integers) and whether it has a negative value;
-    :func:`_q_scale` turns those into the map and scale; the second runs the whole update
-    and stores each new state's code directly. Both are plain loops that LLVM vectorises
-    (no scratch memory)."""
+    square root or divide), keeps each new state in a 256-float scratch array ``_q<j>``
+    (allocated by the caller) and reduces it to its absmax (the largest bit pattern of a
+    finite |x|: non-negative floats order as integers, int32 lanes) and whether it has a
+    negative value; :func:`_q_scale` turns those into the map and scale; the second runs
+    the rest of the update, reading the new states back (their decoding and math are not
+    repeated), and stores each state's code directly. Both are plain loops that LLVM
+    vectorises; the block's buffers stay in L1 between them."""
     qs = [a for a in p.arrays[2:] if a in p.outputs]
     need = _reach([p.roots[a] for a in qs], through_norm=False)
     temps = {f"t{k}" for k in range(len(p.order))}
@@ -339,18 +341,23 @@ def _nb_blocks(p: KernelPlan, body: list, rng: str) -> list:
     block = ["_bl = _b << 8",
              "_m = min(256, _n - _bl)"]
     block += [f"_s{j} = {a}_absmax[_b]" for j, a in enumerate(p.arrays[2:])]
-    block += [f"_A{j} = np.uint64(0)" for j, a in enumerate(p.arrays[2:]) if a in qs]
+    block += [f"_A{j} = _Z32" for j, a in enumerate(p.arrays[2:]) if a in qs]
     block += [f"_N{j} = False" for j, a in enumerate(p.arrays[2:]) if a in qs]
     block += ["for _j in range(_m):", "    i = _bl + _j"] + [f"    {ln}" for ln in first]
+    second = list(body)
     for j, a in enumerate(p.arrays[2:]):
         if a in qs:
             v = _stored_value(body, a)
-            block += [f"    _A{j} = max(_A{j}, _abs_bits({v}))",
+            block += [f"    _q{j}[_j] = {v}",
+                      f"    _A{j} = max(_A{j}, _abs_bits({v}))",
                       f"    _N{j} = _N{j} | ({v} < 0)"]
+            if v in temps:          # the second pass reads it back (LLVM drops the rest)
+                second = [f"{v} = _q{j}[_j]" if ln.startswith(f"{v} = ") else ln
+                          for ln in second]
     for j, a in enumerate(p.arrays[2:]):
         if a in qs:
-            block.append(f"_pre{j}, _inv{j}, _u{j}, _a{j} = _q_scale(_A{j}, _N{j})")
-    block += ["for _j in range(_m):", "    i = _bl + _j"] + [f"    {ln}" for ln in body]
+            block.append(f"_pre{j}, _inv{j}, _u{j}, _a{j} = _q_scale(np.uint64(_A{j}), _N{j})")
+    block += ["for _j in range(_m):", "    i = _bl + _j"] + [f"    {ln}" for ln in second]
     block += [f"{a}_absmax[_b] = _a{j}" for j, a in enumerate(p.arrays[2:]) if a in qs]
     return [f"for _b in {rng}((_n + 255) >> 8):"] + [f"    {ln}" for ln in block]
 
@@ -404,6 +411,7 @@ _ONE = np.uint64(1)
 _TWO24 = np.float32(2.0 ** 24)
 _TWOM24 = np.float32(2.0 ** -24)
 _SMALL = np.uint64(0x03800000)         # the bits of 2**-120 (absmax below: prescaled)
+_Z32 = np.int32(0)
 
 
 def _i32(builder, v):
@@ -517,25 +525,24 @@ def _q_special(builder, u):
 @intrinsic
 def _q_load(typingctx, c, a):
     """An int8 state's code ``c`` decoded with its block's absmax ``a`` (negative: the
-    unsigned map), as hwoptim.formats.dequantize; selects only (vectorises)."""
+    unsigned map), as hwoptim.formats.dequantize: the code's magnitude bits placed where a
+    float32 keeps its exponent and mantissa (the signed map's sign in the sign bit) give
+    2^(e-127)(1 + m/8), or m 2^-129 for e = 0, so times 2^112 (signed, bias 15) or 2^96
+    (unsigned, bias 31) it is the map's value exactly; one rounding, times |a|. Selects
+    only (vectorises)."""
     def lower(context, builder, sig, args):
         f32 = _ir.FloatType()
         cc = builder.zext(args[0], _ir.IntType(32))
         ab = builder.bitcast(args[1], _ir.IntType(32))
         u = builder.icmp_unsigned("!=", builder.lshr(ab, _c32(31)), _c32(0))
-        neg = builder.and_(builder.not_(u), builder.icmp_unsigned(">=", cc, _c32(0x80)))
-        mag = builder.select(u, cc, builder.and_(cc, _c32(0x7F)))
-        e = builder.lshr(mag, _c32(3))
-        m = builder.and_(mag, _c32(7))
-        bias = builder.select(u, _c32(31), _c32(15))
-        k = builder.select(builder.icmp_unsigned("==", e, _c32(0)), m, builder.add(m, _c32(8)))
-        e1 = builder.select(builder.icmp_unsigned("==", e, _c32(0)), _c32(1), e)
-        pw = builder.bitcast(builder.shl(builder.sub(builder.add(e1, _c32(124)), bias),
-                                         _c32(23)), f32)
-        v = builder.fmul(builder.uitofp(k, f32), pw)
-        v = builder.select(neg, builder.fneg(v), v)
+        signed = builder.or_(builder.shl(builder.and_(cc, _c32(0x80)), _c32(24)),
+                             builder.shl(builder.and_(cc, _c32(0x7F)), _c32(20)))
+        bits = builder.select(u, builder.shl(cc, _c32(20)), signed)
+        scale = builder.select(u, _ir.Constant(f32, 2.0 ** 96), _ir.Constant(f32, 2.0 ** 112))
         aa = builder.bitcast(builder.and_(ab, _c32(0x7FFFFFFF)), f32)
-        res = builder.fmul(v, aa)
+        res = builder.fmul(builder.fmul(builder.bitcast(bits, f32), scale), aa)
+        mag = builder.select(u, cc, builder.and_(cc, _c32(0x7F)))
+        neg = builder.and_(builder.not_(u), builder.icmp_unsigned(">=", cc, _c32(0x80)))
         top, inf_code = _q_special(builder, u)
         inf = builder.select(neg, _ir.Constant(f32, float("-inf")), _ir.Constant(f32, float("inf")))
         res = builder.select(builder.icmp_unsigned("==", mag, inf_code), inf, res)
@@ -577,11 +584,14 @@ def _q_code(typingctx, v, pre, inv, u):
     return types.uint8(types.float32, types.float32, types.float32, types.boolean), lower
 
 
-@njit(inline="always")
-def _abs_bits(v):
-    """The bits of |v| where v is finite, else 0 (non-negative floats order as integers)."""
-    b = _bits_of(v) & np.uint64(0x7FFFFFFF)
-    return b if b < _INF else np.uint64(0)
+@intrinsic
+def _abs_bits(typingctx, x):
+    """The bits of float32 |x| where x is finite, else 0, as an int32 (non-negative floats
+    order as integers; a 32-bit max vectorises where a 64-bit one does not)."""
+    def lower(context, builder, sig, args):
+        b = builder.and_(builder.bitcast(args[0], _ir.IntType(32)), _c32(0x7FFFFFFF))
+        return builder.select(builder.icmp_unsigned("<", b, _c32(0x7F800000)), b, _c32(0))
+    return types.int32(types.float32), lower
 
 
 @njit(inline="always")
@@ -723,6 +733,8 @@ def _nb_blocks_function(p: KernelPlan, fmt: Format, cache: bool) -> list:
     args = ", ".join(names + [f"k_{s}" for s in p.all_scalars])
     out = [_njit_line(False, cache), f"def _blocks(_off, _kh, {args}):",
            "    _n = param.shape[0]"]
+    out += [f"    _q{j} = np.empty(256, np.float32)"            # the new states' scratch
+            for j, a in enumerate(p.arrays[2:]) if a in p.outputs]
     return out + [f"    {line}" for line in _nb_blocks(p, body, "range")]
 
 
