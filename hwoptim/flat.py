@@ -12,9 +12,11 @@ import sys
 import numpy as np
 
 from . import backends as _backends
+from . import formats
 
 ALIGN = 16  # bytes: every view starts on a 16-byte boundary, so GPU kernels can use 16-byte loads
-_DTYPES = (np.dtype(np.float32), np.dtype(np.float64))
+_DTYPES = ("float32", "float64", "float16", "bfloat16")   # (bfloat16: ml_dtypes', NumPy only)
+_EXPECTED = "float32, float64, float16 or bfloat16"
 _KIND = {"host": "a NumPy array", "cuda": "a CuPy array"}
 
 
@@ -35,14 +37,16 @@ def _check_xp(xp):
     return fam
 
 
-def _check_dtype(dtype) -> np.dtype:
+def _check_dtype(dtype, fam: str = "host") -> np.dtype:
     try:                 # np.dtype(None) is float64, and None == np.dtype(float64) is True
         dt = np.dtype(dtype) if dtype is not None else None
     except TypeError:
         dt = None
-    if dt is None or dt not in _DTYPES:
-        raise TypeError(f"dtype={dt if dt is not None else repr(dtype)}: expected float32 or "
-                        f"float64")
+    if dt is None or formats.dtype_name(dt) not in _DTYPES:
+        raise TypeError(f"dtype={dt if dt is not None else repr(dtype)}: expected {_EXPECTED}")
+    if fam == "cuda" and formats.dtype_name(dt) == "bfloat16":
+        raise TypeError("dtype=bfloat16 with xp=cupy: CuPy has no bfloat16; expected float32, "
+                        "float64 or float16")
     return dt
 
 
@@ -66,7 +70,9 @@ class FlatParams:
 
     Args:
         shapes: one shape (a tuple of ints, or an int) per array.
-        dtype: float32 or float64.
+        dtype: float32, float64, float16, or ``ml_dtypes.bfloat16`` (NumPy only): a storage
+            format's params (``state_dtype=``, ``stochastic_rounding=`` ... on the
+            optimizer).
         xp: the array module to allocate with, ``numpy`` (default) or ``cupy``.
 
     Attributes:
@@ -76,8 +82,7 @@ class FlatParams:
     """
 
     def __init__(self, shapes, dtype=np.float32, xp=np):
-        dtype = _check_dtype(dtype)
-        _check_xp(xp)
+        dtype = _check_dtype(dtype, _check_xp(xp))
         if isinstance(shapes, (str, bytes)) or not hasattr(shapes, "__iter__"):
             raise TypeError(f"shapes={shapes!r}: expected a list of shapes (tuples of ints)")
         shapes = [_check_shape(i, s) for i, s in enumerate(shapes)]
@@ -105,8 +110,8 @@ class FlatParams:
 
     @classmethod
     def from_arrays(cls, arrays, xp=None):
-        """A buffer holding copies of ``arrays`` (float32 or float64, one dtype, all NumPy
-        or all CuPy on one device); use its views from now on.
+        """A buffer holding copies of ``arrays`` (float32, float64, float16 or bfloat16, one
+        dtype, all NumPy or all CuPy on one device); use its views from now on.
 
         ``xp``: ``None`` (the arrays' own module), or that module; a buffer is never made
         on another device than the arrays'."""
@@ -125,9 +130,9 @@ class FlatParams:
             if f is None:
                 raise TypeError(f"arrays[{i}] is a {type(a).__module__}.{type(a).__name__}; "
                                 f"expected a NumPy or CuPy array (numpy.asarray it first)")
-            if a.dtype not in _DTYPES:
-                raise TypeError(f"arrays[{i}] has dtype {a.dtype}; expected float32 or "
-                                f"float64 (convert it with .astype first)")
+            if formats.dtype_name(a.dtype) not in _DTYPES:
+                raise TypeError(f"arrays[{i}] has dtype {a.dtype}; expected {_EXPECTED} "
+                                f"(convert it with .astype first)")
             if f != _backends.family(arrays[0]):
                 raise TypeError(f"arrays[{i}] is {_KIND[f]} but arrays[0] is "
                                 f"{_KIND[_backends.family(arrays[0])]}; expected one kind")

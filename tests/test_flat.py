@@ -36,10 +36,11 @@ def test_from_arrays_refuses_mixed_dtypes(rng):
 
 def test_from_arrays_refuses_non_float_dtypes(rng):
     a = random_values(rng, (3,))
-    for dtype in (np.int64, np.int32, np.float16, np.complex128, np.bool_):
+    for dtype in (np.int64, np.int32, np.longdouble, np.complex128, np.bool_):
         bad = np.ones(4, dtype)
         raises(TypeError, lambda: FlatParams.from_arrays([a, bad]),
-               "arrays[1]", f"dtype {np.dtype(dtype)}", "expected float32 or float64")
+               "arrays[1]", f"dtype {np.dtype(dtype)}",
+               "expected float32, float64, float16 or bfloat16")
         raises(TypeError, lambda: FlatParams.from_arrays([bad]), "arrays[0]",
                f"dtype {np.dtype(dtype)}")
 
@@ -118,7 +119,7 @@ def test_shapes_that_are_not_a_list_of_shapes_are_refused(shapes):
 def test_dtype_that_is_not_a_dtype_is_refused(dtype, shown):
     """Named, instead of NumPy's "data type 'x' not understood"; None is not float64."""
     raises(TypeError, lambda: FlatParams([(3,)], dtype), f"dtype={shown}",
-           "expected float32 or float64")
+           "expected float32, float64, float16 or bfloat16")
 
 
 @pytest.mark.parametrize("xp", [None, "numpy", np.linalg], ids=["None", "str", "np.linalg"])

@@ -792,3 +792,30 @@ def test_bench_formats_prints_every_format(capsys):
     assert len(rows) == len(FORMATS)
     assert rows[0].split("|")[2].strip() == "12"          # fp32 SGD without momentum
     assert bench_main(["--formats", "--rules", "NoSuchRule", "--no-torch"]) == 2
+
+
+@pytest.mark.parametrize("backend", HOST)
+@pytest.mark.parametrize("dtype", ["float16", "bfloat16"])
+def test_flat_params_hold_16_bit_params(dtype, backend, rng):
+    """FlatParams of float16/bfloat16 (from_arrays: copies, every view 16-byte aligned): an
+    optimizer in a format over its vector steps its views in place, to the bits of the same
+    optimizer over a copy of the vector."""
+    dt = formats.np_dtype(dtype)
+    shapes = [(3, 5), (300,), (64, 80), (7,)]
+    arrays = [_values(rng, int(np.prod(s))).astype(dt).reshape(s) for s in shapes]
+    flat = hwoptim.FlatParams.from_arrays(arrays)
+    assert flat.dtype == dt and _same(flat.views, arrays)
+    assert all(v.ctypes.data % 16 == 0 for v in flat.views)
+    copy = flat.params.copy()
+    kw = dict(lr=1e-2, backend=backend, state_dtype="int8", stochastic_rounding=True, seed=3,
+              min_8bit_size=0)
+    a, b = hwoptim.Adam(flat.params, **kw), hwoptim.Adam(copy, **kw)
+    for _ in range(3):
+        for g in flat.grad_views:
+            g[...] = _values(rng, g.size).astype(dt).reshape(g.shape)
+        a.step(flat.grads)
+        b.step(flat.grads.copy())
+    assert np.array_equal(flat.params.view(np.uint16), copy.view(np.uint16))
+    assert not _same(flat.views, arrays)                   # the views moved with it
+    with pytest.raises(TypeError, match="expected float32, float64, float16 or bfloat16"):
+        hwoptim.FlatParams([(3,)], np.int16)
