@@ -1490,15 +1490,15 @@ def _c_format_typedefs(fmt: Format) -> str:
             f"typedef {_C_STORAGE[c['state']]} TS;\ntypedef {_C_STORAGE[c['compute']]} TC;\n")
 
 
-def _c_load(fmt: Format, p: KernelPlan, a: str, i: str = "i") -> str:
+def _c_load(fmt: Format, p: KernelPlan, a: str, absmax: str = "") -> str:
     """Buffer ``a``'s element ``i`` in the compute type (an int8 state decoded with its
-    block's absmax ``s<j>``)."""
+    block's absmax: ``s<j>``, or the expression ``absmax``)."""
     if a == "param" and fmt.master:
-        return f"master[{i}]"
+        return "master[i]"
     if fmt.quantized and a not in ("param", "grad"):
-        return f"hw_q_load({a}[{i}], s{p.arrays.index(a) - 2})"
+        return f"hw_q_load({a}[i], {absmax or f's{p.arrays.index(a) - 2}'})"
     f = {"bfloat16": "hw_bf_load", "float16": "hw_h_load"}.get(fmt.storage(a))
-    return f"{f}({a}[{i}])" if f else f"{a}[{i}]"
+    return f"{f}({a}[i])" if f else f"{a}[i]"
 
 
 def _c_round(fmt: Format, a: str, v: str) -> str:
@@ -1566,12 +1566,8 @@ def c_format_reduce_function(p: KernelPlan, fmt: Format) -> str:
     :func:`c_reduce_function`, over element ``i`` of the buffers (int8 states: absmax
     arrays ``<name>_absmax`` of the tensor's blocks)."""
     nm = _Namer(lambda v: f"(TC){v!r}")
-    lines = []
-    for a in p.reduce_reads:
-        x = _c_load(fmt, p, a)
-        if fmt.quantized and a not in ("param", "grad"):
-            x = f"hw_q_load({a}[i], {a}_absmax[i >> 8])"
-        lines.append(f"const TC x_{a} = {x};")
+    lines = [f"const TC x_{a} = {_c_load(fmt, p, a, f'{a}_absmax[i >> 8]')};"
+             for a in p.reduce_reads]
     for e in p.reduce_order:
         t = "bool" if _is_bool(e) else "TC"
         lines.append(f"const {t} {nm.new(e)} = {_c_expr(e, nm)};")
@@ -1689,9 +1685,7 @@ def cuda_format_source(p: KernelPlan, fmt) -> CudaMulti:
     fmt = Format.parse(fmt)
     base = f"hw_{p.key}_{fmt.key}"
     name = base + "_multi"
-    _, names = _c_format_args(p, fmt)
-    used = [a for a in fmt.arrays(p.arrays) if a in names or a == "_srkey"
-            or (a.endswith("_absmax"))]
+    used = fmt.arrays(p.arrays)
     k = len(p.norms)
     text = _chunk_loop_head(p, name, "const double* __restrict__ sums" if k else "")
     text += [f"        const TC k_{s} = (TC)sqrt(sums[t * {k} + {j}]);\n"
