@@ -2143,3 +2143,329 @@ def numba_staged_source(p: KernelPlan, dtype: str, cache: bool = True) -> str:
     head += _typed_constants(consts, dtype)
     return "\n".join(head + ["", ""] + funcs + [""] + drv) + "\n"
 
+
+
+# ----------------------------------------------------------------------------- staged, CUDA
+#
+# A staged plan on the GPU, kernel by kernel in the Numba driver's order. Each sweep over
+# the elements gives one warp a tile of 32 rows x 32 columns of one matrix: lane l takes
+# column l of the tile, row after row (every load of the warp reads 32 consecutive
+# elements). Per row, a row sum is reduced across the warp by shuffles and written as the
+# tile's partial; a column sum stays in the lane's register over the tile's rows; a sum of
+# the whole array stays in registers until the tile ends. A "finish" kernel then sums each
+# reduction's partials in a fixed order (one warp per result: lanes take every 32nd
+# partial, then shuffles) and stores its value (mean, RMS or norm, in the kernel dtype).
+# A sweep over rows or columns (a mean of a row-shaped value: small) is one warp per
+# result. Then the stores: elements, rows, columns, as the Numba driver. No atomics, no
+# shared memory: the same partials in the same order every run, and a warp's work is
+# plain enough that the C++ test harness runs the very statements with the 32 lanes in a
+# loop and the shuffles as index arithmetic (lane l adds lane l ^ o's value to its own, as
+# __shfl_xor_sync does).
+
+_TILE = 32              # the tile's rows and columns (a warp's width)
+
+
+@dataclass(frozen=True)
+class CudaStaged:
+    source: str
+    launches: tuple       # (kernel name, kind, reduction index or dom) in launch order
+
+
+def _c_staged_lines(p: KernelPlan, targets) -> list:
+    """C statements computing ``targets`` (nodes of the staged plan ``p``) at the indices
+    ``i``, ``_row``, ``_b``, ``_c``: the arrays' and the reductions' values loaded by their
+    class (reductions' results from ``_V<j>``), then the spec's statements each printed
+    once, as :func:`numba_staged_source`'s loops evaluate them."""
+    st = p.stages
+    nm = _Namer(lambda v: f"(TC){v!r}")
+    red = {id(e): j for j, e in enumerate(st.reductions)}
+    for j, e in enumerate(st.reductions):
+        if e.op == "mean":
+            nm.names[id(e)] = f"_q{j}"
+    need, arrs, stack = set(), set(), list(targets)
+    while stack:
+        e = stack.pop()
+        if id(e) in need or e.op in ("scalar", "const"):
+            continue
+        need.add(id(e))
+        if e.op == "array":
+            arrs.add(e.value)
+        elif id(e) not in red:
+            stack.extend(e.args)
+    lines = [f"const TC x_{a} = (TC){a}[{_stage_index(st.shapes[a])}];"
+             for a in p.arrays if a in arrs]
+    for e in st.reductions:
+        if id(e) in need:
+            lines.append(f"const TC {nm(e)} = _V{red[id(e)]}[{_stage_index(st.cls(e))}];")
+    for e in p.order:
+        if id(e) in need and id(e) not in red:
+            t = "bool" if _is_bool(e) else "TC"
+            lines.append(f"const {t} {nm.new(e)} = {_c_expr(e, nm)};")
+    return lines, nm
+
+
+def _staged_parts(p: KernelPlan, dtype: str) -> tuple:
+    """(device functions, [(name, kind, what, body lines of the "warp" and "loop"
+    variants, work-item count)]) of :func:`cuda_staged_source`."""
+    st = p.stages
+    full_js = [j for j, e in enumerate(st.reductions) if st.cls(e.args[0]) == _FULL]
+    arrays = []
+    for a in p.arrays:
+        t = _array_ctype(a)
+        arrays.append(f"{t}* __restrict__ {a}" if a in p.outputs
+                      else f"const {t}* __restrict__ {a}")
+    args = (arrays + [f"TC* __restrict__ _V{j}" for j in range(len(st.reductions))]
+            + [f"double* __restrict__ _P{j}" for j in full_js]
+            + ["const long long _B", "const long long _m", "const long long _n"]
+            + [f"const TC k_{s}" for s in p.scalars])
+    names = ([a for a in p.arrays] + [f"_V{j}" for j in range(len(st.reductions))]
+             + [f"_P{j}" for j in full_js] + ["_B", "_m", "_n"] + [f"k_{s}" for s in p.scalars])
+    idx_args = ["const long long i", "const long long _row", "const long long _b",
+                "const long long _c"]
+    funcs = []
+    sweeps = st.sweeps()
+    for s, (lv, dom, js) in enumerate(sweeps):
+        lines, nm = _c_staged_lines(p, [st.reductions[j].args[0] for j in js])
+        for j in js:
+            v = nm(st.reductions[j].args[0])
+            lines.append(f"v{j} = (double)({v});" if st.reductions[j].op == "mean"
+                         else f"v{j} = (double)({v}) * (double)({v});")
+        sig = ",\n    ".join(args + idx_args + [f"double& v{j}" for j in js])
+        funcs.append(f"__device__ __forceinline__ void {p.key}_sweep{s}(\n    {sig})\n{{\n"
+                     + "\n".join(f"    {ln}" for ln in lines) + "\n}\n")
+    stores = []
+    for dom in (_FULL, frozenset("br"), frozenset("bc")):
+        outs = [o for o in p.outputs if st.shapes[o] == dom]
+        if not outs:
+            continue
+        tag = "".join(sorted(dom))
+        lines, nm = _c_staged_lines(p, [p.roots[o] for o in outs])
+        lines += [f"{o}[{_stage_index(dom)}] = ({_array_ctype(o)}){nm(p.roots[o])};"
+                  for o in outs]
+        sig = ",\n    ".join(args + idx_args)
+        funcs.append(f"__device__ __forceinline__ void {p.key}_store_{tag}(\n    {sig})\n{{\n"
+                     + "\n".join(f"    {ln}" for ln in lines) + "\n}\n")
+        stores.append((dom, tag))
+    call = ", ".join(names)
+
+    def lanes(lines, warp):
+        if warp:
+            return lines
+        return (["for (int lane = 0; lane < 32; ++lane) {"] + [f"    {ln}" for ln in lines]
+                + ["}"])
+
+    def butterfly(x, warp):
+        if warp:
+            return [f"for (int o = 16; o > 0; o >>= 1) {x} += __shfl_xor_sync(0xffffffffu, "
+                    f"{x}, o);"]
+        return ["for (int o = 16; o > 0; o >>= 1) {",
+                "    double y[32];",
+                f"    for (int l = 0; l < 32; ++l) y[l] = {x}[l] + {x}[l ^ o];",
+                f"    for (int l = 0; l < 32; ++l) {x}[l] = y[l];", "}"]
+
+    def lane0(line, warp):
+        return f"if (lane == 0) {line}" if warp else line
+
+    def fin(j, total):
+        e, dom = st.reductions[j], st.cls(st.reductions[j].args[0])
+        if e.op == "mean":
+            return f"{total} / (double)({'_n' if e.value == -1 else '_m'})"
+        if e.op == "rms":
+            return f"sqrt({total} / (double)({_stage_size(dom)}))"
+        return f"sqrt({total})"
+
+    kernels = []
+    for s, (lv, dom, js) in enumerate(sweeps):
+        if dom == _FULL:
+            for warp in (True, False):
+                r = "" if warp else "[lane]"
+                body = ["const long long kt = w / nbn;", "const long long ct = w - kt * nbn;",
+                        "const long long _b = kt / nbm;",
+                        f"const long long r0 = _b * _m + (kt - _b * nbm) * {_TILE};",
+                        f"const long long r1 = r0 + {_TILE} < _b * _m + _m ? r0 + {_TILE} "
+                        f": _b * _m + _m;"]
+                keep = [j for j in js if st.cls(st.reductions[j]) != frozenset("br")]
+                body += [f"double a{j}{'' if warp else '[32]'};" for j in keep]
+                body += lanes([f"a{j}{r} = 0.0;" for j in keep], warp)
+                body += ["for (long long _row = r0; _row < r1; ++_row) {"]
+                row = [f"double v{j}{'' if warp else '[32]'};" for j in js]
+                each = [f"v{j}{r} = 0.0;" for j in js]
+                each += ["const long long _c = ct * 32 + lane;",
+                         f"if (_c < _n) {p.key}_sweep{s}({call}, _row * _n + _c, _row, _b, _c, "
+                         f"{', '.join(f'v{j}{r}' for j in js)});"]
+                each += [f"a{j}{r} += v{j}{r};" for j in keep]
+                row += lanes(each, warp)
+                for j in js:
+                    if st.cls(st.reductions[j]) == frozenset("br"):
+                        row += butterfly(f"v{j}", warp)
+                        row.append(lane0(f"_P{j}[_row * nbn + ct] = v{j}{'' if warp else '[0]'};",
+                                         warp))
+                body += [f"    {ln}" for ln in row] + ["}"]
+                cols = [j for j in keep if st.cls(st.reductions[j]) == frozenset("bc")]
+                if cols:
+                    body += lanes(["const long long _c = ct * 32 + lane;"]
+                                  + [f"if (_c < _n) _P{j}[kt * _n + _c] = a{j}{r};" for j in cols],
+                                  warp)
+                for j in keep:
+                    if j not in cols:
+                        body += butterfly(f"a{j}", warp)
+                        body.append(lane0(f"_P{j}[w] = a{j}{'' if warp else '[0]'};", warp))
+                if warp:
+                    warp_body = body
+            kernels.append((f"sweep{s}", "sweep", s, warp_body, body, "_B * nbm * nbn"))
+            for j in js:
+                k = st.cls(st.reductions[j])
+                if k == frozenset("br"):
+                    head, cnt, at = [], "nbn", "q * nbn + x"
+                elif k == frozenset("bc"):
+                    head = ["const long long _b = q / _n;", "const long long _c = q - _b * _n;"]
+                    cnt, at = "nbm", "(_b * nbm + x) * _n + _c"
+                elif not k:
+                    head, cnt, at = [], "_B * nbm * nbn", "x"
+                else:
+                    raise ValueError(f"rule {p.rule.name}: no GPU sweep gives a "
+                                     f"{''.join(sorted(k))}-shaped sum of the elements")
+                kernels.append((f"finish{j}", "finish", j)
+                               + _finish_bodies(head, cnt, f"_P{j}[{at}]", j, fin, lanes,
+                                                butterfly, lane0)
+                               + (_stage_size(k),))
+        else:
+            for j in js:
+                k = st.cls(st.reductions[j])
+                spaces = {(frozenset("br"), frozenset("b")):
+                          ("_m", ["const long long _row = q * _m + x;", "const long long _b = q;",
+                                  "const long long _c = 0;"]),
+                          (frozenset("br"), frozenset()):
+                          ("_B * _m", ["const long long _row = x;",
+                                       "const long long _b = x / _m;", "const long long _c = 0;"]),
+                          (frozenset("bc"), frozenset("b")):
+                          ("_n", ["const long long _row = 0;", "const long long _b = q;",
+                                  "const long long _c = x;"]),
+                          (frozenset("bc"), frozenset()):
+                          ("_B * _n", ["const long long _row = 0;",
+                                       "const long long _b = x / _n;",
+                                       "const long long _c = x - _b * _n;"]),
+                          (frozenset("b"), frozenset()):
+                          ("_B", ["const long long _row = 0;", "const long long _b = x;",
+                                  "const long long _c = 0;"])}
+                if (dom, k) not in spaces:
+                    raise ValueError(f"rule {p.rule.name}: no GPU sweep sums a "
+                                     f"{''.join(sorted(dom))}-shaped value into a "
+                                     f"{''.join(sorted(k))}-shaped one")
+                cnt, head = spaces[(dom, k)]
+                value = (head + [f"double v{jj};" for jj in js]
+                         + [f"{p.key}_sweep{s}({call}, 0, _row, _b, _c, "
+                            f"{', '.join(f'v{jj}' for jj in js)});"])
+                kernels.append((f"small{j}", "small", j)
+                               + _finish_bodies([], cnt, value, j, fin, lanes, butterfly, lane0,
+                                                f"v{j}")
+                               + (_stage_size(k),))
+    for dom, tag in stores:
+        if dom == _FULL:
+            body = ["const long long _row = i / _n;", "const long long _b = _row / _m;",
+                    "const long long _c = i - _row * _n;"]
+        elif dom == frozenset("br"):
+            body = ["const long long _row = i;", "const long long _b = i / _m;",
+                    "const long long _c = 0;"]
+        else:
+            body = ["const long long _row = 0;", "const long long _b = i / _n;",
+                    "const long long _c = i - _b * _n;"]
+        body.append(f"{p.key}_store_{tag}({call}, i, _row, _b, _c);")
+        kernels.append((f"store_{tag}", "store", tag, body, body, _stage_size(dom)))
+    return args, funcs, kernels
+
+
+def _finish_bodies(head, cnt, term, j, fin, lanes, butterfly, lane0, value=None) -> tuple:
+    """The warp-per-result bodies ("warp", "loop") summing ``cnt`` terms for result ``q``:
+    ``term`` an expression of ``x`` (a partial), or (``value`` set) statements computing
+    the term ``value`` at ``x``; then result ``q`` of reduction ``j`` stored."""
+    out = []
+    for warp in (True, False):
+        r = "" if warp else "[lane]"
+        body = list(head) + [f"double s{'' if warp else '[32]'};"]
+        if value is None:
+            each = [f"s{r} = 0.0;", f"for (long long x = lane; x < {cnt}; x += 32) "
+                                    f"s{r} += {term};"]
+        else:
+            each = [f"s{r} = 0.0;", f"for (long long x = lane; x < {cnt}; x += 32) {{"]
+            each += [f"    {ln}" for ln in term] + [f"    s{r} += {value};", "}"]
+        body += lanes(each, warp) + butterfly("s", warp)
+        body.append(lane0(f"_V{j}[q] = (TC)({fin(j, 's' if warp else 's[0]')});", warp))
+        out.append(body)
+    return tuple(out)
+
+
+def cuda_staged_source(p: KernelPlan, dtype: str) -> CudaStaged:
+    """The CUDA module of a staged plan (Adafactor's factored matrices; see the comment
+    above): every kernel takes ``p.arrays`` (on their shapes, flat), the reductions' results
+    ``_V<j>`` (kernel dtype, sized by their class), the element sweeps' partials ``_P<j>``
+    (float64: per row and column tile for a row sum, per row tile and column for a column
+    sum, per tile for a whole-array sum), ``_B, _m, _n`` and the kernel scalars; launched
+    in ``launches`` order, each over its work items (tiles, results or elements)."""
+    args, funcs, kernels = _staged_parts(p, dtype)
+    base = f"hw_{p.key}_{dtype}_staged"
+    sig = ",\n    ".join(args)
+    text, launches = [], []
+    for name, kind, what, warp_body, _, _count in kernels:
+        per_warp = kind in ("sweep", "finish", "small")
+        head = [f'extern "C" __global__ void {base}_{name}(\n    {sig})\n{{',
+                f"    const long long nbm = (_m + {_TILE - 1}) / {_TILE};",
+                f"    const long long nbn = (_n + {_TILE - 1}) / {_TILE};",
+                "    (void)nbm; (void)nbn;"]
+        if per_warp:
+            v = "w" if kind == "sweep" else "q"
+            count = "_B * nbm * nbn" if kind == "sweep" else _count
+            head += ["    const int lane = threadIdx.x & 31;",
+                     f"    for (long long {v} = ((long long)blockIdx.x * blockDim.x + "
+                     f"threadIdx.x) >> 5; {v} < {count};",
+                     f"         {v} += ((long long)gridDim.x * blockDim.x) >> 5) {{"]
+        else:
+            head += [f"    for (long long i = (long long)blockIdx.x * blockDim.x + threadIdx.x;"
+                     f" i < {_count};", "         i += (long long)gridDim.x * blockDim.x) {"]
+        text.append("\n".join(head + [f"        {ln}" for ln in warp_body] + ["    }", "}", ""]))
+        launches.append((f"{base}_{name}", kind, what))
+    src = "\n".join([
+        f"// Generated by hwoptim from the {p.rule.name} spec ({_flag_text(p)}), {dtype}: "
+        f"staged (sweeps, then stores).",
+        "// Edit the spec in hwoptim/rules, not this file.",
+        _typedefs(dtypes_for(dtype))] + funcs + text)
+    return CudaStaged(src, tuple(launches))
+
+
+def cpp_staged_test_source(p: KernelPlan, dtype: str) -> str:
+    """A C++ translation unit running :func:`cuda_staged_source`'s kernels on the CPU, in
+    its launch order: the same device functions, and each kernel's statements with the
+    warp's lanes in a loop and its shuffles as index arithmetic. ``run(arrays, _V..., _P...,
+    _B, _m, _n, scalars, ftz)``, the arguments as the kernels'."""
+    args, funcs, kernels = _staged_parts(p, dtype)
+    body = ["const unsigned int csr = _mm_getcsr();",
+            "if (ftz) _mm_setcsr(csr | 0x8040);  // flush-to-zero and denormals-are-zero",
+            f"const long long nbm = (_m + {_TILE - 1}) / {_TILE};",
+            f"const long long nbn = (_n + {_TILE - 1}) / {_TILE};", "(void)nbm; (void)nbn;"]
+    for name, kind, what, _, loop_body, count in kernels:
+        v = {"sweep": "w", "finish": "q", "small": "q"}.get(kind, "i")
+        count = "_B * nbm * nbn" if kind == "sweep" else count
+        body += [f"for (long long {v} = 0; {v} < {count}; ++{v}) {{  // {name}"]
+        body += [f"    {ln}" for ln in loop_body] + ["}"]
+    body.append("_mm_setcsr(csr);")
+    sig = ", ".join(a.replace("__restrict__ ", "") for a in args)
+    return "\n".join([
+        "#include <cmath>", "#include <xmmintrin.h>",
+        "#define __device__", "#define __forceinline__ inline",
+        "using std::sqrt; using std::fabs; using std::fmax; using std::fmin; using std::pow;",
+        _typedefs(dtypes_for(dtype))] + funcs + [
+        f'extern "C" void run({sig}, int ftz) {{'] + [f"    {ln}" for ln in body] + ["}"]) + "\n"
+
+
+def staged_scratch(p: KernelPlan, B: int, m: int, n: int) -> tuple:
+    """The element counts of :func:`cuda_staged_source`'s scratch arrays for one (B, m, n)
+    param: (``_V<j>`` per reduction, ``_P<j>`` per reduction over the elements)."""
+    st = p.stages
+    nbm, nbn = -(-m // _TILE), -(-n // _TILE)
+    size = {frozenset("br"): B * m, frozenset("bc"): B * n, frozenset("b"): B,
+            frozenset(): 1}
+    part = {frozenset("br"): B * m * nbn, frozenset("bc"): B * nbm * n,
+            frozenset(): B * nbm * nbn}
+    vs = [size[st.cls(e)] for e in st.reductions]
+    ps = [part[st.cls(e)] for e in st.reductions if st.cls(e.args[0]) == _FULL]
+    return vs, ps

@@ -445,16 +445,7 @@ class Optimizer:
                              f"{self.format.sr}) has no device-scalar kernels yet; use "
                              f"capturable=False")
         self.capturable = bool(capturable)
-        if rule.shape_flags is not None and not getattr(self.backend, "STAGED", False):
-            shaped = [i for i, a in enumerate(arrays)
-                      if rule.shape_flags(tuple(a.shape)) != rule.shape_flags((1,))]
-            if shaped:
-                raise ValueError(f"params[{shaped[0]}] has shape {tuple(arrays[shaped[0]].shape)}"
-                                 f": {rule.name} updates arrays of that shape in stages "
-                                 f"(its state has other shapes), which the "
-                                 f"{self.backend_name!r} backend cannot run yet (numba and "
-                                 f"numpy can); pass it to an optimizer on the CPU, or flatten "
-                                 f"it into a vector")
+        self._check_staged(arrays, "")
         self.param_groups = _Frozen([], "param_groups cannot be changed directly; add a "
                                         "group with opt.add_param_group({'params': [...], "
                                         "...}), or change a group's values in place")
@@ -479,6 +470,30 @@ class Optimizer:
         self._add_groups(groups, 0, states)
         if self.capturable:
             self._init_device_scalars()
+
+    def _check_staged(self, arrays, where: str, first: int = 0):
+        """Params a rule updates in stages (Adafactor's matrices: state of other shapes)
+        need a backend that runs them, and there no device scalars or storage formats yet."""
+        rule = self.rule
+        if rule.shape_flags is None:
+            return
+        shaped = [i for i, a in enumerate(arrays, first)
+                  if rule.shape_flags(tuple(a.shape)) != rule.shape_flags((1,))]
+        if not shaped:
+            return
+        i = shaped[0]
+        what = (f"{where}params[{i}] has shape {tuple(arrays[i - first].shape)}, which "
+                f"{rule.name} updates in stages (factored state)")
+        if not getattr(self.backend, "STAGED", False):
+            raise ValueError(f"{what}: the {self.backend_name!r} backend cannot run that yet "
+                             f"(numba, numpy and cupy can); flatten it into a vector")
+        if self.capturable:
+            raise ValueError(f"{what}: capturable=True has no kernels for that yet; use "
+                             f"capturable=False, or flatten it into a vector")
+        if not self.format.plain:
+            raise ValueError(f"{what}; 16-bit params and state formats are not supported "
+                             f"there yet: keep those params float32 (a second optimizer), "
+                             f"or flatten them")
 
     def _set_format(self, arrays, storage):
         """The storage format (hwoptim.formats) from the params' dtype and the options
@@ -508,15 +523,6 @@ class Optimizer:
                              f"stochastic_rounding={self.format.sr}: the "
                              f"{self.backend_name!r} backend keeps one dtype for every "
                              f"buffer; use backend='cupy'")
-        if self.rule.shape_flags is not None:
-            shaped = [i for i, a in enumerate(arrays)
-                      if self.rule.shape_flags(tuple(a.shape)) != self.rule.shape_flags((1,))]
-            if shaped:
-                raise ValueError(f"{where}params[{shaped[0]}] has shape "
-                                 f"{tuple(arrays[shaped[0]].shape)}, which {self.rule.name} "
-                                 f"updates in stages (factored state); 16-bit params and "
-                                 f"state formats are not supported there yet: keep those "
-                                 f"params float32 (a second optimizer), or flatten them")
 
     def _on_device(self, host: np.ndarray, like):
         """A host array of state, as this optimizer keeps it: itself on the CPU, a copy on
@@ -662,6 +668,7 @@ class Optimizer:
         if new[0].dtype != self.dtype:
             raise TypeError(f"param_groups[{gi}] has dtype {new[0].dtype}; expected "
                             f"{self.dtype} like the other params (one dtype per optimizer)")
+        self._check_staged(list(new), f"param_groups[{gi}]: ", len(self._params))
         addr = self.backend.address
         hit = _overlaps([a for a in self._owned if a[1].startswith("state")]
                         + [(addr(p), f"new params[{j}]") for j, p in enumerate(new)])

@@ -388,14 +388,6 @@ class Optimizer(_TorchOptimizer):
                                      f"(channels_last?); hwoptim's kernels update contiguous "
                                      f"memory: model.to(memory_format=torch.contiguous_format)")
                 items.append((p, g))
-            if self.rule.shape_flags is not None:   # staged arrays: on the CPU only yet
-                flat = self.rule.shape_flags((1,))
-                for p, _ in items:
-                    if p.device.type != "cpu" and self.rule.shape_flags(tuple(p.shape)) != flat:
-                        raise ValueError(f"{where}a {p.dim()}-d param on {p.device}: "
-                                         f"{type(self).__name__} updates such params in "
-                                         f"stages, which hwoptim runs on the CPU only yet "
-                                         f"(CUDA tensors: torch.optim.{self.rule.torch})")
             work.append((group, hf, items))
         if skip:                              # found_inf: the whole step is skipped
             self.skipped_steps += 1

@@ -266,6 +266,23 @@ def test_loss_scaling_skips_and_clipping(backend, rng):
 
 
 @pytest.mark.parametrize("backend", HOST)
+def test_factored_params_in_a_storage_format_refused_and_nothing_changes(backend):
+    """A 16-bit matrix (no staged kernels in storage formats yet): refused at construction
+    and when added in a group later, naming the param; the optimizer is as it was."""
+    ml_dtypes = pytest.importorskip("ml_dtypes")
+    m16 = np.ones((8, 8), ml_dtypes.bfloat16)
+    with pytest.raises(ValueError, match=r"params\[0\] has shape \(8, 8\).*state formats"):
+        hwoptim.Adafactor(m16, backend=backend)
+    v = np.ones(8, ml_dtypes.bfloat16)
+    opt = hwoptim.Adafactor(v, backend=backend)
+    with pytest.raises(ValueError, match=r"param_groups\[1\]: params\[1\] has shape"):
+        opt.add_param_group({"params": [m16]})
+    assert len(opt.param_groups) == 1 and len(opt.state) == 1
+    opt.step([np.full(8, 0.5, ml_dtypes.bfloat16)])
+    assert opt.step_count == 1
+
+
+@pytest.mark.parametrize("backend", HOST)
 def test_empty_matrices_change_nothing(backend):
     """A matrix with no elements: nothing to update, nothing written (torch fills the
     column factor of a (0, n) param with NaN, from a mean over no rows)."""

@@ -74,6 +74,7 @@ class _FakeCupy(types.ModuleType):
     launches: list = []
     uploads: list = []
     syncs: list = []
+    allocs = 0
 
     def __init__(self):
         super().__init__("cupy")
@@ -114,6 +115,7 @@ class _FakeCupy(types.ModuleType):
             deviceSynchronize=lambda: _FakeCupy.syncs.append("device"))
         self.cuda = types.SimpleNamespace(runtime=runtime, Device=_Device, **vars(stream_mod))
         self.RawModule, self.ElementwiseKernel = RawModule, ElementwiseKernel
+        self.empty = _empty
 
     @staticmethod
     def asarray(a):
@@ -130,12 +132,25 @@ class _FakeCupy(types.ModuleType):
         return z
 
 
+class _Empty(_Array):
+    """What ``cupy.empty`` gives: a device array of ``dtype``, not written."""
+
+    def __init__(self, n, dtype, ptr):
+        super().__init__(n, ptr)
+        self.dtype = np.dtype(dtype)
+
+
 class _Zeros(_Array):
     """What ``cupy.zeros`` gives: a device array, zero-filled on the stream current then."""
 
     def __init__(self, n, dtype, ptr, stream):
         super().__init__(n, ptr)
         self.dtype, self.stream = np.dtype(dtype), stream
+
+
+def _empty(n, dtype):
+    _FakeCupy.allocs += 1
+    return _Empty(n, dtype, 0x7C0000000000 + (_FakeCupy.allocs << 24))
 
 
 class _Device:
@@ -491,3 +506,61 @@ def test_storage_formats_launch_the_format_module(rule_name, key, fake_cupy, rng
     with pytest.raises(ValueError, match=r"ptrs \(n, %d\)" % len(names)):
         run.many(ptrs[:, :-1], np.asarray(sizes, np.int64), rows, scalars)
     assert _FakeCupy.launches == []
+
+
+class _Shaped(_Array):
+    def __init__(self, shape, ptr):
+        super().__init__(int(np.prod(shape)), ptr)
+        self.shape = tuple(shape)
+
+
+@pytest.mark.parametrize("dtype", ["float32", "float64"])
+@pytest.mark.parametrize("shape", [(3, 37, 45), (70, 1), (1, 1100)])
+def test_staged_launches_in_order(shape, dtype, fake_cupy):
+    """A factored Adafactor param: the staged module's kernels, each once, in its launch
+    order, on the caller's stream; every kernel gets the same arguments (the arrays, the
+    sums' scratch arrays of the sizes ``codegen.staged_scratch`` gives, B, m, n as int64,
+    the scalars in the dtype); a warp per tile or result, a thread per stored element; an
+    empty matrix launches nothing."""
+    mod = _backend("cupy")
+    rule = RULES["Adafactor"]
+    h = {n: hy.default for n, hy in rule.hypers.items()}
+    h["eps"] = (1e-7, 1e-3)
+    flags = rule.array_flags(rule.static_flags(h, dict(rule.options)), shape)
+    plan = codegen.plan(rule, flags)
+    run = mod.kernel(plan, dtype)
+    k = codegen.cuda_staged_source(plan, dtype)
+    scalars = run.prepare(h, 4)
+    B = int(np.prod(shape[:-2])) if len(shape) > 2 else 1
+    m, n = shape[-2:]
+    arrays = [_Shaped(shape, 0x7F0000000000), _Shaped(shape, 0x7F0100000000),
+              _Shaped(shape[:-1] + (1,), 0x7F0200000000),
+              _Shaped(shape[:-2] + (1, n), 0x7F0300000000)]
+    side = fake_cupy.cuda.ExternalStream(0xABC0)
+    with side:
+        run(arrays, scalars)
+    L = _FakeCupy.launches
+    assert [x["kernel"] for x in L] == [name for name, _, _ in k.launches]
+    assert all(x["stream"] is side for x in L) and all(x["block"] == (256,) for x in L)
+    vs, ps = codegen.staged_scratch(plan, B, m, n)
+    na, nv = len(plan.arrays), len(vs)
+    args = L[0]["args"]
+    assert all(x["args"] is args or x["args"] == args for x in L)
+    assert list(args[:na]) == arrays
+    assert [(a.size, a.dtype) for a in args[na:na + nv]] == [(v, np.dtype(dtype)) for v in vs]
+    assert [(a.size, a.dtype) for a in args[na + nv:na + nv + len(ps)]] == \
+        [(q, np.dtype(np.float64)) for q in ps]
+    tail = args[na + nv + len(ps):]
+    assert [type(x) for x in tail[:3]] == [np.int64] * 3 and list(tail[:3]) == [B, m, n]
+    assert all(type(x) is np.dtype(dtype).type for x in tail[3:])
+    assert list(tail[3:]) == [np.dtype(dtype).type(x) for x in scalars]
+    tiles = B * -(-m // 32) * -(-n // 32)
+    threads = {"bcr": B * m * n, "br": B * m, "bc": B * n}
+    for x, (_, kind, what) in zip(L, k.launches):
+        work = (32 * tiles if kind == "sweep" else threads[what] if kind == "store"
+                else 32 * vs[what])
+        assert x["grid"] == (-(-work // 256),), (x["kernel"], x["grid"], work)
+    L.clear()
+    run([_Shaped((0, 5), 0x10), _Shaped((0, 5), 0x20), _Shaped((0, 1), 0x30),
+         _Shaped((1, 5), 0x40)], scalars)
+    assert L == []

@@ -17,7 +17,9 @@ fail.
 * a list of separate arrays: one multi-tensor launch per step, each array within the
   reference's tolerances;
 * storage formats (float16 params, bfloat16 and int8 state, master weights, stochastic
-  rounding): the NumPy reference's bits, one param or many; checkpoints continue on the CPU.
+  rounding): the NumPy reference's bits, one param or many; checkpoints continue on the CPU;
+* Adafactor's factored matrices (the staged kernels): each step near the float64 reference,
+  repeatable bit for bit; the drop-in class against torch.optim.Adafactor on CUDA.
 """
 from __future__ import annotations
 
@@ -883,6 +885,86 @@ def test_formats_refused_where_the_gpu_has_no_kernel():
     w32 = cupy.asarray(np.ones(64, np.float32))
     with pytest.raises(ValueError, match="capturable=True with storage format"):
         hwoptim.Adam(w32, state_dtype="int8", capturable=True)
+
+
+# ----------------------------------------------------------------------------- Adafactor
+
+_STAGED_SHAPES = [(3, 37, 45), (300, 257), (1, 2000), (2000, 1), (2, 1, 40), (40,)]
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_adafactor_matrices_on_the_gpu(dtype):
+    """Factored Adafactor on CuPy matrices (the staged kernels: partial tiles, a batch, one
+    row, one column; a vector beside them): every step within 32u of the NumPy float64
+    step from the same state (as tests/test_adafactor.py holds the CPU kernels), and a
+    second GPU optimizer on the same inputs gives the same bits (no atomics)."""
+    rng = np.random.default_rng(zlib.crc32(f"adafactor-gpu-{dtype}".encode()))
+    u = np.finfo(dtype).eps / 2
+    host = [rng.standard_normal(s).astype(dtype) for s in _STAGED_SHAPES]
+    ps, twin = [cupy.asarray(p) for p in host], [cupy.asarray(p) for p in host]
+    kw = dict(weight_decay=1e-2, eps=(1e-7, 1e-3))
+    opt, opt2 = hwoptim.Adafactor(ps, **kw), hwoptim.Adafactor(twin, **kw)
+    assert opt.backend_name == "cupy"
+    for t in range(1, 11):
+        before = [p.get().astype(np.float64) for p in ps]
+        st = [{k: v.get().astype(np.float64) for k, v in s.items()} for s in opt.state]
+        gs = [rng.standard_normal(s).astype(dtype) for s in _STAGED_SHAPES]
+        ref = hwoptim.Adafactor([b.copy() for b in before], backend="numpy", **kw)
+        for i, s in enumerate(st):
+            for k, v in s.items():
+                ref.state[i][k] = v
+        ref.load_state_dict({**ref.state_dict(), "step": t - 1})
+        ref.step([g.astype(np.float64) for g in gs])
+        opt.step([cupy.asarray(g) for g in gs])
+        opt2.step([cupy.asarray(g) for g in gs])
+        refs = ref.param_groups[0]["params"]
+        for i, p in enumerate(ps):
+            got = p.get()
+            bound = 32 * u * (np.abs(before[i]) + np.abs(refs[i] - before[i]))
+            assert np.all(np.abs(got - refs[i]) <= bound), (t, i, _STAGED_SHAPES[i])
+            assert np.array_equal(got, twin[i].get()), (t, i, "not repeatable")
+            for k, v in opt.state[i].items():
+                r = ref.state[i][k]
+                assert np.all(np.abs(v.get() - r) <= 32 * u * np.abs(r)), (t, i, k)
+
+
+def test_adafactor_dropin_on_cuda_equals_torch():
+    """hwoptim.torch.Adafactor on CUDA tensors (an MLP: weights factored, biases not)
+    against torch.optim.Adafactor on CUDA, float64: within 1e-10 after 50 steps."""
+    torch = _torch_cuda()
+    import hwoptim.torch as ht
+    x = torch.randn(64, 12, dtype=torch.float64)
+    y = torch.randn(64, 3, dtype=torch.float64)
+    out = []
+    for cls in (ht.Adafactor, torch.optim.Adafactor):
+        torch.manual_seed(0)
+        m = torch.nn.Sequential(torch.nn.Linear(12, 40), torch.nn.Tanh(),
+                                torch.nn.Linear(40, 3)).double().to("cuda")
+        opt = cls(m.parameters(), lr=1e-2, weight_decay=1e-2)
+        xd, yd = x.to("cuda"), y.to("cuda")
+        for _ in range(50):
+            opt.zero_grad()
+            ((m(xd) - yd) ** 2).mean().backward()
+            opt.step()
+        out.append([p.detach().cpu() for p in m.parameters()])
+    for a, b in zip(*out):
+        assert float((a - b).abs().max() / b.abs().max()) <= 1e-10
+
+
+def test_adafactor_matrices_refused_where_the_gpu_has_no_kernel():
+    """capturable=True, a storage format and the ElementwiseKernel backend with a factored
+    param: refused at construction (or when the group is added), nothing changed."""
+    w = cupy.asarray(np.ones((8, 8), np.float32))
+    with pytest.raises(ValueError, match="capturable=True has no kernels"):
+        hwoptim.Adafactor(w, capturable=True)
+    with pytest.raises(ValueError, match="cannot run that yet"):
+        hwoptim.Adafactor(w, backend="cupy-elementwise")
+    with pytest.raises(ValueError, match="state formats are not supported there"):
+        hwoptim.Adafactor(cupy.asarray(np.ones((8, 8), np.float16)))
+    opt = hwoptim.Adafactor(cupy.asarray(np.ones(8, np.float16)))
+    with pytest.raises(ValueError, match="param_groups\\[1\\]: params\\[1\\]"):
+        opt.add_param_group({"params": [cupy.asarray(np.ones((8, 8), np.float16))]})
+    assert len(opt.param_groups) == 1 and len(opt.state) == 1
 
 
 # ----------------------------------------------------------------------------- sharded

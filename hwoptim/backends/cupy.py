@@ -18,6 +18,11 @@ element statements between loads and stores that convert each buffer bit for bit
 NumPy reference does, one warp per 256-element tile, launched as a multi-tensor kernel for
 one array or many (``_format_kernel``). Its element function, conversions and tiles run as
 C++ in CI too (tests/test_cuda_formats.py).
+
+A staged rule (Adafactor's factored matrices) runs ``codegen.cuda_staged_source``'s kernels
+in order (sweeps a warp per 32x32 tile, sums finished a warp per result, then the stores),
+one param at a time on its shape (``_staged_kernel``); tests/test_cuda_staged.py runs them
+as C++.
 """
 import numpy as np
 
@@ -25,6 +30,7 @@ from .. import codegen
 from ..formats import Format
 
 FAMILY = "cuda"
+STAGED = True      # runs staged rules (Adafactor's factored arrays) on their shapes
 THREADS = 256
 # Added to CuPy's own NVRTC options (-ftz=true, -arch=sm_XX). No FMA contraction: the
 # kernels are memory-bound, so it costs nothing, and a result then no longer depends on
@@ -82,6 +88,8 @@ def kernel(plan, dtype):
     fmt = Format.parse(dtype)
     if not fmt.plain:
         return _format_kernel(plan, fmt)
+    if plan.stages is not None:
+        return _staged_kernel(plan, dtype)
     import cupy
     k = codegen.cuda_source(plan, dtype)
     module = cupy.RawModule(code=k.source, options=NVRTC_OPTIONS)
@@ -260,6 +268,58 @@ def _format_kernel(plan, fmt: Format):
     run.prepare = codegen.host_scalar_function(plan, fmt.compute)
     run.device, run.advance, run.source = no_device, no_device, k.source
     run.many, run.many_tables = many, tables
+    return run
+
+
+def _staged_kernel(plan, dtype: str):
+    """A staged rule's kernels (``codegen.cuda_staged_source``: Adafactor's factored
+    matrices), for one param at a time on its shape: ``run(arrays, scalars)``, ``arrays`` in
+    ``plan.arrays`` order (contiguous; the grad may be flat). Each call launches the
+    module's kernels in order on the current stream, with scratch arrays for the sums
+    (CuPy's memory pool); nothing waits on the host."""
+    import cupy
+    k = codegen.cuda_staged_source(plan, dtype)
+    module, funcs = {}, {}
+    typ = np.dtype(dtype).type
+
+    def kernels():
+        dev = cupy.cuda.runtime.getDevice()
+        if dev not in funcs:
+            if "m" not in module:
+                module["m"] = cupy.RawModule(code=k.source, options=NVRTC_OPTIONS)
+            funcs[dev] = [module["m"].get_function(name) for name, _, _ in k.launches]
+        return funcs[dev]
+
+    def run(arrays, scalars):
+        shape = arrays[0].shape
+        n = shape[-1] if len(shape) else 1
+        m = shape[-2] if len(shape) > 1 else 1
+        b = int(np.prod(shape[:-2])) if len(shape) > 2 else 1
+        if b * m * n == 0:
+            return
+        vs, ps = codegen.staged_scratch(plan, b, m, n)
+        V = [cupy.empty(v, dtype=dtype) for v in vs]
+        P = [cupy.empty(q, dtype=np.float64) for q in ps]
+        args = (*arrays, *V, *P, np.int64(b), np.int64(m), np.int64(n),
+                *[typ(x) for x in scalars])
+        tiles = b * -(-m // 32) * -(-n // 32)
+        store = {"bcr": b * m * n, "br": b * m, "bc": b * n}
+        for f, (_, kind, what) in zip(kernels(), k.launches):
+            # a warp per tile or per result; a thread per element, row or column
+            work = {"sweep": 32 * tiles, "store": store.get(what)}.get(kind)
+            f((_blocks(32 * vs[what] if work is None else work),), (THREADS,), args)
+
+    def run_list(items, scalars):
+        for arrays in items:
+            run(arrays, scalars)
+
+    def no_device(*args):
+        raise ValueError(f"capturable=True: {plan.rule.name}'s factored (staged) params have "
+                         f"no device-scalar kernels yet; use capturable=False")
+
+    run.prepare = codegen.host_scalar_function(plan, dtype)
+    run.device, run.advance, run.source = no_device, no_device, k.source
+    run.run_list = run_list
     return run
 
 
