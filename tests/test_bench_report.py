@@ -130,3 +130,30 @@ def test_gpu_report_shows_the_formats_section():
     text = format_table(result)
     assert "format fp16 p+g, int8 state" in text and "vs torch fused fp32 2.71" in text
     assert "RuntimeError: out of memory" in text
+
+
+def test_gpu_report_shows_the_adafactor_section():
+    """The factored Adafactor rows (hwoptim's staged kernels beside torch's): in the
+    Markdown and the console table, and in the summary with the ratio to torch."""
+    from hwoptim.bench.gpu import format_markdown, format_table, summary
+    n = 2**28
+    af = [{"device": "X", "rule": "Adafactor", "impl": "hwoptim-cupy", "shape": [2**14, 2**14],
+           "n": n, "time_s": 4e-3, "bytes": 24 * n, "gbps": 1610.6, "frac_copy": 0.54,
+           "frac_minimum": 0.27, "vs_torch": 3.5},
+          {"device": "X", "rule": "Adafactor", "impl": "torch", "shape": [2**14, 2**14],
+           "n": n, "time_s": None, "bytes": 24 * n, "error": "RuntimeError: out of memory"}]
+    result = {"device": {"name": "X"}, "copy_gbps": 3000.0, "records": [], "models": [],
+              "overhead": [], "capturable": [], "formats": [], "adafactor": af,
+              "skipped": []}
+    s = summary(result)
+    assert s["adafactor_factored"] == {"hwoptim-cupy": {
+        "shape": [2**14, 2**14], "gbps": 1610.6, "frac_copy": 0.54, "frac_minimum": 0.27,
+        "vs_torch": 3.5}}
+    result["summary"] = s
+    md = format_markdown(result)
+    row = next(ln for ln in md.splitlines() if ln.startswith("| hwoptim-cupy | 16384x16384"))
+    assert all(c in row for c in ("1611", "0.54", "0.27", "3.50")), row
+    assert "out of memory" in next(ln for ln in md.splitlines() if ln.startswith("| torch |"))
+    text = format_table(result)
+    assert "adafactor 16384x16384" in text and "vs torch 3.50" in text
+    assert "RuntimeError: out of memory" in text

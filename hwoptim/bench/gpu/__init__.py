@@ -24,7 +24,11 @@ Sections of :func:`run`'s result:
 * ``formats``: Adam at the largest size in each storage format (``measure.FORMATS``: 16-bit
   params and grads, bfloat16 and int8 state, master weights, stochastic rounding) through
   ``opt.step``: bytes per element, GB/s, fraction of copy bandwidth, state bytes per
-  element, and torch's fused float32 Adam at that size over it.
+  element, and torch's fused float32 Adam at that size over it;
+* ``adafactor``: Adafactor on one square float32 matrix of about the largest size (the
+  staged kernels of its factored state), GB/s of the 24 bytes per element they move, the
+  fraction of copy bandwidth for those and for the 12 bytes any step must move, and
+  torch.optim.Adafactor (foreach) on the same matrix.
 
 ``python -m hwoptim.bench.gpu OUTDIR [--quick] [--budget S]`` writes
 ``OUTDIR/<card>-<date>.json`` and ``.md`` and prints a short table.

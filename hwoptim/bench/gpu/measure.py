@@ -297,3 +297,52 @@ def format_step(ctx, label, dtype, opts, n) -> dict:
         sets = opt = g = None
         free()
     return rec
+
+
+# Adafactor's factored matrices (the staged kernels): what each float32 element costs. The
+# step must read p and g and write p (12 bytes); the staged schedule reads p twice and g
+# three times (RMS(p) and both means of g² in one sweep, RMS(u) in a second read of g, then
+# the store), 24 bytes: a floor of each, against the copy bandwidth
+ADAFACTOR_BYTES = {"schedule": 24, "minimum": 12}
+
+
+def adafactor_step(ctx, side: int, impl: str) -> dict:
+    """One record: Adafactor on a ``side`` x ``side`` float32 matrix (factored), by
+    ``impl``: ``hwoptim-cupy`` (the staged kernels) or ``torch`` (torch.optim.Adafactor,
+    foreach)."""
+    n = side * side
+    rec = {"device": ctx.name, "rule": "Adafactor", "impl": impl, "shape": [side, side],
+           "n": n, "time_s": None, "bytes": ADAFACTOR_BYTES["schedule"] * n}
+    rep = 8 if ctx.quick else 15
+    sets = []
+    try:
+        for _ in range(n_sets_for(rec["bytes"], ctx.l2)):
+            if impl == "torch":
+                torch = ctx.torch
+                if torch is None:
+                    raise RuntimeError("torch with CUDA is not available")
+                p = torch.randn(side, side, device="cuda")
+                p.grad = torch.randn_like(p) * 1e-2
+                opt = torch.optim.Adafactor([p], foreach=True)
+                opt.step()
+                sets.append(opt)
+            else:
+                w = ctx.normal(n, "float32").reshape(side, side)
+                g = (ctx.normal(n, "float32") * 1e-2).reshape(side, side)
+                opt = hwoptim.Adafactor(w, backend="cupy")
+                opt.step(g)
+                sets.append((opt, g))
+        if impl == "torch":
+            ctx.torch.cuda.synchronize()
+            rec["time_s"] = time_steps(lambda i: sets[i].step(), len(sets), 3, rep,
+                                       torch_timer())
+        else:
+            rec["time_s"] = time_steps(lambda i: sets[i][0].step(sets[i][1]), len(sets), 3,
+                                       rep, ctx.timer)
+        rec["gbps"] = rec["bytes"] / rec["time_s"] / 1e9
+    except Exception as e:   # noqa: BLE001 - recorded, the run goes on
+        rec["error"] = error_text(e)
+    finally:
+        sets = None
+        free()
+    return rec

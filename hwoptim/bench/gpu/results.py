@@ -113,6 +113,11 @@ def summary(result: dict) -> dict:
           for r in result.get("formats", []) if r.get("time_s")}
     if fm:
         out["formats_adam"] = fm
+    af = {r["impl"]: {k: r.get(k) for k in ("shape", "gbps", "frac_copy", "frac_minimum",
+                                             "vs_torch")}
+          for r in result.get("adafactor", []) if r.get("time_s")}
+    if af:
+        out["adafactor_factored"] = af
     return out
 
 
@@ -178,6 +183,17 @@ def format_markdown(result: dict) -> str:
                    fmt(r["bytes"] / r["n"] if r.get("bytes") else None, ".2f"),
                    fmt(r.get("gbps"), ".0f"), fmt(r.get("frac_copy"), ".2f"),
                    fmt(r.get("vs_torch_fused_fp32"), ".2f"), fmt(r.get("state_bytes"), ".2f")])
+    lines += ["", "## Adafactor, factored (one float32 matrix)", "",
+              "GB/s and of copy: of the 24 bytes per element the staged kernels move (p read "
+              "twice, g three times, p written); of minimum: the 12 bytes any step must move "
+              "(p, g read, p written) at copy bandwidth, over the time; vs torch: "
+              "torch.optim.Adafactor (foreach) on the same matrix, its time / this one's.", ""]
+    lines += _md_table(
+        ["impl", "shape", "time (ms)", "GB/s", "of copy", "of minimum", "vs torch"],
+        result.get("adafactor", []),
+        lambda r: [r["impl"], "x".join(map(str, r["shape"])), ms(r), fmt(r.get("gbps"), ".0f"),
+                   fmt(r.get("frac_copy"), ".2f"), fmt(r.get("frac_minimum"), ".2f"),
+                   fmt(r.get("vs_torch"), ".2f")])
     lines += ["", "## Per-step overhead (small N)", "",
               "host: until step() returns; wall: step() + synchronize; gpu: CUDA events.", ""]
     lines += _md_table(
@@ -220,6 +236,12 @@ def format_table(result: dict) -> str:
                    + (f"{fmt(r.get('gbps'), '.0f'):>5} GB/s  copy {fmt(r.get('frac_copy'), '.2f')}"
                       f"  vs torch fused fp32 {fmt(r.get('vs_torch_fused_fp32'), '.2f')}  "
                       f"state {fmt(r.get('state_bytes'), '.2f')} B/el"
+                      if r.get("time_s") else r.get("error", "?")))
+    for r in result.get("adafactor", []):
+        out.append(f"adafactor {'x'.join(map(str, r['shape'])):<21} {r['impl']:<13} "
+                   + (f"{fmt(r.get('gbps'), '.0f'):>5} GB/s  copy {fmt(r.get('frac_copy'), '.2f')}"
+                      f"  of minimum {fmt(r.get('frac_minimum'), '.2f')}  vs torch "
+                      f"{fmt(r.get('vs_torch'), '.2f')}"
                       if r.get("time_s") else r.get("error", "?")))
     for r in result.get("overhead", []):
         out.append(f"overhead n={r['n']:<8} {r['impl']:<26} host {fmt_us(r.get('host_s'))} us "

@@ -140,6 +140,31 @@ def _formats_section(ctx, budget, big, result, say):
             if r.get("time_s") else r.get("error", "?")))
 
 
+def _adafactor_section(ctx, budget, big, result, say):
+    """Adafactor on one square float32 matrix of about ``big`` elements (the staged
+    kernels), beside torch.optim.Adafactor (foreach) on the same shape."""
+    side = 1 << (int(big).bit_length() - 1) // 2
+    recs = []
+    for impl in ("hwoptim-cupy", "torch"):
+        if budget.over(f"Adafactor {impl}"):
+            continue
+        r = measure.adafactor_step(ctx, side, impl)
+        copy = result.get("copy_gbps")
+        if r.get("time_s") and copy:
+            r["frac_copy"] = r["gbps"] / copy
+            r["frac_minimum"] = (measure.ADAFACTOR_BYTES["minimum"] * r["n"] / copy / 1e9
+                                 / r["time_s"])
+        recs.append(r)
+        say(f"Adafactor {side}x{side} {impl}: " + (
+            f"{r['time_s'] * 1e3:.3f} ms, {r['gbps']:.0f} GB/s of its 24 B/element"
+            if r.get("time_s") else r.get("error", "?")))
+    hw = next((r for r in recs if r["impl"] == "hwoptim-cupy" and r.get("time_s")), None)
+    th = next((r for r in recs if r["impl"] == "torch" and r.get("time_s")), None)
+    if hw and th:
+        hw["vs_torch"] = th["time_s"] / hw["time_s"]
+    result["adafactor"] = recs
+
+
 def _model_section(ctx, budget, quick, small_model, result, say):
     """A step over a model's tensors by every implementation: the benchmark's model-like
     lists (Adam; SGD with momentum) and, where torch is here, the real models' shapes
@@ -189,7 +214,8 @@ def run(quick: bool = False, out_dir: str | None = None, progress=None,
     result = {"device": ctx.device_info(), "quick": bool(quick),
               "date": datetime.datetime.now().isoformat(timespec="seconds"),
               "copy_gbps": None, "records": [], "models": [], "overhead": [],
-              "capturable": [], "formats": [], "skipped": budget.skipped}
+              "capturable": [], "formats": [], "adafactor": [],
+              "skipped": budget.skipped}
     say(f"device: {result['device']}")
 
     big = 1 << (log2_n if log2_n is not None else (26 if quick else 28))
@@ -198,6 +224,7 @@ def run(quick: bool = False, out_dir: str | None = None, progress=None,
     _copy_section(ctx, big, result, say)
     _rule_section(ctx, budget, [c for c in cases if c[2] == "float32"], result, say)
     _formats_section(ctx, budget, big, result, say)
+    _adafactor_section(ctx, budget, big, result, say)
     _overhead_section(ctx, budget, quick, result, say)
     small_model = model_shapes(MODELS["small"])   # the CPU report's tensors, as it times them
     result["model_shapes"] = ("large, small: hwoptim.bench.workload.model_shapes; gpt2-small, "
