@@ -189,6 +189,11 @@ def check_guard(max_grad_norm, skip_nonfinite, where: str) -> tuple:
     return max_grad_norm, bool(skip_nonfinite)
 
 
+def _is_device_array(x) -> bool:
+    """A CuPy array, or another library's CUDA array (``__cuda_array_interface__``)."""
+    return _backends.family(x) == "cuda" or hasattr(x, "__cuda_array_interface__")
+
+
 def _one_number(v, name: str, where: str) -> float:
     """``v`` (a number, or a one-element NumPy/CuPy/torch array) as a host float."""
     if isinstance(v, (numbers.Real, np.bool_)):
@@ -406,7 +411,8 @@ class Optimizer:
                storage=(None, False, False, 0, formats.MIN_8BIT_SIZE)):
         rule = self.rule
         self.max_grad_norm, self.skip_nonfinite = check_guard(*guard, f"{rule.name}(): ")
-        self.skipped_steps, self.last_step_skipped, self.last_grad_norm = 0, False, None
+        self._skipped, self._last_skipped, self._last_norm = 0, False, None
+        self._guard_mode = None        # capturable: the last step's verdict mode (None: none)
         self._grad_factor = False      # kernels multiply grads by a per-step factor (_clip)
         self._known = frozenset(rule.hypers) | frozenset(rule.options)
         self._defaults = defaults
@@ -422,15 +428,17 @@ class Optimizer:
         self._stream = interop.torch_stream([a for g in groups for a in g["_given"]])
         if not isinstance(capturable, (bool, np.bool_)):
             raise TypeError(f"capturable={capturable!r}: expected True or False")
-        if capturable and (self.max_grad_norm is not None or self.skip_nonfinite):
-            raise ValueError("max_grad_norm and skip_nonfinite are not supported with "
-                             "capturable=True yet (their decision would wait on the host); "
-                             "use capturable=False")
-        if (self.max_grad_norm is not None or self.skip_nonfinite) and \
-                not hasattr(self.backend, "grad_stats"):
-            raise ValueError(f"max_grad_norm and skip_nonfinite are not supported by the "
-                             f"{self.backend_name!r} backend yet (they run on the host "
-                             f"backends, numba and numpy)")
+        if (self.max_grad_norm is not None or self.skip_nonfinite) and not (
+                hasattr(self.backend, "grad_stats")
+                or (capturable and hasattr(self.backend, "step_guard"))):
+            raise ValueError(
+                f"max_grad_norm and skip_nonfinite are not supported by the "
+                f"{self.backend_name!r} backend " + (
+                    "without capturable=True: on the GPU their verdict stays on the device "
+                    "with the step count; use capturable=True" if
+                    hasattr(self.backend, "step_guard") else
+                    "yet (they run on the host backends, numba and numpy, and on cupy with "
+                    "capturable=True)"))
         if capturable and rule.carry:
             raise ValueError(f"capturable=True is not supported by {rule.name} yet: its "
                              f"{', '.join(c.name for c in rule.carry)} (carried from step to "
@@ -1099,13 +1107,11 @@ class Optimizer:
         either updates every param and advances the step count, or raises and changes
         nothing."""
         flat = self._check_grads(grads)
+        if self.capturable:
+            return self._step_capturable(flat, grad_scale, found_inf)
         inv_scale = None
         if grad_scale is not None or found_inf is not None:
             inv_scale, skip = check_amp(grad_scale, found_inf, f"{self.rule.name}.step(): ")
-            if self.capturable:
-                raise ValueError("grad_scale and found_inf are not supported with "
-                                 "capturable=True yet (their decision would wait on the "
-                                 "host); use capturable=False")
             if skip:
                 self.skipped_steps += 1
                 self.last_step_skipped = True
@@ -1125,13 +1131,6 @@ class Optimizer:
         if t > _MAX_STEP:
             raise ValueError(f"step count {self._step} is at its limit (2**53: the step "
                              f"travels to the kernels as a float64)")
-        if self.capturable:
-            self._check_aligned(flat)        # the device kernels need it: check before any
-            self._step = t                   # launch, so a rejected step changes nothing
-            if self._stream is not None:
-                with self._stream():
-                    return self._step_device(self._kern, flat)
-            return self._step_device(self._kern, flat)
         scale = None
         if self.max_grad_norm is not None or self.skip_nonfinite:
             scale = self._grad_guard(flat, inv_scale)
@@ -1191,6 +1190,8 @@ class Optimizer:
             self._refresh_views(gi)
         self._grad_factor = True
         self._kern, self._launch_key = None, None
+        if self.capturable:                  # (the factor is one more device scalar)
+            self._alloc_k_dev()
 
     def _carried(self, gi, h, t, carry):
         """(``h`` with group ``gi``'s carried scalars, the carry list after this step)."""
@@ -1249,8 +1250,57 @@ class Optimizer:
         with self._params[0].device:
             self._hyper_dev = [cupy.asarray(self._hyper_vector(g)) for g in self.param_groups]
             self._step_dev = [cupy.zeros(1, dtype=np.float64) for _ in self.param_groups]
+            # the step's verdict: skip, the grads' factor, the grad norm, skipped steps
+            self._guard_dev = cupy.asarray(np.array([0.0, 1.0, np.nan, 0.0]))
+        self._alloc_k_dev()
+
+    def _alloc_k_dev(self):
+        """Each group's per-step kernel scalars on the device (sized by its plan)."""
+        import cupy
+        with self._params[0].device:
             self._k_dev = [cupy.zeros(len(_plan(self.rule, f).scalars), dtype=self.dtype)
                            for f in self._flags]
+
+    # ------------------------------------------------------------------ the guard's record
+    @property
+    def skipped_steps(self) -> int:
+        """Steps skipped (found_inf, a non-finite grad under ``skip_nonfinite``, a norm that
+        is not finite under ``max_grad_norm``); capturable: counted on the device."""
+        if self.capturable:
+            return int(self._guard_dev[3].get())
+        return self._skipped
+
+    @skipped_steps.setter
+    def skipped_steps(self, n):
+        if self.capturable:
+            self._guard_dev[3] = float(n)
+        else:
+            self._skipped = n
+
+    @property
+    def last_step_skipped(self) -> bool:
+        """Whether the last step was skipped (capturable: read from the device)."""
+        if self.capturable:
+            return self._guard_mode is not None and bool(self._guard_dev[0].get() != 0)
+        return self._last_skipped
+
+    @last_step_skipped.setter
+    def last_step_skipped(self, v):
+        self._last_skipped = v
+
+    @property
+    def last_grad_norm(self):
+        """The grads' 2-norm the guard measured at the last step it ran (NaN where one was
+        not finite; ``None`` before); capturable: read from the device."""
+        if self.capturable:
+            if self._guard_mode is None or not self._guard_mode & codegen.GUARD_MODE["stats"]:
+                return None
+            return float(self._guard_dev[2].get())
+        return self._last_norm
+
+    @last_grad_norm.setter
+    def last_grad_norm(self, v):
+        self._last_norm = v
 
     @property
     def device_hypers(self) -> list:
@@ -1269,12 +1319,84 @@ class Optimizer:
                                      f"allocations and hwoptim.FlatParams views are): pass "
                                      f"an aligned copy")
 
-    def _step_device(self, kernels, flat):
+    def _step_capturable(self, flat, grad_scale, found_inf):
+        """A capturable step (CuPy): every decision on the device. With ``max_grad_norm``,
+        ``skip_nonfinite``, ``grad_scale`` or ``found_inf`` (numbers, or one-element device
+        arrays read there), the step's verdict first (``backends.cupy.step_guard``), then
+        the guarded kernels: a skipped step changes no param, state or step count, and
+        nothing waits on the host."""
+        where = f"{self.rule.name}.step(): "
+        amp = []
+        for name, x in (("found_inf", found_inf), ("grad_scale", grad_scale)):
+            if x is not None and _is_device_array(x):
+                if _backends.family(x) != "cuda":        # torch: a zero-copy CuPy view
+                    import cupy
+                    x = cupy.asarray(x)
+                self._check_amp_array(x, name, where)
+            elif x is not None:
+                x = _one_number(x, name, where)
+                if name == "grad_scale":
+                    check_amp(x, None, where)           # a number: finite and > 0
+            amp.append(x)
+        found_inf, grad_scale = amp
+        if grad_scale is not None and not self._grad_factor:
+            self._use_grad_factor()
+        self._kernels()
+        t = self._step + 1
+        if t > _MAX_STEP:
+            raise ValueError(f"step count {self._step} is at its limit (2**53: the step "
+                             f"travels to the kernels as a float64)")
+        self._check_aligned(flat)            # the device kernels need it: check before any
+        self._step = t                       # launch, so a rejected step changes nothing
+        mode = 0
+        if self.max_grad_norm is not None or self.skip_nonfinite:
+            mode |= codegen.GUARD_MODE["stats"]
+        if self.max_grad_norm is not None:
+            mode |= codegen.GUARD_MODE["clip"]
+        if found_inf is not None:
+            mode |= codegen.GUARD_MODE["found_inf"]
+        if grad_scale is not None:
+            mode |= codegen.GUARD_MODE["grad_scale"]
+        amp = (mode, found_inf, grad_scale) if (mode or self._grad_factor) else None
+        if self._stream is not None:
+            with self._stream():
+                return self._step_device(self._kern, flat, amp)
+        return self._step_device(self._kern, flat, amp)
+
+    def _check_amp_array(self, x, name: str, where: str):
+        """A device ``found_inf`` / ``grad_scale`` for a capturable step: one float32 or
+        float64 element on the params' device (read by the verdict kernel, not here)."""
+        p = self._params[0]
+        if _backends.family(x) != self._family or _device(x, self._family) != \
+                _device(p, self._family):
+            raise TypeError(f"{where}{name} is {_describe(x)}; expected a number or a "
+                            f"one-element array on {_device(p, self._family)}")
+        if x.size != 1 or str(x.dtype) not in ("float32", "float64"):
+            raise TypeError(f"{where}{name} is a {x.dtype} array of {x.size} elements; "
+                            f"expected one float32 or float64 element")
+
+    def _step_device(self, kernels, flat, amp=None):
+        """The device kernels of a capturable step; ``amp``: (verdict mode, found_inf,
+        grad_scale), or ``None`` for an unguarded step."""
+        if amp is None:
+            for gi in range(len(self.param_groups)):
+                kernels[gi].advance(self._hyper_dev[gi], self._step_dev[gi], self._k_dev[gi])
+            for i, views in enumerate(self._views):
+                gi = self._group_of[i]
+                kernels[gi].device([views[0], flat[i], *views[1:]], self._k_dev[gi])
+            self._guard_mode = None
+            return
+        mode, found_inf, grad_scale = amp
+        guard = self._guard_dev
+        self.backend.step_guard(list(flat), guard, mode, found_inf, grad_scale,
+                                self.max_grad_norm or 0.0)
         for gi in range(len(self.param_groups)):
-            kernels[gi].advance(self._hyper_dev[gi], self._step_dev[gi], self._k_dev[gi])
+            kernels[gi].advance_guard(self._hyper_dev[gi], self._step_dev[gi],
+                                      self._k_dev[gi], guard)
         for i, views in enumerate(self._views):
             gi = self._group_of[i]
-            kernels[gi].device([views[0], flat[i], *views[1:]], self._k_dev[gi])
+            kernels[gi].device_guard([views[0], flat[i], *views[1:]], self._k_dev[gi], guard)
+        self._guard_mode = mode
 
     # ------------------------------------------------------------------ checkpoints
     @property

@@ -380,7 +380,7 @@ def _check_module(res, k: codegen.CudaKernels, plan, dtype, what):
                     f"expected the source to compile. Log:\n{res.log}")
     assert res.cubin, f"{what}: expected a cubin for {res.options[0]} (CuPy loads cubins)"
     entries = _entries(res.ptx)
-    names = {k.main, k.unaligned, k.device, k.advance}
+    names = {k.main, k.unaligned, k.device, k.advance, k.device_guard, k.advance_guard}
     assert set(entries) == names, (f"{what}: PTX kernels are {sorted(entries)}; expected "
                                    f"exactly {sorted(names)}")
     for name in names:
@@ -393,13 +393,15 @@ def _check_module(res, k: codegen.CudaKernels, plan, dtype, what):
     want = {k.main: ptr + [fp] * len(plan.all_scalars) + ["u64"],
             k.unaligned: ptr + [fp] * len(plan.all_scalars) + ["u64"],
             k.device: ptr + ["u64", "u64"],
-            k.advance: ["u64", "u64", "u64"]}
+            k.advance: ["u64", "u64", "u64"],
+            k.device_guard: ptr + ["u64", "u64", "u64"],
+            k.advance_guard: ["u64", "u64", "u64", "u64"]}
     for name, params in want.items():
         assert entries[name][0] == params, (f"{what}: {name} takes PTX parameters "
                                             f"{entries[name][0]}; expected {params}")
     # 16-byte vector loads and stores in the vectorised kernels
     v = {"float32": r"v4\.f32", "float64": r"v2\.f64"}[dtype]
-    for name in (k.main, k.device):
+    for name in (k.main, k.device, k.device_guard):
         body = entries[name][1]
         loads = len(re.findall(rf"ld\.global(?:\.nc)?(?:\.L\w+::\w+)*\.{v}", body))
         stores = len(re.findall(rf"st\.global(?:\.L\w+::\w+)*\.{v}", body))

@@ -19,7 +19,9 @@ fail.
 * storage formats (float16 params, bfloat16 and int8 state, master weights, stochastic
   rounding): the NumPy reference's bits, one param or many; checkpoints continue on the CPU;
 * Adafactor's factored matrices (the staged kernels): each step near the float64 reference,
-  repeatable bit for bit; the drop-in class against torch.optim.Adafactor on CUDA.
+  repeatable bit for bit; the drop-in class against torch.optim.Adafactor on CUDA;
+* capturable steps with max_grad_norm / skip_nonfinite / device grad_scale and found_inf:
+  the verdict on the device, as the CPU decides; a skip inside a replayed CUDA graph.
 """
 from __future__ import annotations
 
@@ -794,6 +796,83 @@ def test_grad_scale_and_found_inf_on_the_gpu(dtype):
     before = a_p.copy()
     a.step(g, grad_scale=cupy.asarray([1024.0], np.float32), found_inf=cupy.ones(1))
     assert cupy.array_equal(a_p, before) and a.step_count == 5 and a.skipped_steps == 1
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("rule_name, kw", [("Adam", {}), ("SGD", {"momentum": 0.9})])
+def test_capturable_guard_decides_on_the_device_as_the_cpu(rule_name, kw, dtype):
+    """capturable=True with max_grad_norm and skip_nonfinite (the verdict on the device):
+    each step as a NumPy-backend optimizer's with the same options (clip factor from a norm
+    summed in another order: within 1e-12 in float64, 1e-5 in float32), a NaN grad skipping
+    the whole step there as here; step_count, skipped_steps, last_step_skipped and
+    last_grad_norm as the CPU's."""
+    rng = np.random.default_rng(zlib.crc32(f"guard-{rule_name}-{dtype}".encode()))
+    sizes = [5000, 300, 17]
+    init = [rng.standard_normal(n).astype(dtype) for n in sizes]
+    cls = getattr(hwoptim, rule_name)
+    opts = dict(kw, max_grad_norm=0.5, skip_nonfinite=True)
+    gpu = cls([cupy.asarray(p) for p in init], capturable=True, **opts)
+    cpu = cls([p.copy() for p in init], backend="numpy", **opts)
+    tol = 1e-12 if dtype == "float64" else 1e-5
+    for t in range(8):
+        gs = [rng.standard_normal(n).astype(dtype) for n in sizes]
+        if t == 3:
+            gs[1][7] = np.nan
+        gpu.step([cupy.asarray(g) for g in gs])
+        cpu.step(gs)
+        assert gpu.last_step_skipped == cpu.last_step_skipped, t
+        assert gpu.skipped_steps == cpu.skipped_steps and gpu.step_count == cpu.step_count, t
+        if math.isnan(cpu.last_grad_norm):
+            assert math.isnan(gpu.last_grad_norm), t
+        else:
+            assert abs(gpu.last_grad_norm - cpu.last_grad_norm) <= 1e-12 * cpu.last_grad_norm
+        for a, b in zip(gpu.param_groups[0]["params"], cpu.param_groups[0]["params"]):
+            np.testing.assert_allclose(a.get(), b, rtol=tol, atol=tol)
+    assert cpu.skipped_steps == 1 and gpu.step_count == 7
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_capturable_loss_scale_and_found_inf_on_the_device(dtype):
+    """capturable=True with grad_scale and found_inf as device arrays (nothing read on the
+    host): a scaled step is the unscaled step within rounding of the division; found_inf
+    non-zero skips everything (params, state and the device step count, byte for byte);
+    captured in a CUDA graph, each replay takes the found_inf value then on the device."""
+    rng = np.random.default_rng(zlib.crc32(f"amp-capturable-{dtype}".encode()))
+    init = rng.standard_normal(N).astype(dtype)
+    a_p, b_p = cupy.asarray(init), cupy.asarray(init)
+    a, b = hwoptim.Adam(a_p, lr=1e-2, capturable=True), hwoptim.Adam(b_p, lr=1e-2,
+                                                                     capturable=True)
+    scale = cupy.asarray([1024.0], np.float32)
+    fi = cupy.zeros(1, np.float32)
+    for _ in range(5):
+        g = cupy.asarray(rng.standard_normal(N).astype(dtype))
+        a.step(g * 1024, grad_scale=scale, found_inf=fi)
+        b.step(g)
+    assert cupy.array_equal(a_p, b_p)
+    before = (a_p.copy(), {k: v.copy() for k, v in a.state[0].items()})
+    fi.fill(1.0)
+    a.step(g, grad_scale=scale, found_inf=fi)
+    assert cupy.array_equal(a_p, before[0]) and a.step_count == 5 and a.skipped_steps == 1
+    assert all(cupy.array_equal(v, before[1][k]) for k, v in a.state[0].items())
+    assert a.last_step_skipped
+    # one step captured, replayed with found_inf 0, 1, 0 set on the device between replays
+    g_static = cupy.asarray(rng.standard_normal(N).astype(dtype))
+    s = cupy.cuda.Stream(non_blocking=True)
+    with s:
+        c_p = cupy.asarray(init)
+        c = hwoptim.Adam(c_p, lr=1e-2, capturable=True)
+        c.step(g_static, grad_scale=scale, found_inf=fi * 0)     # (eager: builds the tables)
+        s.synchronize()
+        s.begin_capture()
+        try:
+            c.step(g_static, grad_scale=scale, found_inf=fi)
+        finally:
+            graph = s.end_capture()
+        for v in (0.0, 1.0, 0.0):
+            fi.fill(v)
+            graph.launch(s)
+        s.synchronize()
+    assert c.step_count == 3 and c.skipped_steps == 1
 
 
 # ----------------------------------------------------------------------------- formats

@@ -130,6 +130,23 @@ def kernel(plan, dtype):
         """On the device: step += 1, then the per-step scalars from the hyperparameters."""
         fn(k.advance)((1,), (1,), (hyper_dev, step_dev, k_dev))
 
+    def run_device_guard(arrays, k_dev, guard):
+        """``run.device``, doing nothing where the step's verdict (``guard``, written by
+        :func:`step_guard`) skips the step."""
+        if plan.norms:
+            raise ValueError(f"{plan.rule.name} with trust_ratio has no capturable kernel yet")
+        n = arrays[0].size
+        args = [arrays[i] for i in idx]
+        if not all(a.data.ptr % 16 == 0 for a in args):
+            raise ValueError("capturable steps need 16-byte aligned arrays (CuPy allocations "
+                             "and hwoptim.FlatParams views are)")
+        fn(k.device_guard)((_blocks(-(-n // k.vec)),), (THREADS,),
+                           (*args, k_dev, np.int64(n), guard))
+
+    def advance_guard(hyper_dev, step_dev, k_dev, guard):
+        """``run.advance`` unless the verdict skips the step; the grads' factor from it."""
+        fn(k.advance_guard)((1,), (1,), (hyper_dev, step_dev, k_dev, guard))
+
     multi = {}
 
     def multi_fn():
@@ -149,8 +166,85 @@ def kernel(plan, dtype):
 
     run.prepare = codegen.host_scalar_function(plan, dtype)   # (h, t) -> typed scalars
     run.device, run.advance, run.source = run_device, advance, k.source
+    run.device_guard, run.advance_guard = run_device_guard, advance_guard
     run.many, run.many_tables = many, tables
     return run
+
+
+# The step guard (codegen.cuda_guard_source): statistics over chunks of this many elements
+# (a block each), partials summed by one warp
+GUARD_CHUNK = 1 << 16
+_GUARD_TABLES = 32            # cached (grads' addresses -> tables) entries kept
+_guard_modules: dict = {}
+_guard_tables: dict = {}
+
+
+def _guard_kernels(dtype: str):
+    import cupy
+    key = (cupy.cuda.runtime.getDevice(), dtype)
+    if key not in _guard_modules:
+        m = cupy.RawModule(code=codegen.cuda_guard_source(dtype), options=NVRTC_OPTIONS)
+        _guard_modules[key] = (m.get_function(f"hw_guard_stats_{dtype}"),
+                               m.get_function("hw_guard_verdict"))
+    return _guard_modules[key]
+
+
+def _guard_table(grads, dtype):
+    """(address table, chunk table, partials, chunk count) for a list of grads, uploaded
+    once per list of addresses and sizes (a captured graph replays with the same buffers;
+    nothing is uploaded while a graph is captured after the first, eager, step)."""
+    import cupy
+    dev = cupy.cuda.runtime.getDevice()
+    key = (dev, dtype, tuple(g.data.ptr for g in grads), tuple(g.size for g in grads))
+    ent = _guard_tables.get(key)
+    if ent is None:
+        if len(_guard_tables) >= _GUARD_TABLES:
+            # an old table may still be read by a kernel queued on some stream
+            cupy.cuda.runtime.deviceSynchronize()
+            _guard_tables.clear()
+        chunks = codegen.chunk_table([g.size for g in grads], GUARD_CHUNK)
+        n = chunks.shape[0]
+        ent = (cupy.asarray(np.array([g.data.ptr for g in grads], np.int64)),
+               cupy.asarray(chunks if n else np.zeros((1, 3), np.int64)),
+               cupy.empty(2 * max(n, 1), dtype=np.float64), n)
+        cupy.cuda.get_current_stream().synchronize()    # uploaded before any stream reads
+        _guard_tables[key] = ent
+    return ent
+
+
+def _amp_arg(x, name: str) -> tuple:
+    """(address, kind, value) of ``found_inf`` / ``grad_scale`` for the verdict kernel:
+    absent (kind 0), a one-element float32 (1) or float64 (2) array on the current device,
+    read there, or a number (3)."""
+    if x is None:
+        return np.uint64(0), np.int32(0), np.float64(0.0)
+    if hasattr(x, "data") and hasattr(x.data, "ptr"):
+        if x.size != 1 or x.dtype not in (np.float32, np.float64):
+            raise TypeError(f"{name} is a {x.dtype} array of {x.size} elements; expected one "
+                            f"float32 or float64 element (or a number)")
+        return (np.uint64(x.data.ptr), np.int32(1 if x.dtype == np.float32 else 2),
+                np.float64(0.0))
+    return np.uint64(0), np.int32(3), np.float64(x)
+
+
+def step_guard(grads, guard, mode: int, found_inf=None, grad_scale=None,
+               max_norm: float = 0.0):
+    """One step's verdict into ``guard`` (float64 ``[skip, factor, grad norm, skipped
+    steps]``), on the current stream, nothing read on the host: with ``mode`` &
+    ``codegen.GUARD_MODE["stats"]`` the grads' sum of squares and non-finite count first
+    (deterministic: a block per chunk, the partials in a fixed order). ``found_inf`` and
+    ``grad_scale``: numbers, or one-element device arrays read by the kernel."""
+    dtype = str(grads[0].dtype) if grads else "float32"
+    stats, verdict = _guard_kernels(dtype)
+    fi, sc = _amp_arg(found_inf, "found_inf"), _amp_arg(grad_scale, "grad_scale")
+    part, n_chunks = guard, 0
+    if mode & codegen.GUARD_MODE["stats"] and grads:
+        table, chunks, part, n_chunks = _guard_table(grads, dtype)
+        if n_chunks:
+            stats((min(n_chunks, 2**31 - 1),), (THREADS,),
+                  (table, chunks, np.int64(len(grads)), np.int64(n_chunks), part))
+    verdict((1,), (32,), (part, np.int64(n_chunks), *fi, *sc, np.float64(max_norm),
+                          np.int32(mode), guard))
 
 
 def _many(plan, kernels, n_arrays: int, dtype: str, chunk: int):
