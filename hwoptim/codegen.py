@@ -1087,6 +1087,25 @@ def c_scalar_function(p: KernelPlan) -> str:
             f"    const double* hyper, const double step, TC* out)\n{{\n{body}\n}}\n")
 
 
+def c_carry_function(p: KernelPlan) -> str:
+    """Rules that carry scalars from step to step (NAdam's ``mu_product``, ASGD's ``eta`` and
+    ``mu``): their values after the step, as C (``<key>_carry(hyper, step, out)``; ``hyper``
+    as :func:`c_scalar_function` takes it, the carried values after the hyperparameters)."""
+    exprs, hyper_names = trace_scalars(p.rule, p.flags)
+    order, roots = schedule({c.name: exprs[c.name] for c in p.rule.carry})
+    nm = _Namer(lambda v: f"{v!r}")
+    lines = [f"const double k_{h} = hyper[{i}];" for i, h in enumerate(hyper_names)]
+    lines.append("const double k_step = step;")
+    for e in order:
+        t = "bool" if _is_bool(e) else "double"
+        lines.append(f"const {t} {nm.new(e)} = {_c_expr(e, nm).replace('(TC)', '(double)')};")
+    for i, c in enumerate(p.rule.carry):
+        lines.append(f"out[{i}] = (double)({nm(roots[c.name])});")
+    body = "\n".join(f"    {ln}" for ln in lines)
+    return (f"__device__ __forceinline__ void {p.key}_carry(\n"
+            f"    const double* hyper, const double step, double* out)\n{{\n{body}\n}}\n")
+
+
 def _typedefs(dtypes: dict) -> str:
     c = {k: C_TYPES[v] for k, v in dtypes.items()}
     return (f"typedef {c['param']} TP;\ntypedef {c['grad']} TG;\n"
@@ -1108,6 +1127,7 @@ class CudaKernels:
     vec: int
     device_guard: str = ""    # as device, skipped where the step's verdict says so
     advance_guard: str = ""   # as advance, unless skipped; the clip factor from the verdict
+    reduce_dev: str = ""      # rules taking norms: an array's sums of squares, for the above
 
 
 def cuda_source(p: KernelPlan, dtype: str) -> CudaKernels:
@@ -1125,13 +1145,18 @@ def cuda_source(p: KernelPlan, dtype: str) -> CudaKernels:
     def kernel(name, vectorised, device_scalars, guard=False):
         scal = (["const TC* __restrict__ k_dev"] if device_scalars
                 else [f"const TC k_{s}" for s in p.all_scalars])
-        extra = ["const double* __restrict__ guard"] if guard else []
+        extra = (["const double* __restrict__ sums"] if device_scalars and p.norms else []) + \
+            (["const double* __restrict__ guard"] if guard else [])
         args = ",\n    ".join(ptr_args + scal + ["const long long n"] + extra)
         # the step's verdict (codegen.cuda_guard_source): 1 skips every kernel of the step
         pre = "    if (guard[0] != 0.0) return;\n" if guard else ""
         if device_scalars:
             pre += "".join(f"    const TC k_{s} = k_dev[{i}];\n"
-                           for i, s in enumerate(p.all_scalars))
+                           for i, s in enumerate(p.scalars))
+            # the norms the device reduction (<base>_reduce_dev) summed for this array
+            pre += "".join(f"    const TC k_{s} = (TC)sqrt(sums[{j}]"
+                           f"{' / (double)n' if kind == 'rms' else ''});\n"
+                           for j, (s, kind) in enumerate(zip(p.norm_names, p.norm_kinds)))
         call_v = ", ".join([f"v_{a}.v[l]" for a in used] + [f"k_{s}" for s in p.all_scalars])
         call_e = ", ".join([f"{a}[i]" for a in used] + [f"k_{s}" for s in p.all_scalars])
         text = [f'extern "C" __global__ void {name}(\n    {args})\n{{\n{pre}',
@@ -1159,32 +1184,69 @@ def cuda_source(p: KernelPlan, dtype: str) -> CudaKernels:
                     f"        {p.key}_update({call_e});\n}}\n")
         return "".join(text)
 
-    advance = (f'extern "C" __global__ void {base}_advance(\n'
-               f"    const double* __restrict__ hyper, double* __restrict__ step, "
-               f"TC* __restrict__ out)\n{{\n"
-               f"    if (blockIdx.x == 0 && threadIdx.x == 0) {{\n"
-               f"        const double t = step[0] + 1.0;\n"
-               f"        step[0] = t;\n"
-               f"        {p.key}_scalars(hyper, t, out);\n    }}\n}}\n")
-    # guarded: nothing where the verdict skips the step (the step count stays), and the
-    # grads' factor (loss scale, clipping: the hyper "_clip", last) from the verdict
+    # step += 1, then the step's scalars from the hyperparameters on the device (and the
+    # carried scalars after them, updated in place). Guarded: nothing where the verdict
+    # skips the step (the step count stays), the grads' factor (loss scale, clipping: the
+    # hyper "_clip", last) from the verdict; unguarded, a factor of 1
     _, hyper_names = trace_scalars(p.rule, p.flags)
-    nh = len(hyper_names)
-    if getattr(p.flags, "_clip", False):
-        h_lines = (f"        double h[{nh}];\n"
-                   f"        for (int j = 0; j < {nh - 1}; ++j) h[j] = hyper[j];\n"
-                   f"        h[{nh - 1}] = guard[1];\n")
-        h_arg = "h"
-    else:
-        h_lines, h_arg = "", "hyper"
-    advance_guard = (f'extern "C" __global__ void {base}_advance_guard(\n'
-                     f"    const double* __restrict__ hyper, double* __restrict__ step, "
-                     f"TC* __restrict__ out,\n    const double* __restrict__ guard)\n{{\n"
-                     f"    if (blockIdx.x == 0 && threadIdx.x == 0 && guard[0] == 0.0) {{\n"
-                     f"{h_lines}"
-                     f"        const double t = step[0] + 1.0;\n"
-                     f"        step[0] = t;\n"
-                     f"        {p.key}_scalars({h_arg}, t, out);\n    }}\n}}\n")
+    nh, nc = len(hyper_names), len(p.rule.carry)
+    clip = getattr(p.flags, "_clip", False)
+    first_carry = nh - nc - (1 if clip else 0)
+
+    def advance_kernel(name, guard):
+        args = [f"{'' if nc else 'const '}double* __restrict__ hyper",
+                "double* __restrict__ step", "TC* __restrict__ out"]
+        args += ["const double* __restrict__ guard"] if guard else []
+        cond = "blockIdx.x == 0 && threadIdx.x == 0" + (" && guard[0] == 0.0" if guard else "")
+        lines, h = [], "hyper"
+        if clip:
+            lines += [f"double h[{nh}];", f"for (int j = 0; j < {nh - 1}; ++j) h[j] = hyper[j];",
+                      f"h[{nh - 1}] = {'guard[1]' if guard else '1.0'};"]
+            h = "h"
+        lines += ["const double t = step[0] + 1.0;", "step[0] = t;",
+                  f"{p.key}_scalars({h}, t, out);"]
+        if nc:
+            lines += [f"double c[{nc}];", f"{p.key}_carry({h}, t, c);"]
+            lines += [f"hyper[{first_carry + j}] = c[{j}];" for j in range(nc)]
+        body = "".join(f"        {ln}\n" for ln in lines)
+        return (f'extern "C" __global__ void {name}(\n    ' + ",\n    ".join(args)
+                + f")\n{{\n    if ({cond}) {{\n{body}    }}\n}}\n")
+
+    reduce_dev = ""
+    if p.norms:                # per array on the device: the sums of squares the norms need
+        k = len(p.norms)
+        reads = [f"const {_array_ctype(a)}* __restrict__ {a}" for a in p.reduce_reads]
+        call = ", ".join([f"{a}[i]" for a in p.reduce_reads] + [f"k_{s}" for s in p.scalars]
+                         + ["acc"])
+        reduce_dev = (
+            f'extern "C" __global__ void {base}_reduce_dev(\n    '
+            + ",\n    ".join(reads + ["const TC* __restrict__ k_dev", "const long long n",
+                                       "double* __restrict__ sums",
+                                       "const double* __restrict__ guard"])
+            + ")\n{\n"
+            "    if (guard != nullptr && guard[0] != 0.0) return;\n"
+            + "".join(f"    const TC k_{s} = k_dev[{i}];\n" for i, s in enumerate(p.scalars))
+            + f"    __shared__ double part[{k}][32];\n"
+            f"    double acc[{k}] = {{{', '.join(['0.0'] * k)}}};\n"
+            "    const long long stride = (long long)gridDim.x * blockDim.x;\n"
+            "    for (long long i = (long long)blockIdx.x * blockDim.x + threadIdx.x; i < n; "
+            "i += stride)\n"
+            f"        {p.key}_reduce({call});\n"
+            f"    #pragma unroll\n"
+            f"    for (int j = 0; j < {k}; ++j) {{\n"
+            "        double v = acc[j];\n"
+            "        for (int o = 16; o > 0; o >>= 1) v += __shfl_down_sync(0xffffffffu, v, o);\n"
+            "        if ((threadIdx.x & 31) == 0) part[j][threadIdx.x >> 5] = v;\n"
+            "    }\n"
+            "    __syncthreads();\n"
+            "    if (threadIdx.x < 32) {\n"
+            f"        #pragma unroll\n"
+            f"        for (int j = 0; j < {k}; ++j) {{\n"
+            "            double v = threadIdx.x < (blockDim.x >> 5) ? part[j][threadIdx.x] : 0.0;\n"
+            "            for (int o = 16; o > 0; o >>= 1) v += __shfl_down_sync(0xffffffffu, v, o);\n"
+            "            if (threadIdx.x == 0) atomicAdd(&sums[j], v);\n"
+            "        }\n"
+            "    }\n}\n")
     src = "\n".join([
         f"// Generated by hwoptim from the {p.rule.name} spec ({_flag_text(p)}), {dtype}.",
         "// Edit the spec in hwoptim/rules, not this file.",
@@ -1192,15 +1254,19 @@ def cuda_source(p: KernelPlan, dtype: str) -> CudaKernels:
         "template <typename T, int V> struct alignas(16) hw_vec { T v[V]; };\n",
         c_update_function(p),
         c_scalar_function(p),
+        c_carry_function(p) if nc else "",
+        c_reduce_function(p) if p.norms else "",
         kernel(base, True, False),
         kernel(base + "_unaligned", False, False),
         kernel(base + "_dev", True, True),
-        advance,
+        advance_kernel(base + "_advance", False),
         kernel(base + "_dev_guard", True, True, guard=True),
-        advance_guard,
+        advance_kernel(base + "_advance_guard", True),
+        reduce_dev,
     ])
     return CudaKernels(src, base, base + "_unaligned", base + "_dev", base + "_advance", vec,
-                       base + "_dev_guard", base + "_advance_guard")
+                       base + "_dev_guard", base + "_advance_guard",
+                       base + "_reduce_dev" if p.norms else "")
 
 
 @dataclass(frozen=True)
@@ -1830,7 +1896,7 @@ def floor_plan(p: KernelPlan) -> KernelPlan:
         reduce_order, found = schedule({"s": s})
         norms = (found["s"],)
     return KernelPlan(p.rule, p.flags, p.arrays, p.outputs, (), tuple(order), roots, {},
-                      norms, tuple(reduce_order))
+                      norms, tuple(reduce_order), ("norm",) if norms else ())
 
 
 # ----------------------------------------------------------------------------- staged rules

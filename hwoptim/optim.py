@@ -439,10 +439,6 @@ class Optimizer:
                     hasattr(self.backend, "step_guard") else
                     "yet (they run on the host backends, numba and numpy, and on cupy with "
                     "capturable=True)"))
-        if capturable and rule.carry:
-            raise ValueError(f"capturable=True is not supported by {rule.name} yet: its "
-                             f"{', '.join(c.name for c in rule.carry)} (carried from step to "
-                             f"step) lives on the host; use capturable=False")
         if capturable and self.backend_name != "cupy":
             raise ValueError(f"capturable=True needs backend='cupy' (device-side scalars for "
                              f"CUDA graphs); this optimizer uses {self.backend_name!r}")
@@ -690,12 +686,10 @@ class Optimizer:
         self._add_groups(groups, gi)
         self._kern, self._launch_key, self._checked, self._seen = None, None, (), None
         if self.capturable:
-            g, f = self.param_groups[gi], self._flags[gi]
             with self._params[0].device:
-                self._hyper_dev.append(cupy.asarray(self._hyper_vector(g)))
+                self._hyper_dev.append(cupy.asarray(self._device_hypers_host(gi)))
                 self._step_dev.append(step_dev)
-                self._k_dev.append(cupy.zeros(len(_plan(self.rule, f).scalars),
-                                              dtype=self.dtype))
+            self._alloc_k_dev()
 
     # ------------------------------------------------------------------ validation helpers
     def _check_value(self, name, value, where):
@@ -723,10 +717,6 @@ class Optimizer:
         flags = rule.static_flags(h, opt)
         if self.max_grad_norm is not None or getattr(self, "_grad_factor", False):
             flags._clip = True
-        if self.capturable and _plan(rule, flags).norms:
-            raise ValueError(f"{where}{rule.name} takes per-array norms (trust_ratio), which "
-                             f"have no capturable kernel yet; use capturable=False or "
-                             f"trust_ratio=False")
         return flags
 
     def _buffers(self, flags) -> list:
@@ -750,17 +740,11 @@ class Optimizer:
         merged = {**group, **checked}
         flags = self._check_group(merged, where)
         old = self._flags[gi]
-        k_dev = None
-        if vars(flags) != vars(old):
-            if self._buffers(flags) != self._buffers(old):
-                keys = ", ".join(f"{k}={v!r}" for k, v in changes.items())
-                raise ValueError(f"{where}{keys} would change the state buffers this group "
-                                 f"needs ({self._buffers(old)} -> {self._buffers(flags)}); "
-                                 f"make a new optimizer with it instead")
-            if self.capturable:
-                import cupy
-                with self._params[0].device:
-                    k_dev = cupy.zeros(len(_plan(self.rule, flags).scalars), dtype=self.dtype)
+        if vars(flags) != vars(old) and self._buffers(flags) != self._buffers(old):
+            keys = ", ".join(f"{k}={v!r}" for k, v in changes.items())
+            raise ValueError(f"{where}{keys} would change the state buffers this group "
+                             f"needs ({self._buffers(old)} -> {self._buffers(flags)}); "
+                             f"make a new optimizer with it instead")
         # checked: from here on, change things
         for k, v in checked.items():
             dict.__setitem__(group, k, v)
@@ -768,10 +752,10 @@ class Optimizer:
             self._flags[gi] = flags
             self._refresh_views(gi)
             self._kern, self._launch_key = None, None     # the next step builds the kernel
-            if k_dev is not None:
-                self._k_dev[gi] = k_dev
-        if self.capturable:
-            self._hyper_dev[gi].set(self._hyper_vector(group))
+            if self.capturable:                           # (its scalars and sums, resized)
+                self._alloc_k_dev()
+        if self.capturable:                  # (before a first step: the carried scalars' start
+            self._upload_hypers(gi, carry=self._step == 0)      # follows the hypers)
 
     def _check_buffer(self, i: int, key, value):
         """``value`` checked as a replacement for ``state[i][key]``."""
@@ -1248,18 +1232,55 @@ class Optimizer:
     def _init_device_scalars(self):
         import cupy
         with self._params[0].device:
-            self._hyper_dev = [cupy.asarray(self._hyper_vector(g)) for g in self.param_groups]
+            self._hyper_dev = [cupy.asarray(self._device_hypers_host(gi))
+                               for gi in range(len(self.param_groups))]
             self._step_dev = [cupy.zeros(1, dtype=np.float64) for _ in self.param_groups]
             # the step's verdict: skip, the grads' factor, the grad norm, skipped steps
             self._guard_dev = cupy.asarray(np.array([0.0, 1.0, np.nan, 0.0]))
         self._alloc_k_dev()
 
     def _alloc_k_dev(self):
-        """Each group's per-step kernel scalars on the device (sized by its plan)."""
+        """Each group's per-step kernel scalars on the device (sized by its plan), and for
+        rules taking norms each param's sums of squares."""
         import cupy
         with self._params[0].device:
             self._k_dev = [cupy.zeros(len(_plan(self.rule, f).scalars), dtype=self.dtype)
                            for f in self._flags]
+            k = [len(_plan(self.rule, f).norms) for f in self._flags]
+            self._sums_dev = [cupy.zeros(k[gi], dtype=np.float64) if k[gi] else None
+                              for gi in self._group_of]
+
+    def _device_hypers_host(self, gi: int) -> np.ndarray:
+        """Group ``gi``'s device hyperparameter vector: the hyperparameters, then the
+        carried scalars (their values now, or those a first step starts from)."""
+        g = self.param_groups[gi]
+        vec = self._hyper_vector(g)
+        if self.rule.carry:
+            c = self._carry[gi] if self._carry[gi] is not None else carry_init(self.rule, g)
+            vec = np.concatenate([vec, [c[x.name] for x in self.rule.carry]])
+        return vec
+
+    def _upload_hypers(self, gi: int, carry: bool):
+        """Group ``gi``'s hyperparameters to the device, on the current stream (in order with
+        its steps); the carried scalars too where ``carry`` (otherwise the device's values,
+        which the steps update, stay)."""
+        vec = self._device_hypers_host(gi)
+        if carry or not self.rule.carry:
+            self._hyper_dev[gi].set(vec)
+        else:
+            n = len(vec) - len(self.rule.carry)
+            self._hyper_dev[gi][:n].set(vec[:n])
+
+    def _carry_now(self) -> list:
+        """Each group's carried scalars after the last step (``None``: none taken yet; in
+        capturable mode read from the device, where the steps update them)."""
+        if not (self.capturable and self.rule.carry):
+            return [None if c is None else dict(c) for c in self._carry]
+        if self.step_count == 0:
+            return [None] * len(self.param_groups)
+        nc = len(self.rule.carry)
+        return [dict(zip((c.name for c in self.rule.carry), map(float, h[-nc:].get())))
+                for h in self._hyper_dev]
 
     # ------------------------------------------------------------------ the guard's record
     @property
@@ -1383,7 +1404,8 @@ class Optimizer:
                 kernels[gi].advance(self._hyper_dev[gi], self._step_dev[gi], self._k_dev[gi])
             for i, views in enumerate(self._views):
                 gi = self._group_of[i]
-                kernels[gi].device([views[0], flat[i], *views[1:]], self._k_dev[gi])
+                kernels[gi].device([views[0], flat[i], *views[1:]], self._k_dev[gi],
+                                   sums=self._sums_dev[i])
             self._guard_mode = None
             return
         mode, found_inf, grad_scale = amp
@@ -1395,7 +1417,8 @@ class Optimizer:
                                       self._k_dev[gi], guard)
         for i, views in enumerate(self._views):
             gi = self._group_of[i]
-            kernels[gi].device_guard([views[0], flat[i], *views[1:]], self._k_dev[gi], guard)
+            kernels[gi].device_guard([views[0], flat[i], *views[1:]], self._k_dev[gi], guard,
+                                     sums=self._sums_dev[i])
         self._guard_mode = mode
 
     # ------------------------------------------------------------------ checkpoints
@@ -1429,8 +1452,7 @@ class Optimizer:
             "shapes": [tuple(p.shape) for g in self.param_groups for p in g["params"]],
             "param_groups": groups,
             "state": [{k: self._host_state(v) for k, v in st.items()} for st in self.state],
-            **({"carry": [None if c is None else dict(c) for c in self._carry]}
-               if self.rule.carry else {}),
+            **({"carry": self._carry_now()} if self.rule.carry else {}),
         }
 
     def _host_state(self, a) -> np.ndarray:
@@ -1518,8 +1540,8 @@ class Optimizer:
         if self.rule.carry:
             self._carry = carry
         if self.capturable:
-            for gi, g in enumerate(self.param_groups):
-                self._hyper_dev[gi].set(self._hyper_vector(g))
+            for gi in range(len(self.param_groups)):
+                self._upload_hypers(gi, carry=True)
                 self._step_dev[gi].fill(float(step))
 
     def _loaded_state(self, i, mine, theirs) -> dict:
@@ -1605,7 +1627,7 @@ class Optimizer:
                   for g in self.param_groups]
         state = [dict(st) for st in self.state]
         return (_rebuild, (type(self), groups, state, self.step_count, self.backend_name,
-                           self.capturable, [c and dict(c) for c in self._carry],
+                           self.capturable, self._carry_now(),
                            (self.max_grad_norm, self.skip_nonfinite, self.skipped_steps),
                            (None if self.format.state == self.format.compute
                             else self.format.state, self.format.master, self.format.sr,
@@ -1629,8 +1651,9 @@ def _rebuild(cls, groups, state, step, backend, capturable, carry=None,
     if carry is not None:
         opt._carry = carry
     if opt.capturable:
-        for s in opt._step_dev:
+        for gi, s in enumerate(opt._step_dev):
             s.fill(float(step))
+            opt._upload_hypers(gi, carry=True)
     return opt
 
 

@@ -56,6 +56,11 @@ class _Array:
     def __init__(self, n, ptr):
         self.size, self.data = n, _Ptr(ptr)
 
+    def fill(self, value):
+        """As CuPy's: a kernel (or memset) on the current stream, recorded as a launch."""
+        _FakeCupy.launches.append(dict(kernel="fill", grid=None, block=None,
+                                       args=(self, value), stream=_FakeCupy.current))
+
     def __repr__(self):
         return f"<array n={self.size} at {self.data.ptr:#x}>"
 
@@ -352,14 +357,35 @@ def test_norms_reduce_then_update_on_the_current_stream(rule_name, opts, fake_cu
             assert red["grid"] == upd["grid"] and red["block"] == (mod.THREADS,)
 
 
-def test_norms_have_no_elementwise_or_capturable_kernel(fake_cupy):
+def test_norms_capturable_kernels_and_no_elementwise_kernel(fake_cupy):
+    """LAMB on cupy-elementwise: refused. Capturable: per array, its sums zeroed, the
+    device reduction (the reduction's arrays, k_dev, n, the sums, the verdict or a null
+    pointer), then the update reading k_dev and the sums, all on the current stream; no
+    sums array: refused before any launch."""
     plan, h = _plan("LAMB")
     with pytest.raises(ValueError, match="'cupy-elementwise' backend cannot compute"):
         _backend("cupy_elementwise").kernel(plan, "float32")
     run = _backend("cupy").kernel(plan, "float32")
-    with pytest.raises(ValueError, match="no capturable kernel"):
-        run.device(_arrays(plan, 100), _Array(len(plan.scalars), 0x10))
+    src = codegen.cuda_source(plan, "float32")
+    arrays, k_dev = _arrays(plan, 100_000), _Array(len(plan.scalars), 0x10)
+    with pytest.raises(ValueError, match="float64 sums per array"):
+        run.device(arrays, k_dev)
     assert not _FakeCupy.launches
+    sums, guard = _Array(len(plan.norms), 0x20), _Array(4, 0x30)
+    side = fake_cupy.cuda.ExternalStream(0xABC0)
+    with side:
+        run.device(arrays, k_dev, sums=sums)
+        run.device_guard(arrays, k_dev, guard, sums=sums)
+    fill, red, upd, fill2, red2, upd2 = _FakeCupy.launches
+    assert all(x["stream"] is side for x in _FakeCupy.launches)
+    assert fill["args"] == (sums, 0) and fill2["args"] == (sums, 0)
+    reads = [arrays[plan.arrays.index(a)] for a in plan.reduce_reads]
+    assert red["kernel"] == red2["kernel"] == src.reduce_dev
+    assert list(red["args"]) == reads + [k_dev, 100_000, sums, 0]
+    assert red2["args"][-1] is guard and red["grid"] == ((100_000 + 255) // 256,)
+    assert upd["kernel"] == src.device and upd["args"][-3:] == (k_dev, 100_000, sums)
+    assert upd2["kernel"] == src.device_guard and upd2["args"][-4:] == (k_dev, 100_000, sums,
+                                                                        guard)
 
 
 @pytest.mark.parametrize("dtype", ["float32", "float64"])

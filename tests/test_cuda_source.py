@@ -381,6 +381,7 @@ def _check_module(res, k: codegen.CudaKernels, plan, dtype, what):
     assert res.cubin, f"{what}: expected a cubin for {res.options[0]} (CuPy loads cubins)"
     entries = _entries(res.ptx)
     names = {k.main, k.unaligned, k.device, k.advance, k.device_guard, k.advance_guard}
+    names |= {k.reduce_dev} if plan.norms else set()
     assert set(entries) == names, (f"{what}: PTX kernels are {sorted(entries)}; expected "
                                    f"exactly {sorted(names)}")
     for name in names:
@@ -390,12 +391,15 @@ def _check_module(res, k: codegen.CudaKernels, plan, dtype, what):
     used = codegen._c_used(plan)
     fp = {"float32": "f32", "float64": "f64"}[dtype]
     ptr = ["u64"] * len(used)
+    sums = ["u64"] if plan.norms else []      # device-scalar kernels: the norms' sums
     want = {k.main: ptr + [fp] * len(plan.all_scalars) + ["u64"],
             k.unaligned: ptr + [fp] * len(plan.all_scalars) + ["u64"],
-            k.device: ptr + ["u64", "u64"],
+            k.device: ptr + ["u64", "u64"] + sums,
             k.advance: ["u64", "u64", "u64"],
-            k.device_guard: ptr + ["u64", "u64", "u64"],
+            k.device_guard: ptr + ["u64", "u64"] + sums + ["u64"],
             k.advance_guard: ["u64", "u64", "u64", "u64"]}
+    if plan.norms:       # the reduction's inputs, k_dev, n, sums, guard (may be null)
+        want[k.reduce_dev] = ["u64"] * len(plan.reduce_reads) + ["u64"] * 4
     for name, params in want.items():
         assert entries[name][0] == params, (f"{what}: {name} takes PTX parameters "
                                             f"{entries[name][0]}; expected {params}")
@@ -545,9 +549,13 @@ def _cpp_unit(entries) -> str:
                 "using std::pow;",
                 codegen._typedefs(codegen.dtypes_for(dtype)),
                 codegen.c_scalar_function(plan),
+                codegen.c_carry_function(plan) if plan.rule.carry else "",
                 codegen.c_reduce_function(plan) if plan.norms else "", "}",
                 f'extern "C" void scalars_{sym}(const double* hyper, double step, '
                 f"s_{sym}::TC* out) {{ s_{sym}::{plan.key}_scalars(hyper, step, out); }}", ""]
+        if plan.rule.carry:      # the carried scalars after a step (capturable's advance)
+            out += [f'extern "C" void carry_{sym}(const double* hyper, double step, '
+                    f"double* out) {{ s_{sym}::{plan.key}_carry(hyper, step, out); }}", ""]
         if plan.norms:           # the reduction pass's element function, over n elements
             ins = [f"const s_{sym}::{codegen._array_ctype(a)}* {a}" for a in plan.reduce_reads]
             ks = [f"const s_{sym}::TC k_{n}" for n in plan.scalars]
@@ -563,7 +571,7 @@ class _CppLib:
     def __init__(self, path, entries):
         self.lib = ctypes.CDLL(path)
         self.path = path
-        self.fns, self.scal, self.reduce = {}, {}, {}
+        self.fns, self.scal, self.reduce, self.carry = {}, {}, {}, {}
         for sym, plan, dtype in entries:
             c = ctypes.c_float if dtype == "float32" else ctypes.c_double
             arr = np.ctypeslib.ndpointer(dtype=dtype, flags="C_CONTIGUOUS")
@@ -577,6 +585,13 @@ class _CppLib:
                           ctypes.c_double, arr]
             s.restype = None
             self.scal[sym] = s
+            if plan.rule.carry:
+                c_ = getattr(self.lib, f"carry_{sym}")
+                c_.argtypes = [np.ctypeslib.ndpointer(dtype=np.float64, flags="C_CONTIGUOUS"),
+                               ctypes.c_double,
+                               np.ctypeslib.ndpointer(dtype=np.float64, flags="C_CONTIGUOUS")]
+                c_.restype = None
+                self.carry[sym] = c_
             if plan.norms:
                 r = getattr(self.lib, f"reduce_{sym}")
                 r.argtypes = ([arr] * len(plan.reduce_reads) + [c] * len(plan.scalars)
@@ -839,6 +854,26 @@ def test_device_scalars_match_host(cpp, case, dtype):
                         f"{dict(zip(plan.scalars, got.tolist()))}; expected {what}'s "
                         f"{dict(zip(plan.scalars, ref.tolist()))} within 2 ulp (off by "
                         f"{dict(zip(plan.scalars, d.tolist()))} ulp) with hypers {h}")
+
+
+@pytest.mark.parametrize("case", [c for c in CASES if c.rule.carry], ids=lambda c: c.id)
+def test_device_carry_matches_host(cpp, case):
+    """``c_carry_function`` (capturable mode's advance kernel writes its results back after
+    the hyperparameters): chained on the device vector from the first step, the carried
+    scalars stay within 4 ulp (float64) of the host's (spec.host_scalars) for 1000 steps."""
+    plan, rule = case.plan, case.rule
+    sym = _sym(plan, "float64")
+    names = [c.name for c in rule.carry]
+    for build, lib in cpp.items():
+        h = with_carry(rule, {k: v for k, v in case.h.items() if k not in names}, 1)
+        hv = _hyper_vector(rule, h)
+        for t in range(1, 1001):
+            want = host_scalars(rule, {**h, **dict(zip(names, hv[-len(names):]))}, t)
+            got = np.zeros(len(names))
+            lib.carry[sym](hv, float(t), got)
+            ref = np.array([want[n] for n in names])
+            assert np.all(_ulps(got, ref, "float64") <= 4), (case.id, build, t, got, ref)
+            hv[-len(names):] = got          # as the advance kernel writes them back
 
 
 def test_ulps_helper():

@@ -115,33 +115,54 @@ def kernel(plan, dtype):
         else:
             fn(k.unaligned)((_blocks(n),), (THREADS,), (*args, *scalars, np.int64(n)))
 
-    def run_device(arrays, k_dev):
-        """Like ``run``, with the per-step scalars read from the device array ``k_dev``."""
-        if plan.norms:
-            raise ValueError(f"{plan.rule.name} with trust_ratio has no capturable kernel yet")
-        n = arrays[0].size
+    ridx = tuple(plan.arrays.index(a) for a in plan.reduce_reads)
+
+    def _device_args(arrays):
         args = [arrays[i] for i in idx]
         if not all(a.data.ptr % 16 == 0 for a in args):
             raise ValueError("capturable steps need 16-byte aligned arrays (CuPy allocations "
                              "and hwoptim.FlatParams views are)")
-        fn(k.device)((_blocks(-(-n // k.vec)),), (THREADS,), (*args, k_dev, np.int64(n)))
+        return args
+
+    def _norms(arrays, k_dev, n, sums, guard):
+        """Rules taking norms: the array's sums of squares into ``sums`` (zeroed first),
+        on the current stream, for the update to read."""
+        if sums is None or sums.size < len(plan.norms):
+            raise ValueError(f"{plan.rule.name}: capturable steps of a rule taking norms need "
+                             f"a device array of {len(plan.norms)} float64 sums per array")
+        sums.fill(0)
+        fn(k.reduce_dev)((min(_blocks(n), 1024),), (THREADS,),
+                         (*[arrays[i] for i in ridx], k_dev, np.int64(n), sums,
+                          np.uint64(0) if guard is None else guard))
+
+    def run_device(arrays, k_dev, sums=None):
+        """Like ``run``, with the per-step scalars read from the device array ``k_dev``
+        (rules taking norms: their sums of squares in ``sums``, computed first)."""
+        n = arrays[0].size
+        args = _device_args(arrays)
+        extra = ()
+        if plan.norms:
+            _norms(arrays, k_dev, n, sums, None)
+            extra = (sums,)
+        fn(k.device)((_blocks(-(-n // k.vec)),), (THREADS,), (*args, k_dev, np.int64(n),
+                                                              *extra))
 
     def advance(hyper_dev, step_dev, k_dev):
-        """On the device: step += 1, then the per-step scalars from the hyperparameters."""
+        """On the device: step += 1, then the per-step scalars from the hyperparameters
+        (carried scalars updated in place after them)."""
         fn(k.advance)((1,), (1,), (hyper_dev, step_dev, k_dev))
 
-    def run_device_guard(arrays, k_dev, guard):
+    def run_device_guard(arrays, k_dev, guard, sums=None):
         """``run.device``, doing nothing where the step's verdict (``guard``, written by
         :func:`step_guard`) skips the step."""
-        if plan.norms:
-            raise ValueError(f"{plan.rule.name} with trust_ratio has no capturable kernel yet")
         n = arrays[0].size
-        args = [arrays[i] for i in idx]
-        if not all(a.data.ptr % 16 == 0 for a in args):
-            raise ValueError("capturable steps need 16-byte aligned arrays (CuPy allocations "
-                             "and hwoptim.FlatParams views are)")
+        args = _device_args(arrays)
+        extra = ()
+        if plan.norms:
+            _norms(arrays, k_dev, n, sums, guard)
+            extra = (sums,)
         fn(k.device_guard)((_blocks(-(-n // k.vec)),), (THREADS,),
-                           (*args, k_dev, np.int64(n), guard))
+                           (*args, k_dev, np.int64(n), *extra, guard))
 
     def advance_guard(hyper_dev, step_dev, k_dev, guard):
         """``run.advance`` unless the verdict skips the step; the grads' factor from it."""
