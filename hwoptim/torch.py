@@ -40,7 +40,7 @@ _EAGER_STATE = {"Adagrad"}          # state for every param in the constructor
 _NO_STEP = {"SGD"}                  # no state["step"]; the first step is the buffer's first
 _TORCH_ONLY = ("foreach", "fused", "capturable", "differentiable")   # accepted torch args
 _DTYPES = {torch.float32: "float32", torch.float64: "float64"}
-_SIXTEEN = {torch.bfloat16: "bfloat16", torch.float16: "float16"}   # CPU tensors (formats)
+_SIXTEEN = {torch.bfloat16: "bfloat16", torch.float16: "float16"}   # (storage formats)
 _STRIDED = torch.strided
 
 
@@ -191,12 +191,14 @@ class Optimizer(_TorchOptimizer):
                     if s.name not in st:
                         continue
                     v, q = st[s.name], f"{s.name}_absmax"
-                    if q in st:                         # int8 codes: decoded
-                        v = torch.from_numpy(formats.dequantize(_view(v), _view(st.pop(q))))
+                    if q in st:                         # int8 codes: decoded (on the host)
+                        v = torch.from_numpy(formats.dequantize(
+                            _view(v.cpu()), _view(st.pop(q).cpu()))).to(p.device)
                         v = v.reshape(s.shape_for(p.shape) if s.shape else p.shape)
                     if f.quantized:
-                        codes, absmax = formats.quantize(_view(v.float()).reshape(-1))
-                        st[s.name], st[q] = torch.from_numpy(codes), torch.from_numpy(absmax)
+                        codes, absmax = formats.quantize(_view(v.float().cpu()).reshape(-1))
+                        st[s.name] = torch.from_numpy(codes).to(p.device)
+                        st[q] = torch.from_numpy(absmax).to(p.device)
                     else:
                         st[s.name] = v.to(dtype=_torch_dtype(f.state if p.dtype is not
                                                              torch.float64 else "float64"))
@@ -296,8 +298,8 @@ class Optimizer(_TorchOptimizer):
                 init = h[s.init] if isinstance(s.init, str) else s.init
                 if f.quantized:                  # codes, and a scale per 256 elements
                     codes, absmax = formats.quantize(np.full(p.numel(), init, np.float32))
-                    state[s.name] = torch.from_numpy(codes)
-                    state[f"{s.name}_absmax"] = torch.from_numpy(absmax)
+                    state[s.name] = torch.from_numpy(codes).to(p.device)
+                    state[f"{s.name}_absmax"] = torch.from_numpy(absmax).to(p.device)
                 elif not f.plain:
                     state[s.name] = torch.full(s.shape_for(p.shape), init,
                                                dtype=_torch_dtype(f.state), device=p.device)
@@ -365,7 +367,7 @@ class Optimizer(_TorchOptimizer):
                 if g is None:
                     continue
                 if (g.layout is _STRIDED and g.dtype is p.dtype and (
-                        p.dtype in _DTYPES or (p.dtype in _SIXTEEN and p.device.type == "cpu"))
+                        p.dtype in _DTYPES or p.dtype in _SIXTEEN)
                         and g.shape == p.shape and g.get_device() == p.get_device()
                         and p.is_contiguous() and g.is_contiguous()):
                     items.append((p, g))        # the common case, checked in one go
@@ -374,11 +376,10 @@ class Optimizer(_TorchOptimizer):
                     raise RuntimeError(f"{where}params[{j}] has a sparse grad; "
                                        f"{type(self).__name__} does not support sparse "
                                        f"gradients (torch.optim.SparseAdam does)")
-                if p.dtype not in _DTYPES and not (p.dtype in _SIXTEEN and
-                                                   p.device.type == "cpu"):
+                if p.dtype not in _DTYPES and p.dtype not in _SIXTEEN:
                     raise TypeError(f"{where}params[{j}] is {p.dtype} on {p.device}; "
-                                    f"hwoptim.torch updates float32 and float64 params, and "
-                                    f"bfloat16 and float16 params on the CPU")
+                                    f"hwoptim.torch updates float32, float64, bfloat16 and "
+                                    f"float16 params")
                 if g.dtype != p.dtype or g.shape != p.shape or g.device != p.device:
                     raise ValueError(f"{where}params[{j}].grad is {g.dtype} {tuple(g.shape)} "
                                      f"on {g.device}; expected {p.dtype} {tuple(p.shape)} on "
@@ -481,12 +482,6 @@ class Optimizer(_TorchOptimizer):
                 raise ValueError(f"{type(self).__name__}: a {work[0][0].dim()}-d param in "
                                  f"format {dtype}: {self.rule.name}'s factored (staged) "
                                  f"params take float32/float64 only yet")
-            if fam == "cuda" and dtype not in ("float32", "float64"):
-                raise ValueError(f"{type(self).__name__}: storage format {dtype} (state_dtype="
-                                 f"{self._storage['state_dtype']!r}, 16-bit params) runs on "
-                                 f"CPU tensors only yet in hwoptim.torch; on CUDA, the native "
-                                 f"classes (hwoptim.Adam, ...) take float16/float32 tensors "
-                                 f"with these options")
             k = _kernel(_backends.pick(fam, self._backend_request), plan, dtype)
             stream = None
             if fam == "cuda":
@@ -528,8 +523,12 @@ class Optimizer(_TorchOptimizer):
             return keys[j:j + 1] if n == "_srkey" else st[n]
         if hasattr(k, "many"):
             row_of = {t: r for r, t in enumerate(distinct)}
+            if keys is not None:            # the keys where the kernel reads them: a CUDA
+                dev = work[0][0].device     # copy on torch's stream, ordered before it
+                keys_t = torch.from_numpy(keys.view(np.int32)).to(dev)
+                at = keys_t.data_ptr()
             ptrs = np.array([[p.data_ptr(), g.data_ptr(),
-                              *[(keys.ctypes.data + 4 * j if n == "_srkey" else st[n].data_ptr())
+                              *[(at + 4 * j if n == "_srkey" else st[n].data_ptr())
                                 for n in names]]
                              for j, (p, g, _, st) in enumerate(work)], np.int64)
             sizes = np.array([p.numel() for p, *_ in work], np.int64)

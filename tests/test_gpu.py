@@ -772,6 +772,42 @@ def test_torch_dropin_on_cuda_equals_cpu():
             assert float((a - b).abs().max() / b.abs().max()) <= 1e-12
 
 
+@pytest.mark.parametrize("dtype, opts", [
+    ("bfloat16", {"state_dtype": "int8", "stochastic_rounding": True, "min_8bit_size": 256}),
+    ("bfloat16", {"state_dtype": "bfloat16"}),
+    ("float16", {"master_weights": True}),
+    ("float32", {"state_dtype": "int8", "min_8bit_size": 0})])
+def test_torch_dropin_formats_on_cuda_are_the_cpu_bits(dtype, opts):
+    """hwoptim.torch.AdamW in a storage format on CUDA tensors (bfloat16 params included:
+    the format kernels take addresses, no CuPy dtype needed) against the same on CPU
+    tensors: the same bits in params and every state buffer after 5 steps."""
+    torch = _torch_cuda()
+    import hwoptim.torch as ht
+    tdt = getattr(torch, dtype)
+    gen = torch.Generator().manual_seed(11)
+    shapes = [(300, 7), (1000,), (5,)]
+    init = [torch.randn(s, generator=gen).to(tdt) for s in shapes]
+    grads = [[torch.randn(s, generator=gen).to(tdt) for s in shapes] for _ in range(5)]
+    out = []
+    for dev in ("cpu", "cuda"):
+        ps = [torch.nn.Parameter(p.clone().to(dev)) for p in init]
+        opt = ht.AdamW(ps, lr=1e-2, seed=7, **opts)
+        for gs in grads:
+            for p, g in zip(ps, gs):
+                p.grad = g.to(dev)
+            opt.step()
+        torch.cuda.synchronize()
+        out.append(([p.detach().cpu() for p in ps],
+                    [{k: v.detach().cpu() for k, v in opt.state[p].items()} for p in ps]))
+    (pa, sa), (pb, sb) = out
+    for a, b in zip(pa, pb):
+        assert torch.equal(a, b)
+    for x, y in zip(sa, sb):
+        assert x.keys() == y.keys()
+        for k in x:
+            assert torch.equal(x[k], y[k]), k
+
+
 # ----------------------------------------------------------------------------- loss scaling
 
 @pytest.mark.parametrize("dtype", DTYPES)
