@@ -25,6 +25,10 @@ with a message, and a rank that fails inside the update (when the others have up
 slices) aborts it at once; a failure the ranks agree on before any data moved raises on
 every rank and changes nothing.
 
+State formats (``state_dtype="bfloat16"`` or ``"int8"``) apply to each rank's slice; the
+consolidated and saved states hold values (int8 decoded), which any format loads. 16-bit
+params are not sharded yet.
+
 The sliced layout never needs a param to fit one rank: a slice may start or end inside a
 param. A rank that owns no element of a group (a group smaller than R slices) steps a
 one-element stand-in for it, so every rank's wrapped optimizer has the same groups and
@@ -47,6 +51,21 @@ import numpy as np
 from . import interop
 
 ALIGN_BYTES = 64
+
+
+def _plain(st: dict) -> dict:
+    """One piece's state buffers as values (int8 codes decoded with their blocks' absmax,
+    which belong to the piece's blocks and mean nothing beside another rank's): what
+    consolidated and saved states hold, whatever the number of ranks that load them."""
+    from . import formats
+    st = {k: np.asarray(v) for k, v in st.items()}
+    out = {}
+    for k, v in st.items():
+        if isinstance(k, str) and k.endswith("_absmax"):
+            continue
+        q = f"{k}_absmax"
+        out[k] = formats.dequantize(v.reshape(-1), st[q].reshape(-1)) if q in st else v
+    return out
 
 
 def _world():
@@ -79,13 +98,13 @@ class ShardedOptimizer:
                              f"depends on each param's shape and RMS (factored row and "
                              f"column moments), which a rank's flat slice of the param does "
                              f"not have; step it unsharded on every rank")
-        fmt = {k: hyperparameters.get(k) for k in ("state_dtype", "master_weights",
-                                                     "stochastic_rounding") if
-               hyperparameters.get(k)}
-        if fmt:
+        fmt = {k: hyperparameters.get(k) for k in ("master_weights", "stochastic_rounding")
+               if hyperparameters.get(k)}
+        if fmt:      # (state_dtype is: each rank keeps its slice's state in that format)
             raise ValueError(f"ShardedOptimizer: {', '.join(f'{k}={v!r}' for k, v in fmt.items())}"
-                             f" is not supported yet (its buckets move float32/float64); "
-                             f"shard float32 or float64 params")
+                             f" needs 16-bit params, which are not sharded yet (MPI has no "
+                             f"16-bit sum for their grads); shard float32 or float64 params, "
+                             f"with state_dtype='bfloat16' or 'int8' for smaller state")
         groups, self._torch = self._agree("ShardedOptimizer()", lambda: _groups(params))
         self._stream = interop.torch_stream(self._torch) if self._torch else None
         self.groups = groups
@@ -594,9 +613,9 @@ class ShardedOptimizer:
                     carry[gi] = c[gi]
                 for i, a, b in sl["pieces"]:
                     j = first[gi] + i
-                    for name, buf in sh["inner"]["state"][k].items():
+                    for name, buf in _plain(sh["inner"]["state"][k]).items():
                         full = state[j].setdefault(name, np.empty(params[j].size, buf.dtype))
-                        full[a:b] = buf
+                        full[a:b] = buf.reshape(-1)
                     k += 1
         state = [{n: v.reshape(params[j].shape) for n, v in st.items()}
                  for j, st in enumerate(state)]
@@ -647,6 +666,7 @@ class ShardedOptimizer:
                 state.append({n: self._xp.ascontiguousarray(self._xp.asarray(v))
                               for n, v in fetch(gi, i, a, b).items()})
                 k += 1
+        inner.pop("format", None)             # (the pieces: plain values, converted on load)
         shard = {**inner, "step": meta["step"], "state": state,
                  "param_groups": [{**g, "params": ig["params"]} for g, ig in
                                   zip(meta["param_groups"], inner["param_groups"])]}
@@ -671,7 +691,7 @@ class ShardedOptimizer:
             if sl["standin"] is not None:
                 k += 1
             for _ in sl["pieces"]:
-                for n, v in inner["state"][k].items():
+                for n, v in _plain(inner["state"][k]).items():
                     bufs.setdefault(n, []).append(np.asarray(v).reshape(-1))
                 k += 1
             flat.append({n: np.concatenate(v) for n, v in bufs.items()})
@@ -987,8 +1007,9 @@ def _groups(params) -> tuple:
                                 f"tensors)")
             if p.dtype.itemsize < 4:
                 raise TypeError(f"param_groups[{gi}] holds {p.dtype} params; ShardedOptimizer "
-                                f"shards float32 or float64 params (16-bit formats are not "
-                                f"supported there yet)")
+                                f"shards float32 or float64 params (16-bit params are not "
+                                f"sharded yet: MPI has no 16-bit sum for their grads; "
+                                f"state_dtype='bfloat16' or 'int8' shards smaller state)")
             if dtype is None:
                 dtype, kind = p.dtype, (type(p), _device_of(p))
             elif p.dtype != dtype:

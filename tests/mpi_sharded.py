@@ -143,11 +143,102 @@ def check():
                 fresh.load_state_dict(full)           # the wrapped class's own format
             done += 1
     _bad_grad_is_refused_everywhere()
+    _formats()
     _guard()
     _amp()
     _random_layouts()
     if RANK == 0:
         print(f"OK check R={R}: {done} rule x dtype runs")
+
+
+def _formats():
+    """state_dtype='bfloat16' (elementwise): the same bytes as one process with bfloat16
+    state. 'int8': each rank quantizes its slice's pieces in blocks of 256 from each piece's
+    start, so only one rank (whole params) gives one process's bytes; on more, params stay
+    within 2e-3 of one process's (and nearer its int8 run than a float32-state run is).
+    State per rank: 1/R of the int8 bytes, absmax included. The consolidated state holds
+    values (int8 decoded) that load into one process in any format."""
+    from hwoptim import formats
+    shapes = [[(70, 90), (3000,), (5,)], [(2,)]]
+    lr = 1e-2
+    for rule_name in ("Adam", "Lion"):
+        cls = getattr(hwoptim, rule_name)
+        for sd in ("bfloat16", "int8"):
+            salt = f"formats/{rule_name}/{sd}"
+            mine, ref, plain = (_params("float32", salt, shapes) for _ in range(3))
+            kw = dict(lr=lr, state_dtype=sd, min_8bit_size=0)
+            opt = ShardedOptimizer(cls, _groups(mine, lr), **kw)
+            one = cls(_groups(ref, lr), **kw)
+            fp32 = cls(_groups(plain, lr), lr=lr)
+            for t in range(STEPS):
+                g, avg = _grads(t, "float32", salt, shapes)
+                opt.step(g)
+                one.step(avg)
+                fp32.step(avg)
+            flat_m = [p for grp in mine for p in grp]
+            _same_everywhere(flat_m, f"{rule_name} {sd}")
+            flat_r = [p for grp in ref for p in grp]
+            flat_p = [p for grp in plain for p in grp]
+            if sd == "bfloat16" or R == 1:
+                assert all(a.tobytes() == b.tobytes() for a, b in zip(flat_m, flat_r)), \
+                    f"{rule_name} {sd} R={R}: params differ from one process's"
+            else:
+                diff = np.concatenate([np.abs(a - b).reshape(-1) for a, b in zip(flat_m, flat_r)])
+                d32 = max(float(np.max(np.abs(a - b))) for a, b in zip(flat_r, flat_p))
+                assert d32 > 0, "int8 state changed nothing?"
+                if rule_name == "Adam":
+                    assert diff.max() <= 2e-3, (rule_name, sd, R, diff.max())
+                else:      # Lion steps by ±lr: a sign near 0 may flip in a few elements
+                    assert diff.max() <= 2 * lr * STEPS + 1e-6, (rule_name, R, diff.max())
+                    assert np.mean(diff > 1e-6) < 0.05, (rule_name, R, np.mean(diff > 1e-6))
+            n = sum(p.size for p in flat_m)
+            per_rank = COMM.allgather(opt.state_bytes())
+            nbuf = len(opt.inner.state[0]) // (2 if sd == "int8" else 1)
+            per_el = {"bfloat16": 2, "int8": 1}[sd] * nbuf
+            pieces = COMM.allgather(len(opt.inner.state))
+            slack = nbuf * 4 * (sum(pieces) + R) if sd == "int8" else nbuf * 2 * (R + 1) * 16
+            want = per_el * n + (nbuf * 4 * -(-n // formats.BLOCK) if sd == "int8" else 0)
+            assert abs(sum(per_rank) - want) <= slack, (rule_name, sd, per_rank, want)
+            full = opt.consolidated_state_dict()
+            if RANK == 0:
+                assert all(not k.endswith("_absmax") for st in full["state"] for k in st)
+                mine_sd = one.state_dict()
+                for a, b in zip(full["state"], mine_sd["state"]):
+                    for k in a:
+                        v = (formats.dequantize(b[k].reshape(-1), b[f"{k}_absmax"])
+                             if f"{k}_absmax" in b else b[k].astype(np.float32))
+                        x = a[k].astype(np.float32).reshape(-1)
+                        if sd == "bfloat16" or R == 1:      # the same blocks: the same values
+                            assert x.tobytes() == v.astype(np.float32).reshape(-1).tobytes(), k
+                        else:                # other blocks: within the dynamic map's steps
+                            np.testing.assert_allclose(x, v.reshape(-1), rtol=0,
+                                                       atol=0.1 * np.abs(v).max(), err_msg=k)
+                for other in ({}, {"state_dtype": "int8", "min_8bit_size": 0},
+                              {"state_dtype": "bfloat16"}):
+                    fresh = cls(_groups(_params("float32", salt, shapes), lr), lr=lr, **other)
+                    fresh.load_state_dict(full)
+            # a checkpoint folder (values) resumed on as many ranks: int8 requantized from its
+            # decoded values in the same blocks gives the same codes, so the same state
+            import tempfile
+            path = COMM.bcast(tempfile.mkdtemp() if RANK == 0 else None, root=0)
+            opt.save(path)
+            again = ShardedOptimizer(cls, _groups(_params("float32", salt, shapes), lr), **kw)
+            again.load(path)
+            assert again.step_count == STEPS
+            for x, y in zip(opt.inner.state, again.inner.state):
+                assert x.keys() == y.keys()
+                assert all(np.asarray(x[k]).tobytes() == np.asarray(y[k]).tobytes() for k in x)
+            COMM.Barrier()
+            if RANK == 0:
+                import shutil
+                shutil.rmtree(path, ignore_errors=True)
+    try:
+        ShardedOptimizer(hwoptim.Adam, _groups(_params("float32", "x"), 1e-2),
+                         master_weights=True)
+    except ValueError as e:
+        assert "needs 16-bit params" in str(e), str(e)
+    else:
+        raise AssertionError("master_weights was not refused")
 
 
 def _bad_grad_is_refused_everywhere():
