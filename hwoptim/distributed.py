@@ -27,7 +27,8 @@ every rank and changes nothing.
 
 State formats (``state_dtype="bfloat16"`` or ``"int8"``) apply to each rank's slice; the
 consolidated and saved states hold values (int8 decoded), which any format loads. 16-bit
-params are not sharded yet.
+params (host arrays) have their grads summed and averaged in float32, rounded once to their
+dtype for the rule, and their params all-gathered through float32 buffers.
 
 The sliced layout never needs a param to fit one rank: a slice may start or end inside a
 param. A rank that owns no element of a group (a group smaller than R slices) steps a
@@ -98,17 +99,14 @@ class ShardedOptimizer:
                              f"depends on each param's shape and RMS (factored row and "
                              f"column moments), which a rank's flat slice of the param does "
                              f"not have; step it unsharded on every rank")
-        fmt = {k: hyperparameters.get(k) for k in ("master_weights", "stochastic_rounding")
-               if hyperparameters.get(k)}
-        if fmt:      # (state_dtype is: each rank keeps its slice's state in that format)
-            raise ValueError(f"ShardedOptimizer: {', '.join(f'{k}={v!r}' for k, v in fmt.items())}"
-                             f" needs 16-bit params, which are not sharded yet (MPI has no "
-                             f"16-bit sum for their grads); shard float32 or float64 params, "
-                             f"with state_dtype='bfloat16' or 'int8' for smaller state")
         groups, self._torch = self._agree("ShardedOptimizer()", lambda: _groups(params))
         self._stream = interop.torch_stream(self._torch) if self._torch else None
         self.groups = groups
         self.dtype = np.dtype(groups[0]["params"][0].dtype)
+        # what the collectives move: 16-bit params' grads are summed in float32 (MPI has no
+        # 16-bit sum), their params all-gathered through it too (exactly: they are float32
+        # values)
+        self._bdtype = np.dtype(np.float32) if self.dtype.itemsize == 2 else self.dtype
         self.transport = self._agree("ShardedOptimizer()",
                                      lambda: _transport(transport, groups[0]["params"][0]))
         first = groups[0]["params"][0]
@@ -122,20 +120,23 @@ class ShardedOptimizer:
         self._plan_slices()
         # buckets: ranges of every rank's segment, each reduce-scattered and all-gathered
         # by its own non-blocking collective (bucket_bytes of one rank's slice)
-        align = max(1, ALIGN_BYTES // self.dtype.itemsize)
-        b = max(align, bucket_bytes // self.dtype.itemsize // align * align)
+        align = max(1, ALIGN_BYTES // self._bdtype.itemsize)
+        b = max(align, bucket_bytes // self._bdtype.itemsize // align * align)
         self._buckets = [(s0, min(s0 + b, self._seg)) for s0 in range(0, self._seg, b)]
         xp = self._xp
         with _on_device(first):
-            self._send = xp.empty(self.world * self._seg, self.dtype)
-            self._recv = xp.empty(self._seg, self.dtype)
+            self._send = xp.empty(self.world * self._seg, self._bdtype)
+            self._recv = xp.empty(self._seg, self._bdtype)
+            # 16-bit params: the averaged grads rounded to their dtype, what the rule takes
+            self._grad16 = (xp.empty(self._seg, self.dtype) if self._bdtype != self.dtype
+                            else None)
         if self.transport == "nccl":          # one communicator, its id sent over MPI
             from cupy.cuda import nccl
             uid = comm.bcast(nccl.get_unique_id() if self.rank == 0 else None, root=0)
             with _on_device(first):
                 self._nccl = self._agree("ShardedOptimizer()", lambda: nccl.NcclCommunicator(
                     self.world, uid, self.rank))
-            self._nccl_type = {4: nccl.NCCL_FLOAT32, 8: nccl.NCCL_FLOAT64}[self.dtype.itemsize]
+            self._nccl_type = {4: nccl.NCCL_FLOAT32, 8: nccl.NCCL_FLOAT64}[self._bdtype.itemsize]
         # what MPI reads and writes: the buffers themselves, or host copies of them
         self._send_h, self._recv_h = ((_host_buffer(self._send), _host_buffer(self._recv))
                                       if self.transport == "staged"
@@ -150,9 +151,10 @@ class ShardedOptimizer:
                     sl["standin"] = xp.zeros(1, self.dtype)
                     views = [sl["standin"]]
                     self._pieces.append(xp.zeros(1, self.dtype))
+            grads = self._recv if self._grad16 is None else self._grad16
             for i, a, b in sl["pieces"]:      # this slice's averaged grads, in _recv
                 start = sl["at"] + int(sl["offs"][i]) + a - sl["lo"]
-                self._pieces.append(self._recv[start:start + b - a])
+                self._pieces.append(grads[start:start + b - a])
             inner_groups.append({**{k: v for k, v in g.items() if k != "params"},
                                  "params": views})
         self.inner = self._agree(f"{opt_class.__name__}()",
@@ -360,6 +362,10 @@ class ShardedOptimizer:
         if self.world > 1:
             self._h2d(self._recv_h, self._recv)
             self._xp.divide(self._recv, self.world, out=self._recv)   # the sum / R, as DDP
+        if self._grad16 is not None:           # rounded once, to nearest, into their dtype
+            from . import formats
+            self._grad16[...] = formats.round_nearest(self._recv, formats.dtype_name(
+                self.dtype))
         kw = {} if not amp else dict(grad_scale=grad_scale, found_inf=1.0 if skip else None)
         t2 = time.perf_counter()
         err = None
@@ -1000,16 +1006,16 @@ def _groups(params) -> tuple:
         ps = [interop.as_array(p, f"param_groups[{gi}] params[{j}]")
               if interop.foreign(p) else p for j, p in enumerate(ps)]
         for p in ps:
-            if family(p) is None or not p.flags.c_contiguous or p.dtype.kind != "f" or \
+            if family(p) is None or not p.flags.c_contiguous or p.dtype.kind not in "fV" or \
+                    (p.dtype.kind == "V" and str(p.dtype) != "bfloat16") or \
                     (isinstance(p, np.ndarray) and not p.flags.writeable):
                 raise TypeError(f"param_groups[{gi}] holds {type(p).__name__}; expected "
                                 f"writeable C-contiguous float arrays (NumPy, CuPy, or torch "
                                 f"tensors)")
-            if p.dtype.itemsize < 4:
-                raise TypeError(f"param_groups[{gi}] holds {p.dtype} params; ShardedOptimizer "
-                                f"shards float32 or float64 params (16-bit params are not "
-                                f"sharded yet: MPI has no 16-bit sum for their grads; "
-                                f"state_dtype='bfloat16' or 'int8' shards smaller state)")
+            if p.dtype.itemsize < 4 and not isinstance(p, np.ndarray):
+                raise TypeError(f"param_groups[{gi}] holds {p.dtype} GPU arrays; "
+                                f"ShardedOptimizer shards 16-bit params on the host only yet "
+                                f"(NumPy arrays, CPU tensors); float32 and float64 anywhere")
             if dtype is None:
                 dtype, kind = p.dtype, (type(p), _device_of(p))
             elif p.dtype != dtype:

@@ -144,6 +144,7 @@ def check():
             done += 1
     _bad_grad_is_refused_everywhere()
     _formats()
+    _sixteen()
     _guard()
     _amp()
     _random_layouts()
@@ -236,9 +237,62 @@ def _formats():
         ShardedOptimizer(hwoptim.Adam, _groups(_params("float32", "x"), 1e-2),
                          master_weights=True)
     except ValueError as e:
-        assert "needs 16-bit params" in str(e), str(e)
+        assert "master_weights" in str(e) and "16-bit" in str(e), str(e)
     else:
-        raise AssertionError("master_weights was not refused")
+        raise AssertionError("master_weights with float32 params was not refused")
+
+
+def _sixteen():
+    """16-bit params (bfloat16, float16): grads summed in float32 and divided by R there,
+    rounded once to the params' dtype; params all-gathered exactly. Round-to-nearest modes
+    (float32, bfloat16 or int8 state on one rank, master weights) are one process's bytes
+    stepping on those rounded averages; with stochastic rounding each rank draws for its own
+    pieces, so the params agree on every rank and stay within a few units of storage of the
+    round-to-nearest run."""
+    import ml_dtypes
+    from hwoptim import formats
+    shapes = [[(70, 90), (3000,), (5,)], [(2,)]]
+    lr = 1e-2
+    modes = [{}, {"state_dtype": "bfloat16"}, {"master_weights": True},
+             {"stochastic_rounding": True, "seed": 5}]
+    for dtype in ("bfloat16", "float16"):
+        np_dtype = np.dtype(ml_dtypes.bfloat16) if dtype == "bfloat16" else np.dtype(dtype)
+        for mode in modes:
+            salt = f"sixteen/{dtype}/{sorted(mode.items())}"
+            mine, ref, near = ([[p.astype(np_dtype) for p in grp]
+                                for grp in _params("float32", salt, shapes)] for _ in range(3))
+            opt = ShardedOptimizer(hwoptim.Adam, _groups(mine, lr), lr=lr, **mode)
+            one = hwoptim.Adam(_groups(ref, lr), lr=lr, **mode)
+            rn = hwoptim.Adam(_groups(near, lr), lr=lr)
+            for t in range(STEPS):
+                g32, _ = _grads(t, "float32", salt, shapes)
+                mine_g = [g.astype(np_dtype) for g in g32]
+                every = COMM.allgather(mine_g)
+                avg = [formats.round_nearest(
+                    sum(e[k].astype(np.float32) for e in every) / np.float32(R), dtype)
+                       for k in range(len(mine_g))]
+                opt.step(mine_g)
+                one.step(avg)
+                rn.step(avg)
+            flat_m = [p for grp in mine for p in grp]
+            _same_everywhere(flat_m, f"{dtype} {mode}")
+            flat_r = [p for grp in ref for p in grp]
+            what = f"{dtype} {mode} R={R}"
+            if not mode.get("stochastic_rounding") or R == 1:
+                assert all(a.tobytes() == b.tobytes() for a, b in zip(flat_m, flat_r)), what
+            else:
+                eps = float(np.finfo(np_dtype).eps)
+                for a, b in zip(flat_m, [p for grp in near for p in grp]):
+                    a32, b32 = a.astype(np.float32), b.astype(np.float32)
+                    assert np.all(np.abs(a32 - b32) <= 4 * eps * np.abs(b32) + 1e-6), what
+            full = opt.consolidated_state_dict()
+            if RANK == 0:
+                fresh = hwoptim.Adam(_groups([[p.copy() for p in grp] for grp in ref], lr),
+                                     lr=lr, **mode)
+                fresh.load_state_dict(full)
+                if "master_weights" in mode:
+                    for a, b in zip(full["state"], one.state_dict()["state"]):
+                        assert a["master"].tobytes() == b["master"].tobytes(), what
 
 
 def _bad_grad_is_refused_everywhere():

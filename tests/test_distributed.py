@@ -6,7 +6,9 @@ consolidated state in the wrapped class's format (grads are exact multiples of 2
 sum is exact in any order, and the average their sum / R as DDP divides); a bad grad on one rank refused on every
 rank with nothing changed; a run saved on 4 ranks resumed on 3, 2 and 1 (consolidated, and
 from a checkpoint folder, which a crashed save leaves whole); bfloat16 and int8 state on each
-rank's slice (bfloat16: byte for byte; int8: within the map's rounding, 1/R of its bytes).
+rank's slice (bfloat16: byte for byte; int8: within the map's rounding, 1/R of its bytes);
+bfloat16 and float16 params (round-to-nearest modes and master weights byte for byte one
+process on the float32-averaged grads rounded once; stochastic rounding near it).
 
 Needs mpi4py and an ``mpiexec`` (the ``distributed`` extra: mpi4py and the MPICH wheel; the
 ``test`` extra includes it). Without them the tests skip, unless ``HWOPTIM_REQUIRE_MPI=1``
