@@ -1295,13 +1295,15 @@ def c_reduce_function(p: KernelPlan) -> str:
     return f"__device__ __forceinline__ void {p.key}_reduce(\n    {sig})\n{{\n{body}\n}}\n"
 
 
-def _chunk_loop_head(p: KernelPlan, name: str, extra_arg: str = "", prologue: str = "") -> list:
+def _chunk_loop_head(p: KernelPlan, name: str, extra_arg: str = "", prologue: str = "",
+                     columns: int | None = None) -> list:
     """The opening every multi-tensor CUDA kernel shares: the signature (``table``,
     ``chunks``, ``n_tensors``, ``n_chunks``, then ``extra_arg``), ``prologue``, the row and
     scalar tables, and the grid-stride loop over chunks down to this chunk's tensor ``t``,
     start ``lo``, length ``n``, addresses ``at`` and kernel scalars ``k_<name>``. The caller
-    writes the loop's body and closes both braces."""
-    na, ns = len(p.arrays), len(p.scalars)
+    writes the loop's body and closes both braces. ``columns``: the table's addresses per
+    tensor (``len(p.arrays)``; a storage format's: ``len(fmt.arrays(p.arrays))``)."""
+    na, ns = (len(p.arrays) if columns is None else columns), len(p.scalars)
     extra = f",\n    {extra_arg}" if extra_arg else ""
     text = [f'extern "C" __global__ void {name}(\n'
             f"    const long long* __restrict__ table,\n"
@@ -1323,7 +1325,8 @@ def _chunk_loop_head(p: KernelPlan, name: str, extra_arg: str = "", prologue: st
     return text
 
 
-def _cuda_reduce_kernel(p: KernelPlan, name: str, pointers=None, call=None) -> str:
+def _cuda_reduce_kernel(p: KernelPlan, name: str, pointers=None, call=None,
+                        columns: int | None = None) -> str:
     """The reduction kernel: one block per chunk (grid-stride over chunks), each thread
     summing its elements' squares in double, the block's sums combined (warp shuffles, then
     shared memory) and added atomically to ``sums[tensor * K + j]`` (zeroed by the caller).
@@ -1332,7 +1335,7 @@ def _cuda_reduce_kernel(p: KernelPlan, name: str, pointers=None, call=None) -> s
     k = len(p.norms)
     idx = {a: p.arrays.index(a) for a in p.reduce_reads}
     text = _chunk_loop_head(p, name, "double* __restrict__ sums",
-                            f"    __shared__ double part[{k}][32];\n")
+                            f"    __shared__ double part[{k}][32];\n", columns)
     if pointers is None:
         for a in p.reduce_reads:
             t = _array_ctype(a)
@@ -1779,7 +1782,8 @@ def cuda_format_source(p: KernelPlan, fmt) -> CudaMulti:
     name = base + "_multi"
     used = fmt.arrays(p.arrays)
     k = len(p.norms)
-    text = _chunk_loop_head(p, name, "const double* __restrict__ sums" if k else "")
+    text = _chunk_loop_head(p, name, "const double* __restrict__ sums" if k else "",
+                            columns=len(used))
     text += [f"        const TC k_{s} = (TC)sqrt(sums[t * {k} + {j}]);\n"
              for j, s in enumerate(p.norm_names)]
     text += [f"        {ln}\n" for ln in _c_chunk_pointers(p, fmt, used)]
@@ -1809,7 +1813,7 @@ def _cuda_format_reduce_kernel(p: KernelPlan, fmt: Format, base: str) -> str:
             reads.append(f"{a}_absmax")
     used = [a for a in fmt.arrays(p.arrays) if a in reads]
     return _cuda_reduce_kernel(p, base + "_reduce", _c_chunk_pointers(p, fmt, used),
-                               _c_format_reduce_call(p, fmt))
+                               _c_format_reduce_call(p, fmt), len(fmt.arrays(p.arrays)))
 
 
 def cpp_format_test_source(p: KernelPlan, fmt) -> str:

@@ -590,3 +590,37 @@ def test_staged_launches_in_order(shape, dtype, fake_cupy):
     run([_Shaped((0, 5), 0x10), _Shaped((0, 5), 0x20), _Shaped((0, 1), 0x30),
          _Shaped((1, 5), 0x40)], scalars)
     assert L == []
+
+
+def _stride_cases():
+    from hwoptim import formats
+    out = []
+    for name, rule in RULES.items():
+        if rule.shape_flags is not None and name != "Adafactor":
+            continue
+        plan, _ = _plan(name)
+        out.append(pytest.param(plan, None, id=f"{name}-plain"))
+        for sd, sr in ((None, False), ("int8", True), ("bfloat16", False)):
+            fmt = formats.make("float16", sd, False, sr)
+            out.append(pytest.param(plan, fmt, id=f"{name}-{fmt.key}"))
+    return out
+
+
+@pytest.mark.parametrize("plan, fmt", _stride_cases())
+def test_kernels_read_the_table_as_the_backend_packs_it(plan, fmt):
+    """Every multi-tensor kernel (update and reduction) reads its tensor's addresses, rows
+    and scalars at the strides the backend packs them with (``many``: one address per
+    column, ``fmt.arrays`` for a storage format, then a row per tensor, then the scalars).
+    Found wanting once: format kernels stepped through the table by the plain plan's
+    column count, reading a state's absmax address as the row."""
+    import re
+    src = (codegen.cuda_multi_source(plan, "float32") if fmt is None
+           else codegen.cuda_format_source(plan, fmt)).source
+    cols = len(plan.arrays if fmt is None else fmt.arrays(plan.arrays))
+    kernels = src.split('extern "C" __global__')[1:]
+    assert kernels
+    for k in kernels:
+        assert re.findall(r"table \+ t \* (\d+)", k) == [str(cols)], k[:200]
+        tabs = re.findall(r"table \+ n_tensors \* (\d+)", k)
+        if plan.scalars:
+            assert tabs == [str(cols), str(cols + 1)], (tabs, cols)
