@@ -1111,10 +1111,7 @@ class Optimizer:
         if self._norm_combine is not None and not isinstance(flat, np.ndarray):
             flat = np.fromiter((g.ctypes.data for g in flat), np.int64, len(flat))
         entries = None if isinstance(flat, np.ndarray) else self._launchers()
-        t = self._step + 1
-        if t > _MAX_STEP:
-            raise ValueError(f"step count {self._step} is at its limit (2**53: the step "
-                             f"travels to the kernels as a float64)")
+        t = self._next_step()
         scale = None
         if self.max_grad_norm is not None or self.skip_nonfinite:
             scale = self._grad_guard(flat, inv_scale)
@@ -1143,6 +1140,14 @@ class Optimizer:
                 return self._launch_all(entries, flat, scal, tables)
         self._write_keys(t)
         self._launch_all(entries, flat, scal, tables)
+
+    def _next_step(self) -> int:
+        """The step about to be taken, checked."""
+        t = self._step + 1
+        if t > _MAX_STEP:
+            raise ValueError(f"step count {self._step} is at its limit (2**53: the step "
+                             f"travels to the kernels as a float64)")
+        return t
 
     def _write_keys(self, t: int):
         """Stochastic rounding: step ``t``'s key of every param, one copy (on a GPU, on the
@@ -1363,10 +1368,7 @@ class Optimizer:
         if grad_scale is not None and not self._grad_factor:
             self._use_grad_factor()
         self._kernels()
-        t = self._step + 1
-        if t > _MAX_STEP:
-            raise ValueError(f"step count {self._step} is at its limit (2**53: the step "
-                             f"travels to the kernels as a float64)")
+        t = self._next_step()
         self._check_aligned(flat)            # the device kernels need it: check before any
         self._step = t                       # launch, so a rejected step changes nothing
         mode = 0

@@ -380,3 +380,70 @@ def test_int8_codes_are_the_reference(conv, scale, ftz):
     assert np.array_equal(np.isnan(out), np.isnan(want))
     ok = ~np.isnan(want)
     assert np.array_equal(out[ok].view(np.uint32), want[ok].view(np.uint32)), scale
+
+
+# ----------------------------------------------------------------------------- launches
+
+_LAUNCH_RULES = {"Adam": MODES, "SGD": [m for m in MODES if m[1].get("state_dtype")],
+                 "Lion": [m for m in MODES if m[1].get("stochastic_rounding")]}
+LAUNCH_CASES = [pytest.param(next(c for c in RULE_CASES if c[0].startswith(name + "[")), m,
+                             id=f"{name}-{MODE_IDS[MODES.index(m)]}")
+                for name, modes in _LAUNCH_RULES.items() for m in modes]
+
+
+@pytest.mark.parametrize("rule_case, mode", LAUNCH_CASES)
+def test_format_launch_on_the_cpu_is_the_reference(rule_case, mode):
+    """The whole GPU launch of a storage format, run on the CPU: the multi-tensor kernel's
+    own text (``codegen.cpp_format_launch_test_source``), entered for every warp of one
+    block per chunk, reading the table the backend packs (``codegen.pack_table``: three
+    tensors' addresses in ``fmt.arrays`` order, a stochastic-rounding key's address, a row
+    per tensor, the scalar rows) and its chunk table (``FORMAT_CHUNK``): each tensor's
+    buffers after 3 steps are the NumPy reference's bits, one tensor a step ahead of the
+    others (its own scalar row)."""
+    from hwoptim.backends.cupy import FORMAT_CHUNK
+    rule, h, flags, plan, fmt, seed = _case(rule_case, mode)
+    lib = _build(f"launch_{_sym(plan, fmt)}", codegen.cpp_format_launch_test_source(plan, fmt))
+    f = lib.launch
+    i64 = np.ctypeslib.ndpointer(dtype=np.int64, flags="C_CONTIGUOUS")
+    f.argtypes = [i64, i64, ctypes.c_longlong, ctypes.c_longlong, ctypes.c_int]
+    f.restype = None
+    rng = np.random.default_rng(zlib.crc32(f"launch {rule_case[0]} {fmt.key}".encode()))
+    sizes = [4396, 300, 9000]
+    names = fmt.arrays(plan.arrays)
+    ref = backends.load("numpy").kernel(plan, fmt.key)
+    scal = codegen.host_scalar_function(plan, fmt.compute)
+    got, want = [], []
+    for n in sizes:
+        global N
+        old, N = N, n
+        try:
+            b = _buffers(rule, h, flags, plan, fmt, rng)
+        finally:
+            N = old
+        got.append(b)
+        want.append({k: (v.copy() if v is not None else None) for k, v in b.items()})
+    keys = np.zeros(len(sizes), np.uint32)
+    chunks = codegen.chunk_table(sizes, FORMAT_CHUNK)
+    rows = np.array([0, 1, 0], np.int64)
+    for t in range(1, 4):
+        steps = [t, t + 1, t]                     # tensor 1 a step ahead: its own row
+        for j, n in enumerate(sizes):
+            g32 = (rng.standard_normal(n) * 10.0 ** rng.uniform(-2, 1, n)).astype(np.float32)
+            got[j]["grad"] = formats.round_nearest(g32, fmt.param)
+            want[j]["grad"] = got[j]["grad"].copy()
+            if fmt.sr:
+                keys[j] = formats.sr_key(seed, steps[j], [j])[0]
+                want[j]["_srkey"][0] = keys[j]
+            ref([want[j][a] for a in names], ref.prepare(h, steps[j]))
+        ptrs = np.array([[keys.ctypes.data + 4 * j if a == "_srkey" else got[j][a].ctypes.data
+                          for a in names] for j in range(len(sizes))], np.int64)
+        scalars = np.array([scal(h, t), scal(h, t + 1)], dtype=fmt.compute)
+        table = codegen.pack_table(ptrs, rows, scalars)
+        f(table, chunks, len(sizes), chunks.shape[0], t % 2)
+        for j in range(len(sizes)):
+            for a in names:
+                if a == "_srkey":
+                    continue
+                assert _same_bits(got[j][a], want[j][a]), (
+                    f"{rule.name} {fmt.key} step {t} tensor {j} {a}: the launch differs from "
+                    f"the NumPy reference")

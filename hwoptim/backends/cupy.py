@@ -282,7 +282,7 @@ def _many(plan, kernels, n_arrays: int, dtype: str, chunk: int):
                 cupy.cuda.runtime.deviceSynchronize()
 
     tables = codegen.ChunkTables(chunk, on_evict=forget)
-    n_scalars, itemsize = len(plan.scalars), np.dtype(dtype).itemsize
+    n_scalars = len(plan.scalars)
 
     def many(ptrs, sizes, rows, scalars, n_threads=None):
         """Update many separate arrays with one kernel launch on CuPy's current stream.
@@ -323,13 +323,7 @@ def _many(plan, kernels, n_arrays: int, dtype: str, chunk: int):
             # later calls may run on other streams: the table must be there before them
             cupy.cuda.get_current_stream().synchronize()
             chunks.extra[dev] = chunks_dev
-        words = n * (n_arrays + 1)
-        packed = np.empty(words + -(-scalars.size * itemsize // 8), dtype=np.int64)
-        packed[words:] = 0                     # the padding after an odd float32 count
-        packed[:n * n_arrays] = ptrs.reshape(-1)
-        packed[n * n_arrays:words] = rows
-        packed[words:].view(dtype)[:scalars.size] = scalars.reshape(-1)
-        table_dev = cupy.asarray(packed)
+        table_dev = cupy.asarray(codegen.pack_table(ptrs, rows, scalars))
         grid = (min(chunks.n_chunks, 2**31 - 1),)
         args = (table_dev, chunks_dev, np.int64(n), np.int64(chunks.n_chunks))
         if plan.norms:
