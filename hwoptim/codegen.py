@@ -1290,6 +1290,7 @@ class CudaMulti:
     name: str          # the multi-tensor kernel
     vec: int           # elements per 16-byte vector
     reduce: str = ""   # rules taking norms: the reduction kernel, launched first
+    device: str = ""   # storage formats: the capturable variant (scalars, keys on the device)
 
 
 def c_reduce_function(p: KernelPlan) -> str:
@@ -1311,13 +1312,15 @@ def c_reduce_function(p: KernelPlan) -> str:
 
 
 def _chunk_loop_head(p: KernelPlan, name: str, extra_arg: str = "", prologue: str = "",
-                     columns: int | None = None) -> list:
+                     columns: int | None = None, device_scalars: bool = False) -> list:
     """The opening every multi-tensor CUDA kernel shares: the signature (``table``,
     ``chunks``, ``n_tensors``, ``n_chunks``, then ``extra_arg``), ``prologue``, the row and
     scalar tables, and the grid-stride loop over chunks down to this chunk's tensor ``t``,
     start ``lo``, length ``n``, addresses ``at`` and kernel scalars ``k_<name>``. The caller
     writes the loop's body and closes both braces. ``columns``: the table's addresses per
-    tensor (``len(p.arrays)``; a storage format's: ``len(fmt.arrays(p.arrays))``)."""
+    tensor (``len(p.arrays)``; a storage format's: ``len(fmt.arrays(p.arrays))``).
+    ``device_scalars``: every tensor's scalars from the device array ``k_dev`` (an
+    argument), not the table (capturable steps)."""
     na, ns = (len(p.arrays) if columns is None else columns), len(p.scalars)
     extra = f",\n    {extra_arg}" if extra_arg else ""
     text = [f'extern "C" __global__ void {name}(\n'
@@ -1325,7 +1328,7 @@ def _chunk_loop_head(p: KernelPlan, name: str, extra_arg: str = "", prologue: st
             f"    const long long* __restrict__ chunks,\n"
             f"    const long long n_tensors,\n"
             f"    const long long n_chunks{extra})\n{{\n{prologue}"]
-    if ns:
+    if ns and not device_scalars:
         text.append(f"    const long long* const rows = table + n_tensors * {na};\n"
                     f"    const TC* const scalars = reinterpret_cast<const TC*>"
                     f"(table + n_tensors * {na + 1});\n")
@@ -1335,7 +1338,8 @@ def _chunk_loop_head(p: KernelPlan, name: str, extra_arg: str = "", prologue: st
                 "        const long long n = chunks[3 * c + 2] - lo;\n"
                 f"        const long long* const at = table + t * {na};\n")
     if ns:
-        text.append(f"        const TC* const k_row = scalars + rows[t] * {ns};\n")
+        text.append("        const TC* const k_row = k_dev;\n" if device_scalars else
+                    f"        const TC* const k_row = scalars + rows[t] * {ns};\n")
         text += [f"        const TC k_{s} = k_row[{i}];\n" for i, s in enumerate(p.scalars)]
     return text
 
@@ -1482,6 +1486,18 @@ __device__ __forceinline__ unsigned hw_mix32(unsigned x)
 {
     x ^= x >> 16; x *= 0x7FEB352Du; x ^= x >> 15; x *= 0x846CA68Bu; x ^= x >> 16;
     return x;
+}
+// formats.sr_key: the key of tensor ``tensor`` at step ``step`` (capturable steps: the
+// step count on the device) of a run seeded with ``seed_hi << 32 | seed_lo``
+__device__ __forceinline__ unsigned hw_sr_key(const unsigned seed_lo, const unsigned seed_hi,
+                                              const double step, const long long tensor)
+{
+    const unsigned long long t = (unsigned long long)step;
+    unsigned k = hw_mix32(seed_lo ^ 0x9E3779B9u);
+    k = hw_mix32(k ^ seed_hi);
+    k = hw_mix32(k ^ (unsigned)(t & 0xFFFFFFFFull));
+    k = hw_mix32(k ^ (unsigned)(t >> 32));
+    return hw_mix32(k ^ hw_mix32((unsigned)tensor));
 }
 __device__ __forceinline__ float hw_bf_load(const unsigned short u)
 {
@@ -1767,16 +1783,19 @@ def _c_tile(p: KernelPlan, fmt: Format, lanes: str) -> list:
                   for a, j in zip(qs, qj)]
 
 
-def _c_chunk_pointers(p: KernelPlan, fmt: Format, used) -> list:
+def _c_chunk_pointers(p: KernelPlan, fmt: Format, used, device_keys: bool = False) -> list:
     """Pointers to one chunk (tensor ``t``, elements ``lo`` on) of buffers ``used`` (names
-    in ``fmt.arrays(p.arrays)``), from the address row ``at``; ``kh`` for ``_srkey``."""
+    in ``fmt.arrays(p.arrays)``), from the address row ``at``; ``kh`` for ``_srkey`` (the
+    address of the tensor's key; ``device_keys``: the tensor's number, its key made from
+    the seed and the device step count)."""
     allnames = fmt.arrays(p.arrays)
     out = []
     for a in used:
         j = allnames.index(a)
         if a == "_srkey":
-            out.append(f"const unsigned kh = *reinterpret_cast<const unsigned*>(at[{j}]) "
-                       f"^ hw_mix32((unsigned)(lo >> 32));")
+            key = (f"hw_sr_key(seed_lo, seed_hi, step_dev[0], at[{j}])" if device_keys else
+                   f"*reinterpret_cast<const unsigned*>(at[{j}])")
+            out.append(f"const unsigned kh = {key} ^ hw_mix32((unsigned)(lo >> 32));")
             continue
         t = "float" if (a == "master" or a.endswith("_absmax")) else _array_ctype(a)
         q = "" if (a in p.outputs or a == "master" or (
@@ -1804,20 +1823,40 @@ def cuda_format_source(p: KernelPlan, fmt) -> CudaMulti:
         _format_multi_kernel(p, fmt, name, "warp")]
     if k:
         parts += [c_format_reduce_function(p, fmt), _cuda_format_reduce_kernel(p, fmt, base)]
-    return CudaMulti("\n".join(parts), name, 0, base + "_reduce" if k else "")
+    else:                    # capturable steps: scalars and keys from the device
+        parts.append(_format_multi_kernel(p, fmt, name + "_dev", "warp", device=True))
+    return CudaMulti("\n".join(parts), name, 0, base + "_reduce" if k else "",
+                     "" if k else name + "_dev")
 
 
-def _format_multi_kernel(p: KernelPlan, fmt: Format, name: str, lanes: str) -> str:
+_FORMAT_DEV_ARGS = ("const TC* __restrict__ k_dev,\n    const double* __restrict__ step_dev,\n"
+                    "    const double* __restrict__ guard,\n    const unsigned seed_lo,\n"
+                    "    const unsigned seed_hi")
+
+
+def _format_multi_kernel(p: KernelPlan, fmt: Format, name: str, lanes: str,
+                         device: bool = False) -> str:
     """The multi-tensor kernel of a storage format: the chunk loop, each chunk's pointers,
     its warps' tiles (``lanes`` as :func:`_c_tile` takes it: "loop" for the C++ test
-    harness, which runs this very text a warp at a time)."""
+    harness, which runs this very text a warp at a time). ``device``: the capturable
+    variant, its scalars from ``k_dev``, stochastic-rounding keys from the seed, the device
+    step count and each tensor's number (the table's key column), nothing done where the
+    step's verdict ``guard`` (may be null) skips it."""
     used = fmt.arrays(p.arrays)
     k = len(p.norms)
-    text = _chunk_loop_head(p, name, "const double* __restrict__ sums" if k else "",
-                            columns=len(used))
+    if device and k:
+        raise ValueError(f"{p.rule.name}: no device-scalar format kernel for rules taking "
+                         f"norms yet")
+    if device:
+        text = _chunk_loop_head(p, name, _FORMAT_DEV_ARGS,
+                                "    if (guard != nullptr && guard[0] != 0.0) return;\n",
+                                columns=len(used), device_scalars=True)
+    else:
+        text = _chunk_loop_head(p, name, "const double* __restrict__ sums" if k else "",
+                                columns=len(used))
     text += [f"        const TC k_{s} = (TC)sqrt(sums[t * {k} + {j}]);\n"
              for j, s in enumerate(p.norm_names)]
-    text += [f"        {ln}\n" for ln in _c_chunk_pointers(p, fmt, used)]
+    text += [f"        {ln}\n" for ln in _c_chunk_pointers(p, fmt, used, device)]
     text += [f"        __builtin_assume(__isGlobal({a}));\n" for a in used if a != "_srkey"]
     text.append("        const int lane = threadIdx.x & 31;\n"
                 "        for (long long b = threadIdx.x >> 5; (b << 8) < n; "
@@ -1838,6 +1877,22 @@ def cpp_format_launch_test_source(p: KernelPlan, fmt) -> str:
     if p.norms:
         raise ValueError("the launch harness runs kernels without a reduction pass")
     name = f"hw_{p.key}_{fmt.key}_multi"
+
+    def launch(fn, call, extra=""):
+        return [f'extern "C" void {fn}(const long long* table, const long long* chunks, '
+                f"long long n_tensors, long long n_chunks{extra}, int ftz) {{",
+                "    const unsigned int csr = _mm_getcsr();",
+                "    if (ftz) _mm_setcsr(csr | 0x8040);",
+                "    gridDim.x = n_chunks; blockDim.x = 256;",
+                "    for (long long b = 0; b < n_chunks; ++b) {",
+                "        blockIdx.x = b;",
+                "        for (long long w = 0; w < 8; ++w) {",
+                "            threadIdx.x = 32 * w;",
+                f"            {call};",
+                "        }", "    }",
+                "    _mm_setcsr(csr);", "}"]
+    dev_args = (", const TC* k_dev, const double* step_dev, const double* guard, "
+                "unsigned seed_lo, unsigned seed_hi")
     return "\n".join([
         "#include <cmath>", "#include <cstring>", "#include <xmmintrin.h>",
         "#define __device__", "#define __forceinline__ inline", "#define __global__",
@@ -1848,18 +1903,10 @@ def cpp_format_launch_test_source(p: KernelPlan, fmt) -> str:
         "using std::rintf;",
         _c_format_typedefs(fmt), _C_FORMAT_HELPERS, c_format_element_function(p, fmt),
         _format_multi_kernel(p, fmt, name, "loop"),
-        'extern "C" void launch(const long long* table, const long long* chunks, '
-        "long long n_tensors, long long n_chunks, int ftz) {",
-        "    const unsigned int csr = _mm_getcsr();",
-        "    if (ftz) _mm_setcsr(csr | 0x8040);",
-        "    gridDim.x = n_chunks; blockDim.x = 256;",
-        "    for (long long b = 0; b < n_chunks; ++b) {",
-        "        blockIdx.x = b;",
-        "        for (long long w = 0; w < 8; ++w) {",
-        "            threadIdx.x = 32 * w;",
-        f"            {name}(table, chunks, n_tensors, n_chunks);",
-        "        }", "    }",
-        "    _mm_setcsr(csr);", "}"]) + "\n"
+        _format_multi_kernel(p, fmt, name + "_dev", "loop", device=True)]
+        + launch("launch", f"{name}(table, chunks, n_tensors, n_chunks)")
+        + launch("launch_dev", f"{name}_dev(table, chunks, n_tensors, n_chunks, k_dev, "
+                 f"step_dev, guard, seed_lo, seed_hi)", dev_args)) + "\n"
 
 
 def _cuda_format_reduce_kernel(p: KernelPlan, fmt: Format, base: str) -> str:

@@ -442,12 +442,6 @@ class Optimizer:
         if capturable and self.backend_name != "cupy":
             raise ValueError(f"capturable=True needs backend='cupy' (device-side scalars for "
                              f"CUDA graphs); this optimizer uses {self.backend_name!r}")
-        if capturable and not self.format.plain:
-            raise ValueError(f"capturable=True with storage format {self.format.key} "
-                             f"(params {self.dtype}, state_dtype={self.format.state!r}, "
-                             f"master_weights={self.format.master}, stochastic_rounding="
-                             f"{self.format.sr}) has no device-scalar kernels yet; use "
-                             f"capturable=False")
         self.capturable = bool(capturable)
         self._check_staged(arrays, "")
         self.param_groups = _Frozen([], "param_groups cannot be changed directly; add a "
@@ -717,6 +711,11 @@ class Optimizer:
         flags = rule.static_flags(h, opt)
         if self.max_grad_norm is not None or getattr(self, "_grad_factor", False):
             flags._clip = True
+        if self.capturable and not self.format.plain and _plan(rule, flags).norms:
+            raise ValueError(f"{where}{rule.name} takes per-array norms, which have no "
+                             f"capturable kernel in a storage format yet (format "
+                             f"{self.format.key}); use capturable=False, or float32 params "
+                             f"and state")
         return flags
 
     def _buffers(self, flags) -> list:
@@ -1249,7 +1248,7 @@ class Optimizer:
         rules taking norms each param's sums of squares."""
         import cupy
         with self._params[0].device:
-            self._k_dev = [cupy.zeros(len(_plan(self.rule, f).scalars), dtype=self.dtype)
+            self._k_dev = [cupy.zeros(len(_plan(self.rule, f).scalars), dtype=self._cdtype)
                            for f in self._flags]
             k = [len(_plan(self.rule, f).norms) for f in self._flags]
             self._sums_dev = [cupy.zeros(k[gi], dtype=np.float64) if k[gi] else None
@@ -1386,6 +1385,13 @@ class Optimizer:
                 return self._step_device(self._kern, flat, amp)
         return self._step_device(self._kern, flat, amp)
 
+    def _sr_of(self, i: int):
+        """Capturable stochastic rounding: (seed, the device step count, param ``i``'s
+        number), from which its kernel makes the step's key (``formats.sr_key``)."""
+        if not self.format.sr:
+            return None
+        return self.seed, self._step_dev[self._group_of[i]], i
+
     def _check_amp_array(self, x, name: str, where: str):
         """A device ``found_inf`` / ``grad_scale`` for a capturable step: one float32 or
         float64 element on the params' device (read by the verdict kernel, not here)."""
@@ -1404,10 +1410,10 @@ class Optimizer:
         if amp is None:
             for gi in range(len(self.param_groups)):
                 kernels[gi].advance(self._hyper_dev[gi], self._step_dev[gi], self._k_dev[gi])
-            for i, views in enumerate(self._views):
-                gi = self._group_of[i]
-                kernels[gi].device([views[0], flat[i], *views[1:]], self._k_dev[gi],
-                                   sums=self._sums_dev[i])
+            for i, views in enumerate(self._views):     # (a param's slot: its format's)
+                kernels[self._slot_of[i]].device(
+                    [views[0], flat[i], *views[1:]], self._k_dev[self._group_of[i]],
+                    sums=self._sums_dev[i], sr=self._sr_of(i))
             self._guard_mode = None
             return
         mode, found_inf, grad_scale = amp
@@ -1418,9 +1424,9 @@ class Optimizer:
             kernels[gi].advance_guard(self._hyper_dev[gi], self._step_dev[gi],
                                       self._k_dev[gi], guard)
         for i, views in enumerate(self._views):
-            gi = self._group_of[i]
-            kernels[gi].device_guard([views[0], flat[i], *views[1:]], self._k_dev[gi], guard,
-                                     sums=self._sums_dev[i])
+            kernels[self._slot_of[i]].device_guard(
+                [views[0], flat[i], *views[1:]], self._k_dev[self._group_of[i]], guard,
+                sums=self._sums_dev[i], sr=self._sr_of(i))
         self._guard_mode = mode
 
     # ------------------------------------------------------------------ checkpoints

@@ -76,13 +76,15 @@ def test_format_kernels_compile(compiler, rule_case, mode, arch):   # noqa: F811
     assert res.ok, (f"{what}: NVRTC failed ({res.status}); expected the source to compile. "
                     f"Log:\n{res.log}")
     entries = tcs._entries(res.ptx)
-    want = {k.name, k.reduce} if plan.norms else {k.name}
+    want = {k.name, k.reduce} if plan.norms else {k.name, k.device}
     assert set(entries) == want, f"{what}: PTX kernels are {sorted(entries)}; expected {want}"
     n_args = 5 if plan.norms else 4          # table, chunks, n_tensors, n_chunks (, sums)
-    for name in want:
+    for name in want - {k.device}:
         assert entries[name][0] == ["u64"] * n_args, (
             f"{what}: {name} takes PTX parameters {entries[name][0]}; expected "
             f"{n_args} x u64 (what backends/cupy.py passes)")
+    if k.device:             # capturable: then k_dev, step_dev, guard, the seed's two words
+        assert entries[k.device][0] == ["u64"] * 7 + ["u32"] * 2, entries[k.device][0]
     body = entries[k.name][1]
     if fmt.quantized and any(a in plan.outputs for a in plan.arrays[2:]):
         assert "shfl.sync.bfly" in body and "vote.sync.any" in body, (
@@ -266,6 +268,9 @@ void quantize(const float* x, long long n, unsigned char* codes, float* absmax, 
 }
 void dequantize(const unsigned char* codes, const float* absmax, long long n, float* out)
 { for (long long i = 0; i < n; ++i) out[i] = hw_q_load(codes[i], absmax[i >> 8]); }
+void sr_keys(unsigned seed_lo, unsigned seed_hi, const double* steps, const long long* tensors,
+             long long n, unsigned* out)
+{ for (long long i = 0; i < n; ++i) out[i] = hw_sr_key(seed_lo, seed_hi, steps[i], tensors[i]); }
 }
 '''
 
@@ -280,7 +285,9 @@ def conv():
                        "bf_sr": [p, p, p, ctypes.c_longlong], "h_sr": [p, p, p, ctypes.c_longlong],
                        "bits": [ctypes.c_uint, ctypes.c_longlong, ctypes.c_longlong, p],
                        "quantize": [p, ctypes.c_longlong, p, p, ctypes.c_int],
-                       "dequantize": [p, p, ctypes.c_longlong, p]}.items():
+                       "dequantize": [p, p, ctypes.c_longlong, p],
+                       "sr_keys": [ctypes.c_uint, ctypes.c_uint, p, p, ctypes.c_longlong,
+                                   p]}.items():
         getattr(lib, name).argtypes = args
         getattr(lib, name).restype = None
     return lib
@@ -349,6 +356,23 @@ def test_stochastic_rounding_is_the_reference(conv):
         conv.bits(0x9E3779B9, lo, 256, out.ctypes.data)
         want = formats.element_bits(0x9E3779B9, lo + np.arange(256, dtype=np.int64))
         assert np.array_equal(out, want), lo
+
+
+def test_device_keys_are_the_reference(conv):
+    """hw_sr_key (capturable steps make each tensor's key on the device from the seed, the
+    device step count and the tensor's number): formats.sr_key's bits, seeds and steps
+    past 2**32 included."""
+    rng = np.random.default_rng(8)
+    for seed in (0, 11, 2**40 + 3, 2**64 - 1, int(rng.integers(0, 2**63))):
+        steps = np.concatenate([np.arange(1, 200), [2**31, 2**32, 2**32 + 7, 2**53]]
+                               ).astype(np.float64)
+        tensors = rng.integers(0, 5000, steps.size).astype(np.int64)
+        out = np.empty(steps.size, np.uint32)
+        conv.sr_keys(seed & 0xFFFFFFFF, seed >> 32, steps.ctypes.data, tensors.ctypes.data,
+                     steps.size, out.ctypes.data)
+        want = np.array([formats.sr_key(seed, int(t), [int(j)])[0]
+                         for t, j in zip(steps, tensors)], np.uint32)
+        assert np.array_equal(out, want), seed
 
 
 @pytest.mark.parametrize("scale", [1.0, 1e-30, 1e-37, 1e-39, 1e30])
@@ -447,3 +471,68 @@ def test_format_launch_on_the_cpu_is_the_reference(rule_case, mode):
                 assert _same_bits(got[j][a], want[j][a]), (
                     f"{rule.name} {fmt.key} step {t} tensor {j} {a}: the launch differs from "
                     f"the NumPy reference")
+
+
+@pytest.mark.parametrize("rule_case, mode", LAUNCH_CASES)
+def test_capturable_format_launch_on_the_cpu_is_the_reference(rule_case, mode):
+    """The capturable variant of the launch (``<base>_multi_dev``), run whole on the CPU as
+    above: scalars from ``k_dev``, each tensor's stochastic-rounding key made in the kernel
+    from the seed, the device step count and the tensor's number (the table's key column):
+    three tensors after 3 steps are the NumPy reference's bits; a step whose verdict says
+    skip changes no byte."""
+    from hwoptim.backends.cupy import FORMAT_CHUNK
+    rule, h, flags, plan, fmt, seed = _case(rule_case, mode)
+    lib = _build(f"launch_{_sym(plan, fmt)}", codegen.cpp_format_launch_test_source(plan, fmt))
+    f = lib.launch_dev
+    i64 = np.ctypeslib.ndpointer(dtype=np.int64, flags="C_CONTIGUOUS")
+    tc = np.ctypeslib.ndpointer(dtype=fmt.compute, flags="C_CONTIGUOUS")
+    f64 = np.ctypeslib.ndpointer(dtype=np.float64, flags="C_CONTIGUOUS")
+    f.argtypes = [i64, i64, ctypes.c_longlong, ctypes.c_longlong, tc, f64, ctypes.c_void_p,
+                  ctypes.c_uint, ctypes.c_uint, ctypes.c_int]
+    f.restype = None
+    rng = np.random.default_rng(zlib.crc32(f"launch-dev {rule_case[0]} {fmt.key}".encode()))
+    sizes = [4396, 300, 9000]
+    names = fmt.arrays(plan.arrays)
+    ref = backends.load("numpy").kernel(plan, fmt.key)
+    scal = codegen.host_scalar_function(plan, fmt.compute)
+    got, want = [], []
+    for n in sizes:
+        global N
+        old, N = N, n
+        try:
+            b = _buffers(rule, h, flags, plan, fmt, rng)
+        finally:
+            N = old
+        b["grad"] = np.zeros(n, formats.np_dtype(fmt.param))     # (an address of its own)
+        got.append(b)
+        want.append({k: (v.copy() if v is not None else None) for k, v in b.items()})
+    chunks = codegen.chunk_table(sizes, FORMAT_CHUNK)
+    ptrs = np.array([[j if a == "_srkey" else got[j][a].ctypes.data for a in names]
+                     for j in range(len(sizes))], np.int64)
+    table = codegen.pack_table(ptrs, np.zeros(len(sizes), np.int64),
+                               np.zeros((1, len(plan.scalars)), fmt.compute))
+    skip = np.array([1.0, 1.0, np.nan, 0.0])
+    for t in range(1, 4):
+        for j, n in enumerate(sizes):
+            g32 = (rng.standard_normal(n) * 10.0 ** rng.uniform(-2, 1, n)).astype(np.float32)
+            got[j]["grad"][...] = formats.round_nearest(g32, fmt.param)
+            want[j]["grad"] = got[j]["grad"].copy()
+            if fmt.sr:
+                want[j]["_srkey"][0] = formats.sr_key(seed, t, [j])[0]
+            ref([want[j][a] for a in names], ref.prepare(h, t))
+        k_dev = np.ascontiguousarray(scal(h, t), dtype=fmt.compute)
+        step_dev = np.array([float(t)])
+        before = [{a: v.copy() for a, v in b.items() if v is not None} for b in got]
+        f(table, chunks, len(sizes), chunks.shape[0], k_dev, step_dev, skip.ctypes.data,
+          seed & 0xFFFFFFFF, seed >> 32, 0)
+        for b, b0 in zip(got, before):
+            assert all(_same_bits(b[a], b0[a]) for a in b0), "a skipped step changed bytes"
+        f(table, chunks, len(sizes), chunks.shape[0], k_dev, step_dev, None,
+          seed & 0xFFFFFFFF, seed >> 32, t % 2)
+        for j in range(len(sizes)):
+            for a in names:
+                if a == "_srkey":
+                    continue
+                assert _same_bits(got[j][a], want[j][a]), (
+                    f"{rule.name} {fmt.key} step {t} tensor {j} {a}: the capturable launch "
+                    f"differs from the NumPy reference")

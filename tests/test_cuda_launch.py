@@ -488,7 +488,7 @@ def test_storage_formats_launch_the_format_module(rule_name, key, fake_cupy, rng
     256-thread block per chunk of 4096 elements (whole int8 blocks, never across 2**32), the
     packed table holding each tensor's addresses in ``Format.arrays`` order (absmax, master
     copy, stochastic-rounding key included), its row and the float32 scalars; capturable
-    mode is refused before anything runs."""
+    steps launch its device-scalar kernel over a table uploaded once (refused for LAMB)."""
     from hwoptim.formats import Format
     mod = _backend("cupy")
     plan, h = _plan(rule_name, **({"momentum": 0.9} if rule_name == "SGD" else {}))
@@ -527,11 +527,36 @@ def test_storage_formats_launch_the_format_module(rule_name, key, fake_cupy, rng
     assert [L["kernel"] for L in _FakeCupy.launches] == kernels
     assert _FakeCupy.launches[-1]["args"][2] == 1
     _FakeCupy.launches.clear()
-    with pytest.raises(ValueError, match="capturable=True with storage format"):
-        run.device(one, None)
     with pytest.raises(ValueError, match=r"ptrs \(n, %d\)" % len(names)):
         run.many(ptrs[:, :-1], np.asarray(sizes, np.int64), rows, scalars)
     assert _FakeCupy.launches == []
+    # capturable: the device-scalar kernel over a table made once per param (the key column
+    # holds the param's number), or refused for rules taking norms
+    k_dev, step_dev = _Array(len(plan.scalars), 0x10), _Array(1, 0x18)
+    guard = _Array(4, 0x20)
+    sr = (2**40 + 3, step_dev, 5) if fmt.sr else None
+    if plan.norms:
+        with pytest.raises(ValueError, match="takes per-array norms"):
+            run.device(one, k_dev, sr=sr)
+        assert _FakeCupy.launches == []
+        return
+    uploads = len(_FakeCupy.uploads)
+    with stream:
+        run.device(one, k_dev, sr=sr)
+        run.device_guard(one, k_dev, guard, sr=sr)
+    assert len(_FakeCupy.uploads) == uploads + 2          # its table and chunks, once
+    a, b = _FakeCupy.launches
+    assert a["kernel"] == b["kernel"] == src.device and a["stream"] is stream
+    table, chunk_dev, n, n_chunks, kd, sd, g, lo, hi = a["args"]
+    assert (n, n_chunks, kd) == (1, 3, k_dev) and g == 0 and b["args"][6] is guard
+    row = table.host[:len(names)]
+    assert list(row) == [5 if x == "_srkey" else one[j].data.ptr for j, x in enumerate(names)]
+    if fmt.sr:
+        assert sd is step_dev and (lo, hi) == (3, 2**8)
+    _FakeCupy.launches.clear()
+    run.advance(_Array(8, 0x30), step_dev, k_dev)          # the plain module's, in float32
+    (adv,) = _FakeCupy.launches
+    assert adv["kernel"] == codegen.cuda_source(plan, "float32").advance
 
 
 class _Shaped(_Array):
@@ -622,5 +647,7 @@ def test_kernels_read_the_table_as_the_backend_packs_it(plan, fmt):
     for k in kernels:
         assert re.findall(r"table \+ t \* (\d+)", k) == [str(cols)], k[:200]
         tabs = re.findall(r"table \+ n_tensors \* (\d+)", k)
-        if plan.scalars:
+        if "k_dev" in k.split(")")[0]:       # capturable: the scalars from k_dev
+            assert tabs == [], tabs
+        elif plan.scalars:
             assert tabs == [str(cols), str(cols + 1)], (tabs, cols)

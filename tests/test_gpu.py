@@ -984,16 +984,58 @@ def test_formats_on_the_gpu_are_the_cpu_bits(case, mode):
 
 
 def test_formats_refused_where_the_gpu_has_no_kernel():
-    """capturable=True and the ElementwiseKernel backend with a storage format: refused at
-    construction, naming the option."""
+    """The ElementwiseKernel backend with a storage format, and capturable=True for a rule
+    taking norms in one: refused at construction, naming the option."""
     w = cupy.asarray(np.ones(64, np.float16))
-    with pytest.raises(ValueError, match="capturable=True with storage format"):
-        hwoptim.Adam(w, capturable=True)
     with pytest.raises(ValueError, match="use backend='cupy'"):
         hwoptim.Adam(w, backend="cupy-elementwise")
-    w32 = cupy.asarray(np.ones(64, np.float32))
-    with pytest.raises(ValueError, match="capturable=True with storage format"):
-        hwoptim.Adam(w32, state_dtype="int8", capturable=True)
+    with pytest.raises(ValueError, match="no capturable kernel in a storage format"):
+        hwoptim.LAMB(w, capturable=True)
+
+
+@pytest.mark.parametrize("mode", GPU_FORMATS, ids=_FORMAT_IDS)
+def test_capturable_formats_are_the_cpu_bits(mode):
+    """capturable=True in a storage format (scalars and stochastic-rounding keys made on
+    the device): five eager steps of Adam over three params are the NumPy reference's bits;
+    one step captured in a CUDA graph and replayed three times equals three eager steps,
+    byte for byte."""
+    dtype, fopts = mode
+    rng = np.random.default_rng(_seed("capturable-format", dtype, repr(fopts)))
+    sizes = [5000, 3, 70_000]
+    host = [_format_values(rng, n, dtype) for n in sizes]
+    dev = [cupy.asarray(h) for h in host]
+    kw = dict(lr=1e-2, **fopts)
+    a, b = hwoptim.Adam(dev, capturable=True, **kw), hwoptim.Adam(host, backend="numpy", **kw)
+    for _ in range(5):
+        gs = [_format_values(rng, n, dtype) for n in sizes]
+        a.step([cupy.asarray(g) for g in gs])
+        b.step(gs)
+    for i, (d, h) in enumerate(zip(dev, host)):
+        assert d.get().tobytes() == h.tobytes(), f"{mode} params[{i}]"
+    for x, y in zip(a.state_dict()["state"], b.state_dict()["state"]):
+        assert all(np.asarray(x[k]).tobytes() == np.asarray(y[k]).tobytes() for k in x)
+    g_static = [cupy.asarray(_format_values(rng, n, dtype)) for n in sizes]
+    s = cupy.cuda.Stream(non_blocking=True)
+    with s:
+        c_p, e_p = [d.copy() for d in dev], [d.copy() for d in dev]
+        c = hwoptim.Adam(c_p, capturable=True, **kw)
+        e = hwoptim.Adam(e_p, capturable=True, **kw)
+        c.load_state_dict(a.state_dict())
+        e.load_state_dict(a.state_dict())
+        c.step(g_static)                   # eager: the tables made before the capture
+        e.step(g_static)
+        s.synchronize()
+        s.begin_capture()
+        try:
+            c.step(g_static)
+        finally:
+            graph = s.end_capture()
+        for _ in range(3):
+            graph.launch(s)
+            e.step(g_static)
+        s.synchronize()
+    assert c.step_count == e.step_count == 9
+    assert all(x.get().tobytes() == y.get().tobytes() for x, y in zip(c_p, e_p))
 
 
 # ----------------------------------------------------------------------------- Adafactor

@@ -135,7 +135,7 @@ def kernel(plan, dtype):
                          (*[arrays[i] for i in ridx], k_dev, np.int64(n), sums,
                           np.uint64(0) if guard is None else guard))
 
-    def run_device(arrays, k_dev, sums=None):
+    def run_device(arrays, k_dev, sums=None, sr=None):
         """Like ``run``, with the per-step scalars read from the device array ``k_dev``
         (rules taking norms: their sums of squares in ``sums``, computed first)."""
         n = arrays[0].size
@@ -152,7 +152,7 @@ def kernel(plan, dtype):
         (carried scalars updated in place after them)."""
         fn(k.advance)((1,), (1,), (hyper_dev, step_dev, k_dev))
 
-    def run_device_guard(arrays, k_dev, guard, sums=None):
+    def run_device_guard(arrays, k_dev, guard, sums=None, sr=None):
         """``run.device``, doing nothing where the step's verdict (``guard``, written by
         :func:`step_guard`) skips the step."""
         n = arrays[0].size
@@ -370,12 +370,70 @@ def _format_kernel(plan, fmt: Format):
              np.array([arrays[0].size], np.int64), np.zeros(1, np.int64),
              np.array([scalars], dtype=fmt.compute))
 
-    def no_device(*args):
-        raise ValueError(f"capturable=True with storage format {fmt.key} has no kernels "
-                         f"yet; use capturable=False")
+    names = fmt.arrays(plan.arrays)
+    static = {}                  # capturable: each param's table, uploaded once
+
+    def run_device(arrays, k_dev, sums=None, guard=None, sr=None):
+        """A capturable step of one param in this format: its scalars read from ``k_dev``
+        (the plain module's ``advance`` writes them), its stochastic-rounding key made on
+        the device from ``sr = (seed, step_dev, param number)``, nothing done where
+        ``guard`` (the step's verdict) skips the step. The param's address table is
+        uploaded once (the graph a capture records reads it at every replay)."""
+        if plan.norms:
+            raise ValueError(f"capturable=True with storage format {fmt.key}: "
+                             f"{plan.rule.name} takes per-array norms, which have no "
+                             f"device-scalar format kernel yet; use capturable=False")
+        if fmt.sr and sr is None:
+            raise ValueError("a capturable step with stochastic rounding needs sr=(seed, "
+                             "step_dev, param number)")
+        n = arrays[0].size
+        if n == 0:
+            return
+        dev = cupy.cuda.runtime.getDevice()
+        ptrs = [(int(sr[2]) if a == "_srkey" else x.data.ptr) for a, x in zip(names, arrays)]
+        key = (dev, tuple(ptrs), n)
+        ent = static.get(key)
+        if ent is None:
+            if len(static) >= 4096:                 # params replaced many times over
+                cupy.cuda.runtime.deviceSynchronize()
+                static.clear()
+            chunks = codegen.chunk_table([n], FORMAT_CHUNK)
+            table = codegen.pack_table(np.array([ptrs], np.int64), np.zeros(1, np.int64),
+                                       np.zeros((1, len(plan.scalars)), fmt.compute))
+            ent = static[key] = (cupy.asarray(table), cupy.asarray(chunks), chunks.shape[0])
+            cupy.cuda.get_current_stream().synchronize()
+        table, chunks, n_chunks = ent
+        seed = int(sr[0]) if sr is not None else 0
+        step_dev = sr[1] if sr is not None else k_dev          # (unread without SR)
+        device_fn()((min(n_chunks, 2**31 - 1),), (THREADS,),
+                    (table, chunks, np.int64(1), np.int64(n_chunks), k_dev, step_dev,
+                     np.uint64(0) if guard is None else guard,
+                     np.uint32(seed & 0xFFFFFFFF), np.uint32(seed >> 32)))
+
+    def device_fn():
+        kernels()
+        dev = cupy.cuda.runtime.getDevice()
+        if (dev, "dev") not in funcs:
+            funcs[(dev, "dev")] = module["m"].get_function(k.device)
+        return funcs[(dev, "dev")]
+
+    plain = {}
+
+    def advance(*args):          # the per-step scalars: the plain module's (compute dtype)
+        if "k" not in plain:
+            plain["k"] = kernel(plan, fmt.compute)
+        plain["k"].advance(*args)
+
+    def advance_guard(*args):
+        if "k" not in plain:
+            plain["k"] = kernel(plan, fmt.compute)
+        plain["k"].advance_guard(*args)
 
     run.prepare = codegen.host_scalar_function(plan, fmt.compute)
-    run.device, run.advance, run.source = no_device, no_device, k.source
+    run.device, run.advance, run.source = run_device, advance, k.source
+    run.device_guard = lambda arrays, k_dev, guard, sums=None, sr=None: run_device(
+        arrays, k_dev, sums, guard, sr)
+    run.advance_guard = advance_guard
     run.many, run.many_tables = many, tables
     return run
 
