@@ -385,9 +385,9 @@ MUTANTS = [
            ("tests/test_cuda_formats.py", "-k", "cpp_format and int8"),
            "the GPU's int8 block scale is the last element's |x|, not the block's largest"),
     Mutant("cuda-format-table-stride", "codegen", "hwoptim/codegen.py",
-           '''    text = _chunk_loop_head(p, name, "const double* __restrict__ sums" if k else "",
-                            columns=len(used))''',
-           '    text = _chunk_loop_head(p, name, "const double* __restrict__ sums" if k else "")',
+           '''        text = _chunk_loop_head(p, name, "const double* __restrict__ sums" if k else "",
+                                columns=len(used))''',
+           '        text = _chunk_loop_head(p, name, "const double* __restrict__ sums" if k else "")',
            ("tests/test_cuda_launch.py", "-k", "table"),
            "the GPU's format kernels step through the packed table by the plain plan's column "
            "count (the bug fixed on 2026-12-05: int8 and SR tables have more columns)"),
