@@ -1251,8 +1251,9 @@ class Optimizer:
             self._k_dev = [cupy.zeros(len(_plan(self.rule, f).scalars), dtype=self._cdtype)
                            for f in self._flags]
             k = [len(_plan(self.rule, f).norms) for f in self._flags]
-            self._sums_dev = [cupy.zeros(k[gi], dtype=np.float64) if k[gi] else None
-                              for gi in self._group_of]
+            self._sums_dev = [cupy.zeros(self.backend.norm_scratch(k[gi], p.size),
+                                         dtype=np.float64) if k[gi] else None
+                              for gi, p in zip(self._group_of, self._params)]
 
     def _device_hypers_host(self, gi: int) -> np.ndarray:
         """Group ``gi``'s device hyperparameter vector: the hyperparameters, then the

@@ -358,31 +358,38 @@ def test_norms_reduce_then_update_on_the_current_stream(rule_name, opts, fake_cu
 
 
 def test_norms_capturable_kernels_and_no_elementwise_kernel(fake_cupy):
-    """LAMB on cupy-elementwise: refused. Capturable: per array, its sums zeroed, the
-    device reduction (the reduction's arrays, k_dev, n, the sums, the verdict or a null
-    pointer), then the update reading k_dev and the sums, all on the current stream; no
-    sums array: refused before any launch."""
+    """LAMB on cupy-elementwise: refused. Capturable: per array, the device reduction (the
+    reduction's arrays, k_dev, n, the sums, the verdict or a null pointer; a block's
+    partial each, at most NORM_BLOCKS), one warp adding the partials in order, then the
+    update reading k_dev and the sums, all on the current stream; a sums array too small
+    for the partials: refused before any launch."""
     plan, h = _plan("LAMB")
     with pytest.raises(ValueError, match="'cupy-elementwise' backend cannot compute"):
         _backend("cupy_elementwise").kernel(plan, "float32")
     run = _backend("cupy").kernel(plan, "float32")
     src = codegen.cuda_source(plan, "float32")
     arrays, k_dev = _arrays(plan, 100_000), _Array(len(plan.scalars), 0x10)
-    with pytest.raises(ValueError, match="float64 sums per array"):
-        run.device(arrays, k_dev)
+    mod = _backend("cupy")
+    need = mod.norm_scratch(len(plan.norms), 100_000)
+    assert need == len(plan.norms) * (1 + 391)
+    for small in (None, _Array(need - 1, 0x20)):
+        with pytest.raises(ValueError, match="float64 device array"):
+            run.device(arrays, k_dev, sums=small)
     assert not _FakeCupy.launches
-    sums, guard = _Array(len(plan.norms), 0x20), _Array(4, 0x30)
+    sums, guard = _Array(need, 0x20), _Array(4, 0x30)
     side = fake_cupy.cuda.ExternalStream(0xABC0)
     with side:
         run.device(arrays, k_dev, sums=sums)
         run.device_guard(arrays, k_dev, guard, sums=sums)
-    fill, red, upd, fill2, red2, upd2 = _FakeCupy.launches
+    red, fin, upd, red2, fin2, upd2 = _FakeCupy.launches
     assert all(x["stream"] is side for x in _FakeCupy.launches)
-    assert fill["args"] == (sums, 0) and fill2["args"] == (sums, 0)
     reads = [arrays[plan.arrays.index(a)] for a in plan.reduce_reads]
     assert red["kernel"] == red2["kernel"] == src.reduce_dev
     assert list(red["args"]) == reads + [k_dev, 100_000, sums, 0]
-    assert red2["args"][-1] is guard and red["grid"] == ((100_000 + 255) // 256,)
+    assert red2["args"][-1] is guard and red["grid"] == (391,)
+    assert fin["kernel"] == src.reduce_dev_finish and fin["grid"] == (1,) == (fin["block"][0] // 32,)
+    assert list(fin["args"]) == [sums, 391, 0] and fin2["args"][-1] is guard
+    assert mod.norm_scratch(1, 10**9) == 1 + mod.NORM_BLOCKS
     assert upd["kernel"] == src.device and upd["args"][-3:] == (k_dev, 100_000, sums)
     assert upd2["kernel"] == src.device_guard and upd2["args"][-4:] == (k_dev, 100_000, sums,
                                                                         guard)

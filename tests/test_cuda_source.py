@@ -381,7 +381,7 @@ def _check_module(res, k: codegen.CudaKernels, plan, dtype, what):
     assert res.cubin, f"{what}: expected a cubin for {res.options[0]} (CuPy loads cubins)"
     entries = _entries(res.ptx)
     names = {k.main, k.unaligned, k.device, k.advance, k.device_guard, k.advance_guard}
-    names |= {k.reduce_dev} if plan.norms else set()
+    names |= {k.reduce_dev, k.reduce_dev_finish} if plan.norms else set()
     assert set(entries) == names, (f"{what}: PTX kernels are {sorted(entries)}; expected "
                                    f"exactly {sorted(names)}")
     for name in names:
@@ -400,6 +400,9 @@ def _check_module(res, k: codegen.CudaKernels, plan, dtype, what):
             k.advance_guard: ["u64", "u64", "u64", "u64"]}
     if plan.norms:       # the reduction's inputs, k_dev, n, sums, guard (may be null)
         want[k.reduce_dev] = ["u64"] * len(plan.reduce_reads) + ["u64"] * 4
+        want[k.reduce_dev_finish] = ["u64"] * 3        # sums, the block count, guard
+        for name in (k.reduce_dev, k.reduce_dev_finish):   # the same sums in any run
+            assert not re.search(r"\b(atom|red)\.", entries[name][1]), f"{what}: {name}"
     for name, params in want.items():
         assert entries[name][0] == params, (f"{what}: {name} takes PTX parameters "
                                             f"{entries[name][0]}; expected {params}")

@@ -125,15 +125,19 @@ def kernel(plan, dtype):
         return args
 
     def _norms(arrays, k_dev, n, sums, guard):
-        """Rules taking norms: the array's sums of squares into ``sums`` (zeroed first),
-        on the current stream, for the update to read."""
-        if sums is None or sums.size < len(plan.norms):
+        """Rules taking norms: the array's sums of squares into ``sums[:K]`` (each block's
+        partial after them, added in order by one warp), on the current stream, for the
+        update to read."""
+        need = norm_scratch(len(plan.norms), n)
+        if sums is None or sums.size < need:
             raise ValueError(f"{plan.rule.name}: capturable steps of a rule taking norms need "
-                             f"a device array of {len(plan.norms)} float64 sums per array")
-        sums.fill(0)
-        fn(k.reduce_dev)((min(_blocks(n), 1024),), (THREADS,),
-                         (*[arrays[i] for i in ridx], k_dev, np.int64(n), sums,
-                          np.uint64(0) if guard is None else guard))
+                             f"a float64 device array of {need} elements per array "
+                             f"(backends.cupy.norm_scratch)")
+        blocks = _norm_blocks(n)
+        g = np.uint64(0) if guard is None else guard
+        fn(k.reduce_dev)((blocks,), (THREADS,),
+                         (*[arrays[i] for i in ridx], k_dev, np.int64(n), sums, g))
+        fn(k.reduce_dev_finish)((1,), (32,), (sums, np.int64(blocks), g))
 
     def run_device(arrays, k_dev, sums=None, sr=None):
         """Like ``run``, with the per-step scalars read from the device array ``k_dev``
@@ -190,6 +194,19 @@ def kernel(plan, dtype):
     run.device_guard, run.advance_guard = run_device_guard, advance_guard
     run.many, run.many_tables = many, tables
     return run
+
+
+NORM_BLOCKS = 1024      # capturable norms: at most this many blocks (partials) per array
+
+
+def _norm_blocks(n: int) -> int:
+    return max(1, min(-(-n // THREADS), NORM_BLOCKS))
+
+
+def norm_scratch(k: int, n: int) -> int:
+    """float64 elements a capturable step of a rule taking ``k`` norms needs per array of
+    ``n`` elements: the totals, then each block's partials."""
+    return k * (1 + _norm_blocks(n))
 
 
 # The step guard (codegen.cuda_guard_source): statistics over chunks of this many elements
