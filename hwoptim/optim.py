@@ -19,7 +19,7 @@ import numpy as np
 
 from . import backends as _backends
 from . import _fastcheck, codegen, formats, interop
-from .spec import Rule, carry_init, host_scalars
+from .spec import Rule, carry_init, host_scalars, resolve_hypers
 
 _DTYPES = (np.dtype(np.float32), np.dtype(np.float64))
 _KIND = {"host": "NumPy", "cuda": "CuPy"}
@@ -1227,6 +1227,10 @@ class Optimizer:
 
     # ------------------------------------------------------------------ capturable (CuPy)
     def _hyper_vector(self, group):
+        """The hyperparameters as the device scalar function reads them (float64, spec
+        order; dtype-dependent ones resolved, as the host resolves them: Adafactor's
+        eps1=None is the params' machine epsilon)."""
+        group = resolve_hypers(self.rule, group, self._cdtype)
         vals = []
         for n, hy in self.rule.hypers.items():
             v = group[n]
@@ -1241,19 +1245,29 @@ class Optimizer:
             self._step_dev = [cupy.zeros(1, dtype=np.float64) for _ in self.param_groups]
             # the step's verdict: skip, the grads' factor, the grad norm, skipped steps
             self._guard_dev = cupy.asarray(np.array([0.0, 1.0, np.nan, 0.0]))
+        self._dev_tables = {}          # device tables of capturable steps (grads' addresses)
         self._alloc_k_dev()
 
     def _alloc_k_dev(self):
         """Each group's per-step kernel scalars on the device (sized by its plan), and for
-        rules taking norms each param's sums of squares."""
+        rules taking norms each param's sums of squares. Arrays of the right size are kept:
+        a graph captured before (a group added since) goes on reading them."""
         import cupy
+
+        def sized(old, n, dtype):
+            return old if old is not None and old.size == n else cupy.zeros(n, dtype=dtype)
+        old_k = list(getattr(self, "_k_dev", []))
+        old_s = list(getattr(self, "_sums_dev", []))
         with self._params[0].device:
-            self._k_dev = [cupy.zeros(len(_plan(self.rule, f).scalars), dtype=self._cdtype)
-                           for f in self._flags]
-            k = [len(_plan(self.rule, f).norms) for f in self._flags]
-            self._sums_dev = [cupy.zeros(self.backend.norm_scratch(k[gi], p.size),
-                                         dtype=np.float64) if k[gi] else None
-                              for gi, p in zip(self._group_of, self._params)]
+            self._k_dev = [sized(old_k[gi] if gi < len(old_k) else None,
+                                 len(_plan(self.rule, f).scalars), self._cdtype)
+                           for gi, f in enumerate(self._flags)]
+            norms = [len(_plan(self.rule, f).norms) for f in self._flags]
+            self._sums_dev = [
+                sized(old_s[i] if i < len(old_s) else None,
+                      self.backend.norm_scratch(norms[gi], p.size), np.float64)
+                if norms[gi] else None
+                for i, (gi, p) in enumerate(zip(self._group_of, self._params))]
 
     def _device_hypers_host(self, gi: int) -> np.ndarray:
         """Group ``gi``'s device hyperparameter vector: the hyperparameters, then the
@@ -1365,13 +1379,9 @@ class Optimizer:
                     check_amp(x, None, where)           # a number: finite and > 0
             amp.append(x)
         found_inf, grad_scale = amp
-        if grad_scale is not None and not self._grad_factor:
-            self._use_grad_factor()
-        self._kernels()
         t = self._next_step()
         self._check_aligned(flat)            # the device kernels need it: check before any
-        self._step = t                       # launch, so a rejected step changes nothing
-        mode = 0
+        mode = 0                             # change, so a rejected step changes nothing
         if self.max_grad_norm is not None or self.skip_nonfinite:
             mode |= codegen.GUARD_MODE["stats"]
         if self.max_grad_norm is not None:
@@ -1380,6 +1390,12 @@ class Optimizer:
             mode |= codegen.GUARD_MODE["found_inf"]
         if grad_scale is not None:
             mode |= codegen.GUARD_MODE["grad_scale"]
+        if mode or self._grad_factor or grad_scale is not None:
+            self.backend.step_guard_kernels(flat[0].dtype if len(flat) else self._cdtype)
+        if grad_scale is not None and not self._grad_factor:
+            self._use_grad_factor()          # (kernels taking the grads' factor, built once)
+        self._kernels()
+        self._step = t
         amp = (mode, found_inf, grad_scale) if (mode or self._grad_factor) else None
         if self._stream is not None:
             with self._stream():
@@ -1414,20 +1430,20 @@ class Optimizer:
             for i, views in enumerate(self._views):     # (a param's slot: its format's)
                 kernels[self._slot_of[i]].device(
                     [views[0], flat[i], *views[1:]], self._k_dev[self._group_of[i]],
-                    sums=self._sums_dev[i], sr=self._sr_of(i))
+                    sums=self._sums_dev[i], sr=self._sr_of(i), tables=self._dev_tables)
             self._guard_mode = None
             return
         mode, found_inf, grad_scale = amp
         guard = self._guard_dev
         self.backend.step_guard(list(flat), guard, mode, found_inf, grad_scale,
-                                self.max_grad_norm or 0.0)
+                                self.max_grad_norm or 0.0, tables=self._dev_tables)
         for gi in range(len(self.param_groups)):
             kernels[gi].advance_guard(self._hyper_dev[gi], self._step_dev[gi],
                                       self._k_dev[gi], guard)
         for i, views in enumerate(self._views):
             kernels[self._slot_of[i]].device_guard(
                 [views[0], flat[i], *views[1:]], self._k_dev[self._group_of[i]], guard,
-                sums=self._sums_dev[i], sr=self._sr_of(i))
+                sums=self._sums_dev[i], sr=self._sr_of(i), tables=self._dev_tables)
         self._guard_mode = mode
 
     # ------------------------------------------------------------------ checkpoints

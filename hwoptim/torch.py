@@ -389,6 +389,15 @@ class Optimizer(_TorchOptimizer):
                                      f"(channels_last?); hwoptim's kernels update contiguous "
                                      f"memory: model.to(memory_format=torch.contiguous_format)")
                 items.append((p, g))
+            if self.rule.shape_flags is not None:   # staged params take no format yet:
+                flat = self.rule.shape_flags((1,))   # refused before anything changes
+                for p, _ in items:
+                    if self.rule.shape_flags(tuple(p.shape)) != flat and \
+                            not self._format_of(p).plain:
+                        raise ValueError(f"{where}a {p.dim()}-d {p.dtype} param: "
+                                         f"{type(self).__name__} updates such params in "
+                                         f"stages (factored state), which take float32 "
+                                         f"and float64 params and state only yet")
             work.append((group, hf, items))
         if skip:                              # found_inf: the whole step is skipped
             self.skipped_steps += 1
@@ -478,10 +487,6 @@ class Optimizer(_TorchOptimizer):
             by_kernel.setdefault((p.device, key), []).append((p, g, t, st))
         for (dev, dtype), work in by_kernel.items():
             fam = "host" if dev.type == "cpu" else "cuda"
-            if plan.stages is not None and dtype not in ("float32", "float64"):
-                raise ValueError(f"{type(self).__name__}: a {work[0][0].dim()}-d param in "
-                                 f"format {dtype}: {self.rule.name}'s factored (staged) "
-                                 f"params take float32/float64 only yet")
             k = _kernel(_backends.pick(fam, self._backend_request), plan, dtype)
             stream = None
             if fam == "cuda":

@@ -383,3 +383,28 @@ def test_two_python_threads_step_their_own_optimizers(rng):
     for k in range(2):
         for a, b in zip(alone[k], together[k]):
             assert np.array_equal(a, b)
+
+
+def test_dropin_refuses_a_16_bit_matrix_before_anything_changes():
+    """hwoptim.torch.Adafactor over a bfloat16 vector and matrix: the matrix (factored, no
+    formats yet) is refused before the step changes any param, state or step count."""
+    ps = [torch.nn.Parameter(torch.randn(8).bfloat16()),
+          torch.nn.Parameter(torch.randn(8, 4).bfloat16())]
+    from hwoptim.torch import Adafactor
+    opt = Adafactor(ps)
+    for p in ps:
+        p.grad = torch.randn_like(p)
+    before = [p.detach().clone() for p in ps]
+    with pytest.raises(ValueError, match="updates such params in stages"):
+        opt.step()
+    assert all(torch.equal(a, b) for a, b in zip(ps, before))
+    assert all(not opt.state[p] for p in ps)
+
+
+def test_device_hyperparameters_resolve_eps1_none():
+    """The hyperparameter vector capturable steps read on the device resolves eps1=None as
+    the host does (the params' machine epsilon), never NaN."""
+    for dtype in (np.float32, np.float64):
+        opt = hwoptim.Adafactor([np.ones(5, dtype)], backend="numpy")
+        v = opt._hyper_vector(opt.param_groups[0])
+        assert not np.isnan(v).any() and np.finfo(dtype).eps in v, v

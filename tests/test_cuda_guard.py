@@ -39,7 +39,7 @@ MODE = codegen.GUARD_MODE
 
 
 @pytest.mark.parametrize("arch", tcs.ARCHS)
-@pytest.mark.parametrize("dtype", ["float32", "float64"])
+@pytest.mark.parametrize("dtype", ["float32", "float64", "bfloat16", "float16"])
 def test_guard_kernels_compile(compiler, dtype, arch):
     res = compiler.result(codegen.cuda_guard_source(dtype),
                           (f"-arch=sm_{arch}",) + tcs.CUPY_OPTIONS)
@@ -75,10 +75,9 @@ def _lib():
         dp = np.ctypeslib.ndpointer(dtype=np.float64, flags="C_CONTIGUOUS")
         lib.decide.argtypes = [d, d, d, d, d, ctypes.c_int, dp]
         lib.decide.restype = None
-        for dt in ("float32", "float64"):
+        for dt in ("float32", "float64", "bfloat16", "float16"):
             f = getattr(lib, f"stats_{dt}")
-            f.argtypes = [np.ctypeslib.ndpointer(dtype=dt, flags="C_CONTIGUOUS"),
-                          ctypes.c_longlong, dp]
+            f.argtypes = [ctypes.c_void_p, ctypes.c_longlong, dp]
             f.restype = None
         _LIB["lib"] = lib
     return _LIB["lib"]
@@ -143,25 +142,29 @@ def test_cpp_verdict_decides_as_the_host():
     assert n > 300
 
 
-@pytest.mark.parametrize("dtype", ["float32", "float64"])
+@pytest.mark.parametrize("dtype", ["float32", "float64", "bfloat16", "float16"])
 def test_cpp_statistics_of_the_grads(dtype, rng):
-    """The per-element statistics: the float64 sum of squares (within summation error of
-    NumPy's) and the count of NaN and infinite elements, exactly."""
+    """The per-element statistics (16-bit grads of storage formats read through their
+    conversions): the float64 sum of squares (within summation error of NumPy's) and the
+    count of NaN and infinite elements, exactly."""
+    from hwoptim import formats
     lib = _lib()
-    g = rng.standard_normal(10_000).astype(dtype) * 3
+    np_dtype = formats.np_dtype(dtype)
+    stats = getattr(lib, f"stats_{dtype}")
+    g = (rng.standard_normal(10_000) * 3).astype(np_dtype)
     out = np.zeros(2)
-    getattr(lib, f"stats_{dtype}")(g, g.size, out)
+    stats(g.ctypes.data, g.size, out)
     want = float(np.sum(g.astype(np.float64) ** 2))
     assert abs(out[0] - want) <= 1e-12 * want and out[1] == 0
-    g[[3, 70, 9000]] = [np.nan, np.inf, -np.inf]
+    g[[3, 70, 9000]] = np.array([np.nan, np.inf, -np.inf]).astype(np_dtype)
     out[:] = 0
-    getattr(lib, f"stats_{dtype}")(g, g.size, out)
+    stats(g.ctypes.data, g.size, out)
     assert out[1] == 3 and not math.isfinite(out[0])
-    big = np.full(4, np.finfo(dtype).max, dtype)
+    big = np.full(4, float(np.finfo(np_dtype).max)).astype(np_dtype)
     out[:] = 0
-    getattr(lib, f"stats_{dtype}")(big, 4, out)
+    stats(big.ctypes.data, 4, out)
     assert out[1] == 0                      # finite, however large (float32: no overflow)
-    assert (out[0] > 0) if dtype == "float32" else math.isinf(out[0])
+    assert (out[0] > 0) if dtype != "float64" else math.isinf(out[0])
 
 
 class _Grad:

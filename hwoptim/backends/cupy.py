@@ -139,7 +139,7 @@ def kernel(plan, dtype):
                          (*[arrays[i] for i in ridx], k_dev, np.int64(n), sums, g))
         fn(k.reduce_dev_finish)((1,), (32,), (sums, np.int64(blocks), g))
 
-    def run_device(arrays, k_dev, sums=None, sr=None):
+    def run_device(arrays, k_dev, sums=None, sr=None, tables=None):
         """Like ``run``, with the per-step scalars read from the device array ``k_dev``
         (rules taking norms: their sums of squares in ``sums``, computed first)."""
         n = arrays[0].size
@@ -156,7 +156,7 @@ def kernel(plan, dtype):
         (carried scalars updated in place after them)."""
         fn(k.advance)((1,), (1,), (hyper_dev, step_dev, k_dev))
 
-    def run_device_guard(arrays, k_dev, guard, sums=None, sr=None):
+    def run_device_guard(arrays, k_dev, guard, sums=None, sr=None, tables=None):
         """``run.device``, doing nothing where the step's verdict (``guard``, written by
         :func:`step_guard`) skips the step."""
         n = arrays[0].size
@@ -212,7 +212,9 @@ def norm_scratch(k: int, n: int) -> int:
 # The step guard (codegen.cuda_guard_source): statistics over chunks of this many elements
 # (a block each), partials summed by one warp
 GUARD_CHUNK = 1 << 16
-_GUARD_TABLES = 32            # cached (grads' addresses -> tables) entries kept
+# capturable steps' device tables (grads' addresses) kept per cache: grads at fixed
+# addresses (a captured graph's) need one each; grads that move make one per step
+_TABLES_KEPT = 1024
 _guard_modules: dict = {}
 _guard_tables: dict = {}
 
@@ -227,27 +229,43 @@ def _guard_kernels(dtype: str):
     return _guard_modules[key]
 
 
-def _guard_table(grads, dtype):
+def step_guard_kernels(dtype) -> None:
+    """Build (or load) the guard's kernels for grads of ``dtype`` now: a step checks that
+    they compile before it changes anything."""
+    from ..formats import dtype_name
+    _guard_kernels(dtype_name(np.dtype(dtype)) or str(dtype))
+
+
+def _guard_table(grads, dtype, cache=None):
     """(address table, chunk table, partials, chunk count) for a list of grads, uploaded
     once per list of addresses and sizes (a captured graph replays with the same buffers;
-    nothing is uploaded while a graph is captured after the first, eager, step)."""
+    nothing is uploaded while a graph is captured after the first, eager, step). ``cache``:
+    where they are kept (the optimizer's own, so a graph it captured never outlives them)."""
     import cupy
+    cache = _guard_tables if cache is None else cache
     dev = cupy.cuda.runtime.getDevice()
-    key = (dev, dtype, tuple(g.data.ptr for g in grads), tuple(g.size for g in grads))
-    ent = _guard_tables.get(key)
+    key = ("guard", dev, dtype, tuple(g.data.ptr for g in grads),
+           tuple(g.size for g in grads))
+    ent = cache.get(key)
     if ent is None:
-        if len(_guard_tables) >= _GUARD_TABLES:
-            # an old table may still be read by a kernel queued on some stream
-            cupy.cuda.runtime.deviceSynchronize()
-            _guard_tables.clear()
+        _make_room(cache)
         chunks = codegen.chunk_table([g.size for g in grads], GUARD_CHUNK)
         n = chunks.shape[0]
         ent = (cupy.asarray(np.array([g.data.ptr for g in grads], np.int64)),
                cupy.asarray(chunks if n else np.zeros((1, 3), np.int64)),
                cupy.empty(2 * max(n, 1), dtype=np.float64), n)
         cupy.cuda.get_current_stream().synchronize()    # uploaded before any stream reads
-        _guard_tables[key] = ent
+        cache[key] = ent
     return ent
+
+
+def _make_room(cache: dict, keep: int = _TABLES_KEPT):
+    """Past ``keep`` cached device tables (grads that move every step make one per step):
+    wait for the device, which may still read some, then forget them all."""
+    import cupy
+    if len(cache) >= keep:
+        cupy.cuda.runtime.deviceSynchronize()
+        cache.clear()
 
 
 def _amp_arg(x, name: str) -> tuple:
@@ -266,18 +284,20 @@ def _amp_arg(x, name: str) -> tuple:
 
 
 def step_guard(grads, guard, mode: int, found_inf=None, grad_scale=None,
-               max_norm: float = 0.0):
+               max_norm: float = 0.0, tables=None):
     """One step's verdict into ``guard`` (float64 ``[skip, factor, grad norm, skipped
     steps]``), on the current stream, nothing read on the host: with ``mode`` &
     ``codegen.GUARD_MODE["stats"]`` the grads' sum of squares and non-finite count first
     (deterministic: a block per chunk, the partials in a fixed order). ``found_inf`` and
-    ``grad_scale``: numbers, or one-element device arrays read by the kernel."""
-    dtype = str(grads[0].dtype) if grads else "float32"
+    ``grad_scale``: numbers, or one-element device arrays read by the kernel. ``tables``:
+    the caller's cache of device tables (see ``_guard_table``)."""
+    from ..formats import dtype_name
+    dtype = (dtype_name(grads[0].dtype) or str(grads[0].dtype)) if grads else "float32"
     stats, verdict = _guard_kernels(dtype)
     fi, sc = _amp_arg(found_inf, "found_inf"), _amp_arg(grad_scale, "grad_scale")
     part, n_chunks = guard, 0
     if mode & codegen.GUARD_MODE["stats"] and grads:
-        table, chunks, part, n_chunks = _guard_table(grads, dtype)
+        table, chunks, part, n_chunks = _guard_table(grads, dtype, tables)
         if n_chunks:
             stats((min(n_chunks, 2**31 - 1),), (THREADS,),
                   (table, chunks, np.int64(len(grads)), np.int64(n_chunks), part))
@@ -390,12 +410,13 @@ def _format_kernel(plan, fmt: Format):
     names = fmt.arrays(plan.arrays)
     static = {}                  # capturable: each param's table, uploaded once
 
-    def run_device(arrays, k_dev, sums=None, guard=None, sr=None):
+    def run_device(arrays, k_dev, sums=None, guard=None, sr=None, tables=None):
         """A capturable step of one param in this format: its scalars read from ``k_dev``
         (the plain module's ``advance`` writes them), its stochastic-rounding key made on
         the device from ``sr = (seed, step_dev, param number)``, nothing done where
         ``guard`` (the step's verdict) skips the step. The param's address table is
-        uploaded once (the graph a capture records reads it at every replay)."""
+        uploaded once (the graph a capture records reads it at every replay) and kept in
+        ``tables`` (the optimizer's: a graph it captured never outlives it)."""
         if plan.norms:
             raise ValueError(f"capturable=True with storage format {fmt.key}: "
                              f"{plan.rule.name} takes per-array norms, which have no "
@@ -406,18 +427,17 @@ def _format_kernel(plan, fmt: Format):
         n = arrays[0].size
         if n == 0:
             return
+        cache = static if tables is None else tables
         dev = cupy.cuda.runtime.getDevice()
         ptrs = [(int(sr[2]) if a == "_srkey" else x.data.ptr) for a, x in zip(names, arrays)]
-        key = (dev, tuple(ptrs), n)
-        ent = static.get(key)
+        key = (k.device, dev, tuple(ptrs), n)
+        ent = cache.get(key)
         if ent is None:
-            if len(static) >= 4096:                 # params replaced many times over
-                cupy.cuda.runtime.deviceSynchronize()
-                static.clear()
+            _make_room(cache)
             chunks = codegen.chunk_table([n], FORMAT_CHUNK)
             table = codegen.pack_table(np.array([ptrs], np.int64), np.zeros(1, np.int64),
                                        np.zeros((1, len(plan.scalars)), fmt.compute))
-            ent = static[key] = (cupy.asarray(table), cupy.asarray(chunks), chunks.shape[0])
+            ent = cache[key] = (cupy.asarray(table), cupy.asarray(chunks), chunks.shape[0])
             cupy.cuda.get_current_stream().synchronize()
         table, chunks, n_chunks = ent
         seed = int(sr[0]) if sr is not None else 0
@@ -448,8 +468,8 @@ def _format_kernel(plan, fmt: Format):
 
     run.prepare = codegen.host_scalar_function(plan, fmt.compute)
     run.device, run.advance, run.source = run_device, advance, k.source
-    run.device_guard = lambda arrays, k_dev, guard, sums=None, sr=None: run_device(
-        arrays, k_dev, sums, guard, sr)
+    run.device_guard = lambda arrays, k_dev, guard, sums=None, sr=None, tables=None: \
+        run_device(arrays, k_dev, sums, guard, sr, tables)
     run.advance_guard = advance_guard
     run.many, run.many_tables = many, tables
     return run
