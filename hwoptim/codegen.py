@@ -1082,12 +1082,11 @@ def c_update_function(p: KernelPlan) -> str:
     return (f"__device__ __forceinline__ void {p.key}_update(\n    {sig})\n{{\n{body}\n}}\n")
 
 
-def c_scalar_function(p: KernelPlan) -> str:
-    """``rule.scalars`` (and the hoisted scalars) as C: double hyperparameters and step
-    in, the kernel's scalar arguments out."""
-    exprs, hyper_names = trace_scalars(p.rule, p.flags)
-    wanted = {k: substitute(p.derived[k], exprs) if k in p.derived else exprs[k]
-              for k in p.scalars}
+def _c_step_function(p: KernelPlan, name: str, wanted: dict, out_type: str) -> str:
+    """``<key>_<name>(hyper, step, out)``: the scalar expressions ``wanted`` (name -> Expr
+    over the hyperparameters, carried scalars and ``step``), computed in double from the
+    device hyperparameter vector ``hyper``, stored into ``out`` as ``out_type``."""
+    _, hyper_names = trace_scalars(p.rule, p.flags)
     order, roots = schedule(wanted)
     nm = _Namer(lambda v: f"{v!r}")
     lines = [f"const double k_{h} = hyper[{i}];" for i, h in enumerate(hyper_names)]
@@ -1095,30 +1094,29 @@ def c_scalar_function(p: KernelPlan) -> str:
     for e in order:
         t = "bool" if _is_bool(e) else "double"
         lines.append(f"const {t} {nm.new(e)} = {_c_expr(e, nm).replace('(TC)', '(double)')};")
-    for i, s in enumerate(p.scalars):
-        lines.append(f"out[{i}] = (TC)({nm(roots[s])});")
+    for i, s in enumerate(wanted):
+        lines.append(f"out[{i}] = ({out_type})({nm(roots[s])});")
     body = "\n".join(f"    {ln}" for ln in lines)
-    return (f"__device__ __forceinline__ void {p.key}_scalars(\n"
-            f"    const double* hyper, const double step, TC* out)\n{{\n{body}\n}}\n")
+    return (f"__device__ __forceinline__ void {p.key}_{name}(\n"
+            f"    const double* hyper, const double step, {out_type}* out)\n{{\n{body}\n}}\n")
+
+
+def c_scalar_function(p: KernelPlan) -> str:
+    """``rule.scalars`` (and the hoisted scalars) as C: double hyperparameters and step
+    in, the kernel's scalar arguments out."""
+    exprs, _ = trace_scalars(p.rule, p.flags)
+    return _c_step_function(p, "scalars", {
+        k: substitute(p.derived[k], exprs) if k in p.derived else exprs[k] for k in p.scalars},
+        "TC")
 
 
 def c_carry_function(p: KernelPlan) -> str:
     """Rules that carry scalars from step to step (NAdam's ``mu_product``, ASGD's ``eta`` and
     ``mu``): their values after the step, as C (``<key>_carry(hyper, step, out)``; ``hyper``
     as :func:`c_scalar_function` takes it, the carried values after the hyperparameters)."""
-    exprs, hyper_names = trace_scalars(p.rule, p.flags)
-    order, roots = schedule({c.name: exprs[c.name] for c in p.rule.carry})
-    nm = _Namer(lambda v: f"{v!r}")
-    lines = [f"const double k_{h} = hyper[{i}];" for i, h in enumerate(hyper_names)]
-    lines.append("const double k_step = step;")
-    for e in order:
-        t = "bool" if _is_bool(e) else "double"
-        lines.append(f"const {t} {nm.new(e)} = {_c_expr(e, nm).replace('(TC)', '(double)')};")
-    for i, c in enumerate(p.rule.carry):
-        lines.append(f"out[{i}] = (double)({nm(roots[c.name])});")
-    body = "\n".join(f"    {ln}" for ln in lines)
-    return (f"__device__ __forceinline__ void {p.key}_carry(\n"
-            f"    const double* hyper, const double step, double* out)\n{{\n{body}\n}}\n")
+    exprs, _ = trace_scalars(p.rule, p.flags)
+    return _c_step_function(p, "carry", {c.name: exprs[c.name] for c in p.rule.carry},
+                            "double")
 
 
 def _typedefs(dtypes: dict) -> str:
@@ -2113,6 +2111,30 @@ def staged_plan(rule: Rule, flags, outputs, arrays, base, derived, order, roots)
                       derived, stages=stages)
 
 
+def stack_dims(shape) -> tuple:
+    """A param of ``shape`` seen as a stack of matrices: (B, m, n)."""
+    n = shape[-1] if len(shape) else 1
+    m = shape[-2] if len(shape) > 1 else 1
+    b = int(np.prod(shape[:-2])) if len(shape) > 2 else 1
+    return b, m, n
+
+
+def _stage_closure(targets, reductions: set) -> tuple:
+    """(ids of the nodes ``targets`` need, the arrays they read), reductions (ids in
+    ``reductions``) taken as leaves: what a staged loop evaluates for them."""
+    need, arrs, stack = set(), set(), list(targets)
+    while stack:
+        e = stack.pop()
+        if id(e) in need or e.op in ("scalar", "const"):
+            continue
+        need.add(id(e))
+        if e.op == "array":
+            arrs.add(e.value)
+        elif id(e) not in reductions:
+            stack.extend(e.args)
+    return need, arrs
+
+
 def _stage_index(k: frozenset) -> str:
     """The flat index of a value of class ``k`` in a loop that has ``i``, ``_row``, ``_b``
     and ``_c`` as it needs them."""
@@ -2182,16 +2204,7 @@ def numba_staged_source(p: KernelPlan, dtype: str, cache: bool = True) -> str:
         return blk, row
 
     def _statements(targets, elem: bool) -> list:
-        need, arrs, stack = set(), set(), list(targets)
-        while stack:
-            e = stack.pop()
-            if id(e) in need or e.op in ("scalar", "const"):
-                continue
-            need.add(id(e))
-            if e.op == "array":
-                arrs.add(e.value)
-            elif id(e) not in red_ids:
-                stack.extend(e.args)
+        need, arrs = _stage_closure(targets, red_ids)
         lines = [(tier(st.shapes[a]), f"x_{a} = {_at(a, st.shapes[a], elem)}")
                  for a in p.arrays if a in arrs]
         for e in st.reductions:
@@ -2398,16 +2411,7 @@ def _c_staged_lines(p: KernelPlan, targets) -> list:
     for j, e in enumerate(st.reductions):
         if e.op == "mean":
             nm.names[id(e)] = f"_q{j}"
-    need, arrs, stack = set(), set(), list(targets)
-    while stack:
-        e = stack.pop()
-        if id(e) in need or e.op in ("scalar", "const"):
-            continue
-        need.add(id(e))
-        if e.op == "array":
-            arrs.add(e.value)
-        elif id(e) not in red:
-            stack.extend(e.args)
+    need, arrs = _stage_closure(targets, red)
     lines = [f"const TC x_{a} = (TC){a}[{_stage_index(st.shapes[a])}];"
              for a in p.arrays if a in arrs]
     for e in st.reductions:

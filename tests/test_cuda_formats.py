@@ -22,6 +22,7 @@ import shutil
 import subprocess
 import tempfile
 import zlib
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -100,9 +101,11 @@ def _storage(fmt: Format, name: str) -> np.dtype:
     return np.dtype(np.uint8) if st == "uint8" else formats.np_dtype(st)
 
 
-def _buffers(rule, h, flags, plan, fmt, rng) -> dict:
-    """Every buffer of one tensor of ``N`` elements in ``fmt``, as an optimizer starts:
-    random params, state at its initial value, the master copy from the params."""
+def _buffers(rule, h, flags, plan, fmt, rng, n=None) -> dict:
+    """Every buffer of one tensor of ``n`` (default ``N``) elements in ``fmt``, as an
+    optimizer starts: random params, state at its initial value, the master copy from the
+    params."""
+    N = n or globals()["N"]
     p32 = (rng.standard_normal(N) * 10.0 ** rng.uniform(-2, 1, N)).astype(np.float32)
     b = {"param": formats.round_nearest(p32, fmt.param), "grad": None}
     for s in rule.active_states(flags):
@@ -415,6 +418,48 @@ LAUNCH_CASES = [pytest.param(next(c for c in RULE_CASES if c[0].startswith(name 
                 for name, modes in _LAUNCH_RULES.items() for m in modes]
 
 
+LAUNCH_SIZES = [4396, 300, 9000]
+
+
+def _launch_case(rule_case, mode, salt):
+    """A launch test's case: the harness library, the reference kernel and scalar function,
+    and per tensor (``LAUNCH_SIZES``) its buffers and the reference's copies of them."""
+    rule, h, flags, plan, fmt, seed = _case(rule_case, mode)
+    lib = _build(f"launch_{_sym(plan, fmt)}", codegen.cpp_format_launch_test_source(plan, fmt))
+    rng = np.random.default_rng(zlib.crc32(f"{salt} {rule_case[0]} {fmt.key}".encode()))
+    got = []
+    for n in LAUNCH_SIZES:
+        b = _buffers(rule, h, flags, plan, fmt, rng, n)
+        b["grad"] = np.zeros(n, formats.np_dtype(fmt.param))     # (an address of its own)
+        got.append(b)
+    want = [{k: v.copy() for k, v in b.items()} for b in got]
+    return SimpleNamespace(rule=rule, h=h, plan=plan, fmt=fmt, seed=seed, lib=lib, rng=rng,
+                           names=fmt.arrays(plan.arrays), got=got, want=want,
+                           ref=backends.load("numpy").kernel(plan, fmt.key),
+                           scal=codegen.host_scalar_function(plan, fmt.compute))
+
+
+def _new_grads(c, t, steps):
+    """Step ``t``'s grads into every tensor, and the reference's step of each (tensor j at
+    step ``steps[j]``, its key from the seed)."""
+    for j, n in enumerate(LAUNCH_SIZES):
+        g32 = (c.rng.standard_normal(n) * 10.0 ** c.rng.uniform(-2, 1, n)).astype(np.float32)
+        c.got[j]["grad"][...] = formats.round_nearest(g32, c.fmt.param)
+        c.want[j]["grad"] = c.got[j]["grad"].copy()
+        if c.fmt.sr:
+            c.want[j]["_srkey"][0] = formats.sr_key(c.seed, steps[j], [j])[0]
+        c.ref([c.want[j][a] for a in c.names], c.ref.prepare(c.h, steps[j]))
+
+
+def _assert_reference(c, t, what):
+    for j in range(len(LAUNCH_SIZES)):
+        for a in c.names:
+            if a != "_srkey":
+                assert _same_bits(c.got[j][a], c.want[j][a]), (
+                    f"{c.rule.name} {c.fmt.key} step {t} tensor {j} {a}: {what} differs "
+                    f"from the NumPy reference")
+
+
 @pytest.mark.parametrize("rule_case, mode", LAUNCH_CASES)
 def test_format_launch_on_the_cpu_is_the_reference(rule_case, mode):
     """The whole GPU launch of a storage format, run on the CPU: the multi-tensor kernel's
@@ -425,52 +470,25 @@ def test_format_launch_on_the_cpu_is_the_reference(rule_case, mode):
     buffers after 3 steps are the NumPy reference's bits, one tensor a step ahead of the
     others (its own scalar row)."""
     from hwoptim.backends.cupy import FORMAT_CHUNK
-    rule, h, flags, plan, fmt, seed = _case(rule_case, mode)
-    lib = _build(f"launch_{_sym(plan, fmt)}", codegen.cpp_format_launch_test_source(plan, fmt))
-    f = lib.launch
+    c = _launch_case(rule_case, mode, "launch")
+    f = c.lib.launch
     i64 = np.ctypeslib.ndpointer(dtype=np.int64, flags="C_CONTIGUOUS")
     f.argtypes = [i64, i64, ctypes.c_longlong, ctypes.c_longlong, ctypes.c_int]
     f.restype = None
-    rng = np.random.default_rng(zlib.crc32(f"launch {rule_case[0]} {fmt.key}".encode()))
-    sizes = [4396, 300, 9000]
-    names = fmt.arrays(plan.arrays)
-    ref = backends.load("numpy").kernel(plan, fmt.key)
-    scal = codegen.host_scalar_function(plan, fmt.compute)
-    got, want = [], []
-    for n in sizes:
-        global N
-        old, N = N, n
-        try:
-            b = _buffers(rule, h, flags, plan, fmt, rng)
-        finally:
-            N = old
-        got.append(b)
-        want.append({k: (v.copy() if v is not None else None) for k, v in b.items()})
-    keys = np.zeros(len(sizes), np.uint32)
-    chunks = codegen.chunk_table(sizes, FORMAT_CHUNK)
+    keys = np.zeros(len(LAUNCH_SIZES), np.uint32)
+    chunks = codegen.chunk_table(LAUNCH_SIZES, FORMAT_CHUNK)
     rows = np.array([0, 1, 0], np.int64)
+    ptrs = np.array([[keys.ctypes.data + 4 * j if a == "_srkey" else c.got[j][a].ctypes.data
+                      for a in c.names] for j in range(len(LAUNCH_SIZES))], np.int64)
     for t in range(1, 4):
         steps = [t, t + 1, t]                     # tensor 1 a step ahead: its own row
-        for j, n in enumerate(sizes):
-            g32 = (rng.standard_normal(n) * 10.0 ** rng.uniform(-2, 1, n)).astype(np.float32)
-            got[j]["grad"] = formats.round_nearest(g32, fmt.param)
-            want[j]["grad"] = got[j]["grad"].copy()
-            if fmt.sr:
-                keys[j] = formats.sr_key(seed, steps[j], [j])[0]
-                want[j]["_srkey"][0] = keys[j]
-            ref([want[j][a] for a in names], ref.prepare(h, steps[j]))
-        ptrs = np.array([[keys.ctypes.data + 4 * j if a == "_srkey" else got[j][a].ctypes.data
-                          for a in names] for j in range(len(sizes))], np.int64)
-        scalars = np.array([scal(h, t), scal(h, t + 1)], dtype=fmt.compute)
-        table = codegen.pack_table(ptrs, rows, scalars)
-        f(table, chunks, len(sizes), chunks.shape[0], t % 2)
-        for j in range(len(sizes)):
-            for a in names:
-                if a == "_srkey":
-                    continue
-                assert _same_bits(got[j][a], want[j][a]), (
-                    f"{rule.name} {fmt.key} step {t} tensor {j} {a}: the launch differs from "
-                    f"the NumPy reference")
+        _new_grads(c, t, steps)
+        if c.fmt.sr:
+            keys[:] = [formats.sr_key(c.seed, s_, [j])[0] for j, s_ in enumerate(steps)]
+        scalars = np.array([c.scal(c.h, t), c.scal(c.h, t + 1)], dtype=c.fmt.compute)
+        f(codegen.pack_table(ptrs, rows, scalars), chunks, len(LAUNCH_SIZES),
+          chunks.shape[0], t % 2)
+        _assert_reference(c, t, "the launch")
 
 
 @pytest.mark.parametrize("rule_case, mode", LAUNCH_CASES)
@@ -481,58 +499,30 @@ def test_capturable_format_launch_on_the_cpu_is_the_reference(rule_case, mode):
     three tensors after 3 steps are the NumPy reference's bits; a step whose verdict says
     skip changes no byte."""
     from hwoptim.backends.cupy import FORMAT_CHUNK
-    rule, h, flags, plan, fmt, seed = _case(rule_case, mode)
-    lib = _build(f"launch_{_sym(plan, fmt)}", codegen.cpp_format_launch_test_source(plan, fmt))
-    f = lib.launch_dev
+    c = _launch_case(rule_case, mode, "launch-dev")
+    f = c.lib.launch_dev
     i64 = np.ctypeslib.ndpointer(dtype=np.int64, flags="C_CONTIGUOUS")
-    tc = np.ctypeslib.ndpointer(dtype=fmt.compute, flags="C_CONTIGUOUS")
+    tc = np.ctypeslib.ndpointer(dtype=c.fmt.compute, flags="C_CONTIGUOUS")
     f64 = np.ctypeslib.ndpointer(dtype=np.float64, flags="C_CONTIGUOUS")
     f.argtypes = [i64, i64, ctypes.c_longlong, ctypes.c_longlong, tc, f64, ctypes.c_void_p,
                   ctypes.c_uint, ctypes.c_uint, ctypes.c_int]
     f.restype = None
-    rng = np.random.default_rng(zlib.crc32(f"launch-dev {rule_case[0]} {fmt.key}".encode()))
-    sizes = [4396, 300, 9000]
-    names = fmt.arrays(plan.arrays)
-    ref = backends.load("numpy").kernel(plan, fmt.key)
-    scal = codegen.host_scalar_function(plan, fmt.compute)
-    got, want = [], []
-    for n in sizes:
-        global N
-        old, N = N, n
-        try:
-            b = _buffers(rule, h, flags, plan, fmt, rng)
-        finally:
-            N = old
-        b["grad"] = np.zeros(n, formats.np_dtype(fmt.param))     # (an address of its own)
-        got.append(b)
-        want.append({k: (v.copy() if v is not None else None) for k, v in b.items()})
-    chunks = codegen.chunk_table(sizes, FORMAT_CHUNK)
-    ptrs = np.array([[j if a == "_srkey" else got[j][a].ctypes.data for a in names]
-                     for j in range(len(sizes))], np.int64)
-    table = codegen.pack_table(ptrs, np.zeros(len(sizes), np.int64),
-                               np.zeros((1, len(plan.scalars)), fmt.compute))
+    chunks = codegen.chunk_table(LAUNCH_SIZES, FORMAT_CHUNK)
+    ptrs = np.array([[j if a == "_srkey" else c.got[j][a].ctypes.data for a in c.names]
+                     for j in range(len(LAUNCH_SIZES))], np.int64)
+    table = codegen.pack_table(ptrs, np.zeros(len(LAUNCH_SIZES), np.int64),
+                               np.zeros((1, len(c.plan.scalars)), c.fmt.compute))
     skip = np.array([1.0, 1.0, np.nan, 0.0])
+    seed = (c.seed & 0xFFFFFFFF, c.seed >> 32)
     for t in range(1, 4):
-        for j, n in enumerate(sizes):
-            g32 = (rng.standard_normal(n) * 10.0 ** rng.uniform(-2, 1, n)).astype(np.float32)
-            got[j]["grad"][...] = formats.round_nearest(g32, fmt.param)
-            want[j]["grad"] = got[j]["grad"].copy()
-            if fmt.sr:
-                want[j]["_srkey"][0] = formats.sr_key(seed, t, [j])[0]
-            ref([want[j][a] for a in names], ref.prepare(h, t))
-        k_dev = np.ascontiguousarray(scal(h, t), dtype=fmt.compute)
+        _new_grads(c, t, [t] * len(LAUNCH_SIZES))
+        k_dev = np.ascontiguousarray(c.scal(c.h, t), dtype=c.fmt.compute)
         step_dev = np.array([float(t)])
-        before = [{a: v.copy() for a, v in b.items() if v is not None} for b in got]
-        f(table, chunks, len(sizes), chunks.shape[0], k_dev, step_dev, skip.ctypes.data,
-          seed & 0xFFFFFFFF, seed >> 32, 0)
-        for b, b0 in zip(got, before):
+        before = [{a: v.copy() for a, v in b.items()} for b in c.got]
+        f(table, chunks, len(LAUNCH_SIZES), chunks.shape[0], k_dev, step_dev,
+          skip.ctypes.data, *seed, 0)
+        for b, b0 in zip(c.got, before):
             assert all(_same_bits(b[a], b0[a]) for a in b0), "a skipped step changed bytes"
-        f(table, chunks, len(sizes), chunks.shape[0], k_dev, step_dev, None,
-          seed & 0xFFFFFFFF, seed >> 32, t % 2)
-        for j in range(len(sizes)):
-            for a in names:
-                if a == "_srkey":
-                    continue
-                assert _same_bits(got[j][a], want[j][a]), (
-                    f"{rule.name} {fmt.key} step {t} tensor {j} {a}: the capturable launch "
-                    f"differs from the NumPy reference")
+        f(table, chunks, len(LAUNCH_SIZES), chunks.shape[0], k_dev, step_dev, None, *seed,
+          t % 2)
+        _assert_reference(c, t, "the capturable launch")

@@ -139,17 +139,23 @@ def kernel(plan, dtype):
                          (*[arrays[i] for i in ridx], k_dev, np.int64(n), sums, g))
         fn(k.reduce_dev_finish)((1,), (32,), (sums, np.int64(blocks), g))
 
-    def run_device(arrays, k_dev, sums=None, sr=None, tables=None):
+    def run_device(arrays, k_dev, sums=None, sr=None, tables=None, guard=None):
         """Like ``run``, with the per-step scalars read from the device array ``k_dev``
-        (rules taking norms: their sums of squares in ``sums``, computed first)."""
+        (rules taking norms: their sums of squares in ``sums``, computed first); with
+        ``guard`` (the step's verdict, written by :func:`step_guard`), the guarded kernel,
+        which does nothing where it skips the step."""
         n = arrays[0].size
         args = _device_args(arrays)
         extra = ()
         if plan.norms:
-            _norms(arrays, k_dev, n, sums, None)
+            _norms(arrays, k_dev, n, sums, guard)
             extra = (sums,)
-        fn(k.device)((_blocks(-(-n // k.vec)),), (THREADS,), (*args, k_dev, np.int64(n),
-                                                              *extra))
+        if guard is None:
+            fn(k.device)((_blocks(-(-n // k.vec)),), (THREADS,),
+                         (*args, k_dev, np.int64(n), *extra))
+        else:
+            fn(k.device_guard)((_blocks(-(-n // k.vec)),), (THREADS,),
+                               (*args, k_dev, np.int64(n), *extra, guard))
 
     def advance(hyper_dev, step_dev, k_dev):
         """On the device: step += 1, then the per-step scalars from the hyperparameters
@@ -157,16 +163,7 @@ def kernel(plan, dtype):
         fn(k.advance)((1,), (1,), (hyper_dev, step_dev, k_dev))
 
     def run_device_guard(arrays, k_dev, guard, sums=None, sr=None, tables=None):
-        """``run.device``, doing nothing where the step's verdict (``guard``, written by
-        :func:`step_guard`) skips the step."""
-        n = arrays[0].size
-        args = _device_args(arrays)
-        extra = ()
-        if plan.norms:
-            _norms(arrays, k_dev, n, sums, guard)
-            extra = (sums,)
-        fn(k.device_guard)((_blocks(-(-n // k.vec)),), (THREADS,),
-                           (*args, k_dev, np.int64(n), *extra, guard))
+        run_device(arrays, k_dev, sums, sr, tables, guard)
 
     def advance_guard(hyper_dev, step_dev, k_dev, guard):
         """``run.advance`` unless the verdict skips the step; the grads' factor from it."""
@@ -495,10 +492,7 @@ def _staged_kernel(plan, dtype: str):
         return funcs[dev]
 
     def run(arrays, scalars):
-        shape = arrays[0].shape
-        n = shape[-1] if len(shape) else 1
-        m = shape[-2] if len(shape) > 1 else 1
-        b = int(np.prod(shape[:-2])) if len(shape) > 2 else 1
+        b, m, n = codegen.stack_dims(arrays[0].shape)
         if b * m * n == 0:
             return
         vs, ps = codegen.staged_scratch(plan, b, m, n)

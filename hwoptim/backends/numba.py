@@ -436,10 +436,7 @@ class StagedKernel:
             self._built.add(par)
 
     def __call__(self, arrays, scalars):
-        shape = arrays[0].shape
-        n = shape[-1] if len(shape) else 1
-        m = shape[-2] if len(shape) > 1 else 1
-        b = int(np.prod(shape[:-2])) if len(shape) > 2 else 1
+        b, m, n = codegen.stack_dims(arrays[0].shape)
         if b * m * n == 0:
             return
         typ = np.dtype(self.dtype).type
@@ -476,10 +473,7 @@ class StagedKernel:
         parallel loops of a 10⁵-element matrix costs about as much as stepping it."""
         small, dims = [], []
         for arrays in items:
-            shape = arrays[0].shape
-            n = shape[-1] if len(shape) else 1
-            m = shape[-2] if len(shape) > 1 else 1
-            b = int(np.prod(shape[:-2])) if len(shape) > 2 else 1
+            b, m, n = codegen.stack_dims(arrays[0].shape)
             if b * m * n >= STAGED_ALONE:
                 self(arrays, scalars)
             elif b * m * n:
