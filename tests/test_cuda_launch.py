@@ -56,11 +56,6 @@ class _Array:
     def __init__(self, n, ptr):
         self.size, self.data = n, _Ptr(ptr)
 
-    def fill(self, value):
-        """As CuPy's: a kernel (or memset) on the current stream, recorded as a launch."""
-        _FakeCupy.launches.append(dict(kernel="fill", grid=None, block=None,
-                                       args=(self, value), stream=_FakeCupy.current))
-
     def __repr__(self):
         return f"<array n={self.size} at {self.data.ptr:#x}>"
 
