@@ -433,6 +433,22 @@ MUTANTS = [
            "    return {_FULL: \"_m * _n\", frozenset(\"br\"): \"_B * _m\"",
            ("tests/test_adafactor.py", "-k", "torch_in_float64 and numba"),
            "an RMS over a batch of matrices divided by one matrix's size"),
+    Mutant("staged-sr-row-index", "codegen", "hwoptim/codegen.py",
+           'return [f"_ix = np.uint64({flat(k, elem)})",',
+           'return [f"_ix = np.uint64(_c)",',
+           ("tests/test_formats.py", "-k", "factored_step and stochastic and numba"),
+           "stochastic rounding of a factored matrix draws each row's bits again (the "
+           "column index, not the element's)"),
+    Mutant("staged-master-not-stored", "codegen", "hwoptim/codegen.py",
+           "            return [f\"{_at('master', k, elem)} = {v}\",\n",
+           "            return [\n",
+           ("tests/test_formats.py", "-k", "factored_step and master and numba"),
+           "a factored matrix's float32 master copy is never written back"),
+    Mutant("cuda-staged-quant-lane-max", "codegen", "hwoptim/codegen.py",
+           '"    A[0] = A[0] > A[l] ? A[0] : A[l];",', '"    A[0] = A[l];",',
+           ("tests/test_cuda_staged.py", "-k", "format_step and int8"),
+           "the GPU's int8 factor blocks scaled by the last lane's largest |x|, not the "
+           "block's (the C++ harness's lane loop stands for the shuffles)"),
 
 ]
 

@@ -2151,10 +2151,19 @@ def _stage_size(k: frozenset) -> str:
 
 def numba_staged_source(p: KernelPlan, dtype: str, cache: bool = True) -> str:
     """A Python module running a staged plan (``p.stages``) on one param, as ``run(arrays,
-    B, m, n, scalars, par)``: ``arrays`` flat (in ``p.arrays`` order; row- and column-shaped
-    states of ``B*m`` and ``B*n`` elements), ``scalars`` the kernel scalars (``dtype``),
-    ``par`` whether the element loops run in parallel. One Numba function per sweep and per
-    output loop (parallel and serial twins); ``run`` allocates the sums and calls them."""
+    B, m, n, scalars, par)``: ``arrays`` flat (in ``Format.arrays(p.arrays)`` order; row- and
+    column-shaped states of ``B*m`` and ``B*n`` elements), ``scalars`` the kernel scalars
+    (the compute dtype), ``par`` whether the element loops run in parallel. One Numba
+    function per sweep and per output loop (parallel and serial twins); ``run`` allocates
+    the sums and calls them. ``dtype``: the compute dtype or a storage format's key: loads
+    convert into the compute dtype and stores round back, as the flat kernels'; an int8
+    state's new values go to a float32 scratch array that a last loop encodes block by
+    block (a block's scale needs all of its values, and the stores visit a state's
+    elements in rows, not in blocks)."""
+    fmt = Format.parse(dtype)
+    dtype = fmt.compute
+    names = fmt.arrays(p.arrays)
+    qs = [o for o in p.outputs if fmt.quantized and o not in ("param", "grad")]
     st = p.stages
     consts, nm = _numba_namer()
     red_ids = {id(e): j for j, e in enumerate(st.reductions)}
@@ -2201,11 +2210,39 @@ def numba_staged_source(p: KernelPlan, dtype: str, cache: bool = True) -> str:
                 if st.cls(e) == frozenset("bc")]
         row = [f"{a}_r = {a}[_row * _n:_row * _n + _n]" for a in p.arrays
                if st.shapes[a] == _FULL]
+        row += ["master_r = master[_row * _n:_row * _n + _n]"] if fmt.master else []
         return blk, row
+
+    def flat(k: frozenset, elem: bool) -> str:
+        """The flat index of a class ``k`` value (in an element loop: of ``_row``, ``_c``)."""
+        return "_row * _n + _c" if (elem and k == _FULL) else _stage_index(k)
+
+    def load(a: str, elem: bool) -> str:
+        """Buffer ``a``'s value in the compute dtype (its format's load)."""
+        k = st.shapes[a]
+        if a == "param" and fmt.master:
+            return _at("master", k, elem)
+        if fmt.quantized and a not in ("param", "grad"):
+            return f"_q_load({_at(a, k, elem)}, {a}_absmax[({flat(k, elem)}) >> 8])"
+        return _nb_load(fmt, a, _at(a, k, elem))
+
+    def store(o: str, elem: bool, v: str) -> list:
+        """Output ``o``'s new value ``v`` into its storage."""
+        k, ref = st.shapes[o], _at(o, st.shapes[o], elem)
+        if o in qs:                             # (encoded by the quantize loops)
+            return [f"_T{qs.index(o)}[{flat(k, elem)}] = {v}"]
+        if o == "param" and fmt.master:
+            return [f"{_at('master', k, elem)} = {v}",
+                    f"{ref} = {_nb_store(fmt, 'param', v)}"]
+        if o == "param" and fmt.sr:             # element i's bits: (i mod 2**32) ^ key ^
+            f = "_bf_sr" if fmt.param == "bfloat16" else "_h_sr"    # mix32(i >> 32)
+            return [f"_ix = np.uint64({flat(k, elem)})",
+                    f"{ref} = {f}({v}, _mix32(_ix ^ _kh ^ _mix32(_ix >> _U32)))"]
+        return [f"{ref} = {_nb_store(fmt, o, v)}"]
 
     def _statements(targets, elem: bool) -> list:
         need, arrs = _stage_closure(targets, red_ids)
-        lines = [(tier(st.shapes[a]), f"x_{a} = {_at(a, st.shapes[a], elem)}")
+        lines = [(tier(st.shapes[a]), f"x_{a} = {load(a, elem)}")
                  for a in p.arrays if a in arrs]
         for e in st.reductions:
             if id(e) in need:
@@ -2217,9 +2254,9 @@ def numba_staged_source(p: KernelPlan, dtype: str, cache: bool = True) -> str:
         return lines
 
     n_red = len(st.reductions)
-    args = ", ".join(list(p.arrays) + ["_B", "_m", "_n"] + [f"k_{s}" for s in p.scalars]
+    args = ", ".join(list(names) + ["_B", "_m", "_n"] + [f"k_{s}" for s in p.scalars]
                      + [f"_V{j}" for j in range(n_red)] + [f"_S{j}" for j in range(n_red)]
-                     + [f"_P{j}" for j in range(n_red)])
+                     + [f"_P{j}" for j in range(n_red)] + [f"_T{j}" for j in range(len(qs))])
     funcs, calls = [], []
 
     def value(j):
@@ -2294,22 +2331,40 @@ def numba_staged_source(p: KernelPlan, dtype: str, cache: bool = True) -> str:
             blk, per_row, inner = statements([p.roots[o] for o in outs], elem)
             vb, vr = views(elem)
             blk, per_row = vb + blk, vr + per_row
-            inner += [f"{_at(o, dom, elem)} = {nm(p.roots[o])}" for o in outs]
+            inner += [ln for o in outs for ln in store(o, elem, nm(p.roots[o]))]
+            if fmt.sr and "param" in outs:
+                blk = ["_kh = np.uint64(_srkey[0])"] + blk
             name = f"store_{''.join(sorted(dom))}_{'p' if par else 's'}"
             funcs += [_njit_line(par, cache), f"def {name}({args}):"]
             funcs += [f"    {ln}" for ln in loop(dom, inner, par, acc_before=per_row,
                                                  block_before=blk)]
             funcs.append("")
         out_loops.append("".join(sorted(dom)))
+    for par in (True, False):                   # int8 states: each block's scale, codes
+        funcs += [_njit_line(par, cache), "def quant_%s(_T, codes, absmax):" % "sp"[par],
+                  f"    for _k in {'prange' if par else 'range'}((_T.shape[0] + 255) >> 8):",
+                  "        _lo = _k << 8",
+                  "        _hi = min(_T.shape[0], _lo + 256)",
+                  "        _A = _Z32",
+                  "        _N = False",
+                  "        for i in range(_lo, _hi):",
+                  "            _A = max(_A, _abs_bits(_T[i]))",
+                  "            _N = _N | (_T[i] < 0)",
+                  "        _pre, _inv, _u, _a = _q_scale(np.uint64(_A), _N)",
+                  "        for i in range(_lo, _hi):",
+                  "            codes[i] = _q_code(_T[i], _pre, _inv, _u)",
+                  "        absmax[_k] = _a", ""] if qs else []
     # the drivers (one per variant, compiled): sums, sweeps, each reduction finished from
     # its block partials in block order, then the stores; one call per param
-    arrays = ", ".join(p.arrays)
+    arrays = ", ".join(names)
     scal = "".join(f", k_{s}" for s in p.scalars)
     drv = []
     for sfx in ("p", "s"):
         drv += [_njit_line(False, cache), f"def run_{sfx}({arrays}, _B, _m, _n{scal}):",
                 f"    _nbm = (_m + {STAGE_ROWS} - 1) // {STAGE_ROWS}",
                 "    _nblk = _B * _nbm"]
+        drv += [f"    _T{j} = np.empty({_stage_size(st.shapes[o])}, np.float32)"
+                for j, o in enumerate(qs)]
         for j, e in enumerate(st.reductions):
             k, dom = st.cls(e), st.cls(e.args[0])
             width = "_n" if (dom == _FULL and k == frozenset("bc")) else "1"
@@ -2319,7 +2374,8 @@ def numba_staged_source(p: KernelPlan, dtype: str, cache: bool = True) -> str:
                     f"    _P{j} = np.zeros(({rows}, {width}))"]
         rest = (f"{arrays}, _B, _m, _n{scal}, "
                 + ", ".join([f"_V{j}" for j in range(n_red)] + [f"_S{j}" for j in range(n_red)]
-                            + [f"_P{j}" for j in range(n_red)]))
+                            + [f"_P{j}" for j in range(n_red)]
+                            + [f"_T{j}" for j in range(len(qs))]))
         for s_, dom, js in calls:
             drv.append(f"    sweep{s_}_{sfx}({rest})")
             for j in js:
@@ -2341,17 +2397,24 @@ def numba_staged_source(p: KernelPlan, dtype: str, cache: bool = True) -> str:
                 drv += [f"    for _q in range(_V{j}.shape[0]):",
                         f"        _V{j}[_q] = np.{dtype}({fin})"]
         drv += [f"    store_{dom}_{sfx}({rest})" for dom in out_loops]
+        drv += [f"    quant_{sfx}(_T{j}, {o}, {o}_absmax)" for j, o in enumerate(qs)]
         drv.append("")
     drv += ["", "def run(arrays, _B, _m, _n, scalars, par):",
             "    (run_p if par else run_s)(*arrays, _B, _m, _n, *scalars)", ""]
     # many params at once: a prange over them, each stepped by the serial driver (the same
     # bits as alone); arrays as addresses (``_at``), their (B, m, n) in ``_dims``
     size_of = {_FULL: "_B * _m * _n", frozenset("br"): "_B * _m", frozenset("bc"): "_B * _n"}
-    drv += ["", "@intrinsic",
-            "def _at(typingctx, address):",
-            "    def lower(context, builder, sig, args):",
-            "        return builder.inttoptr(args[0], context.get_value_type(sig.return_type))",
-            f"    return types.CPointer(types.{dtype})(types.int64), lower", "",
+
+    def carr(a, j):
+        at = "_at" if fmt.plain else f"_at_{_nb_array_type(fmt, a)}"
+        if a == "_srkey":
+            n = "1"
+        elif a.endswith("_absmax"):
+            n = f"({size_of[st.shapes[a[:-7]]]} + 255) >> 8"
+        else:
+            n = size_of[st.shapes["param" if a == "master" else a]]
+        return f"        {a} = carray({at}(_ptrs[_t, {j}]), {n})"
+    drv += [""] + _nb_at_lines(p, fmt, names, doc=False) + [
             "",
             _njit_line(True, cache),
             "def run_many(_ptrs, _dims, _scalars):",
@@ -2359,16 +2422,17 @@ def numba_staged_source(p: KernelPlan, dtype: str, cache: bool = True) -> str:
             "        _B = _dims[_t, 0]",
             "        _m = _dims[_t, 1]",
             "        _n = _dims[_t, 2]"]
-    drv += [f"        {a} = carray(_at(_ptrs[_t, {j}]), {size_of[st.shapes[a]]})"
-            for j, a in enumerate(p.arrays)]
+    drv += [carr(a, j) for j, a in enumerate(names)]
     drv.append(f"        run_s({arrays}, _B, _m, _n"
                + "".join(f", _scalars[{j}]" for j in range(len(p.scalars))) + ")")
-    head = [f"# Generated by hwoptim from the {p.rule.name} spec ({_flag_text(p)}), {dtype}: "
-            f"staged (sweeps, then stores).",
+    head = [f"# Generated by hwoptim from the {p.rule.name} spec ({_flag_text(p)}), "
+            f"{fmt.key}: staged (sweeps, then stores).",
             "# Edit the spec in hwoptim/rules, not this file.",
             "import numpy as np",
             "from numba import carray, njit, prange, types",
             "from numba.extending import intrinsic", ""]
+    if not fmt.plain:
+        head += _NB_FORMAT_HELPERS.splitlines() + [""]
     head += _typed_constants(consts, dtype)
     return "\n".join(head + ["", ""] + funcs + [""] + drv) + "\n"
 
@@ -2400,7 +2464,43 @@ class CudaStaged:
     launches: tuple       # (kernel name, kind, reduction index or dom) in launch order
 
 
-def _c_staged_lines(p: KernelPlan, targets) -> list:
+def _c_staged_load(p: KernelPlan, fmt: Format, a: str) -> str:
+    """Buffer ``a``'s value at its class's index, in the compute type (its format's load)."""
+    idx = _stage_index(p.stages.shapes[a])
+    if fmt.plain:
+        return f"(TC){a}[{idx}]"
+    if a == "param" and fmt.master:
+        return f"master[{idx}]"
+    if fmt.quantized and a not in ("param", "grad"):
+        return f"hw_q_load({a}[{idx}], {a}_absmax[({idx}) >> 8])"
+    f = {"bfloat16": "hw_bf_load", "float16": "hw_h_load"}.get(fmt.storage(a))
+    return f"{f}({a}[{idx}])" if f else f"{a}[{idx}]"
+
+
+def _c_staged_store(p: KernelPlan, fmt: Format, o: str, v: str) -> list:
+    """Output ``o``'s new value ``v`` into its storage at its class's index; an int8
+    state's into its float32 scratch ``_T<j>`` (the quantize kernels encode it)."""
+    idx = _stage_index(p.stages.shapes[o])
+    qs = _staged_quantized(p, fmt)
+    if fmt.plain:
+        return [f"{o}[{idx}] = ({_array_ctype(o)}){v};"]
+    if o in qs:
+        return [f"_T{qs.index(o)}[{idx}] = {v};"]
+    if o == "param" and fmt.master:
+        return [f"master[{idx}] = {v};", f"param[{idx}] = {_c_round(fmt, 'param', v)};"]
+    if o == "param" and fmt.sr:      # element i's bits: (i mod 2^32) ^ key ^ mix32(i >> 32)
+        f = "hw_bf_sr" if fmt.param == "bfloat16" else "hw_h_sr"
+        return [f"param[{idx}] = {f}({v}, hw_mix32((unsigned){idx} ^ _srkey[0] ^ "
+                f"hw_mix32((unsigned)(({idx}) >> 32))));"]
+    return [f"{o}[{idx}] = {_c_round(fmt, o, v)};"]
+
+
+def _staged_quantized(p: KernelPlan, fmt: Format) -> list:
+    """The int8 states a staged step writes (each through a float32 scratch array)."""
+    return [o for o in p.outputs if fmt.quantized and o not in ("param", "grad")]
+
+
+def _c_staged_lines(p: KernelPlan, targets, fmt: Format) -> list:
     """C statements computing ``targets`` (nodes of the staged plan ``p``) at the indices
     ``i``, ``_row``, ``_b``, ``_c``: the arrays' and the reductions' values loaded by their
     class (reductions' results from ``_V<j>``), then the spec's statements each printed
@@ -2412,8 +2512,7 @@ def _c_staged_lines(p: KernelPlan, targets) -> list:
         if e.op == "mean":
             nm.names[id(e)] = f"_q{j}"
     need, arrs = _stage_closure(targets, red)
-    lines = [f"const TC x_{a} = (TC){a}[{_stage_index(st.shapes[a])}];"
-             for a in p.arrays if a in arrs]
+    lines = [f"const TC x_{a} = {_c_staged_load(p, fmt, a)};" for a in p.arrays if a in arrs]
     for e in st.reductions:
         if id(e) in need:
             lines.append(f"const TC {nm(e)} = _V{red[id(e)]}[{_stage_index(st.cls(e))}];")
@@ -2424,28 +2523,33 @@ def _c_staged_lines(p: KernelPlan, targets) -> list:
     return lines, nm
 
 
-def _staged_parts(p: KernelPlan, dtype: str) -> tuple:
-    """(device functions, [(name, kind, what, body lines of the "warp" and "loop"
-    variants, work-item count)]) of :func:`cuda_staged_source`."""
+def _staged_parts(p: KernelPlan, fmt: Format) -> tuple:
+    """(kernel arguments, device functions, [(name, kind, what, body lines of the "warp"
+    and "loop" variants, work-item count)]) of :func:`cuda_staged_source`."""
     st = p.stages
     full_js = [j for j, e in enumerate(st.reductions) if st.cls(e.args[0]) == _FULL]
-    arrays = []
-    for a in p.arrays:
-        t = _array_ctype(a)
-        arrays.append(f"{t}* __restrict__ {a}" if a in p.outputs
-                      else f"const {t}* __restrict__ {a}")
+    qs = _staged_quantized(p, fmt)
+    arrays, written = [], set(p.outputs) | {f"{o}_absmax" for o in qs}
+    if "param" in p.outputs:
+        written.add("master")
+    for a in fmt.arrays(p.arrays):
+        t = ("float" if a == "master" or a.endswith("_absmax") else
+             "unsigned" if a == "_srkey" else _array_ctype(a))
+        arrays.append(f"{'' if a in written else 'const '}{t}* __restrict__ {a}")
     args = (arrays + [f"TC* __restrict__ _V{j}" for j in range(len(st.reductions))]
             + [f"double* __restrict__ _P{j}" for j in full_js]
+            + [f"float* __restrict__ _T{j}" for j in range(len(qs))]
             + ["const long long _B", "const long long _m", "const long long _n"]
             + [f"const TC k_{s}" for s in p.scalars])
-    names = ([a for a in p.arrays] + [f"_V{j}" for j in range(len(st.reductions))]
-             + [f"_P{j}" for j in full_js] + ["_B", "_m", "_n"] + [f"k_{s}" for s in p.scalars])
+    names = (list(fmt.arrays(p.arrays)) + [f"_V{j}" for j in range(len(st.reductions))]
+             + [f"_P{j}" for j in full_js] + [f"_T{j}" for j in range(len(qs))]
+             + ["_B", "_m", "_n"] + [f"k_{s}" for s in p.scalars])
     idx_args = ["const long long i", "const long long _row", "const long long _b",
                 "const long long _c"]
     funcs = []
     sweeps = st.sweeps()
     for s, (lv, dom, js) in enumerate(sweeps):
-        lines, nm = _c_staged_lines(p, [st.reductions[j].args[0] for j in js])
+        lines, nm = _c_staged_lines(p, [st.reductions[j].args[0] for j in js], fmt)
         for j in js:
             v = nm(st.reductions[j].args[0])
             lines.append(f"v{j} = (double)({v});" if st.reductions[j].op == "mean"
@@ -2459,9 +2563,8 @@ def _staged_parts(p: KernelPlan, dtype: str) -> tuple:
         if not outs:
             continue
         tag = "".join(sorted(dom))
-        lines, nm = _c_staged_lines(p, [p.roots[o] for o in outs])
-        lines += [f"{o}[{_stage_index(dom)}] = ({_array_ctype(o)}){nm(p.roots[o])};"
-                  for o in outs]
+        lines, nm = _c_staged_lines(p, [p.roots[o] for o in outs], fmt)
+        lines += [ln for o in outs for ln in _c_staged_store(p, fmt, o, nm(p.roots[o]))]
         sig = ",\n    ".join(args + idx_args)
         funcs.append(f"__device__ __forceinline__ void {p.key}_store_{tag}(\n    {sig})\n{{\n"
                      + "\n".join(f"    {ln}" for ln in lines) + "\n}\n")
@@ -2592,6 +2695,37 @@ def _staged_parts(p: KernelPlan, dtype: str) -> tuple:
                     "const long long _c = i - _b * _n;"]
         body.append(f"{p.key}_store_{tag}({call}, i, _row, _b, _c);")
         kernels.append((f"store_{tag}", "store", tag, body, body, _stage_size(dom)))
+    for j, o in enumerate(qs):      # int8 states: a warp per block of 256 (8 elements a
+        size = _stage_size(st.shapes[o])        # lane), its absmax by shuffles, then codes
+        bodies = []
+        for warp in (True, False):
+            r = "" if warp else "[lane]"
+            body = ["const long long base = q << 8;",
+                    f"unsigned A{'' if warp else '[32]'}; bool N{'' if warp else '[32]'};"]
+            body += lanes([f"A{r} = 0u;", f"N{r} = false;",
+                           "for (int k = 0; k < 8; ++k) {",
+                           "    const long long i = base + lane + 32 * k;",
+                           f"    if (i < {size}) {{",
+                           f"        A{r} = A{r} > hw_abs_bits(_T{j}[i]) ? A{r} : "
+                           f"hw_abs_bits(_T{j}[i]);",
+                           f"        N{r} = N{r} || _T{j}[i] < 0.0f;", "    }", "}"], warp)
+            if warp:
+                body += ["for (int o = 16; o > 0; o >>= 1) {",
+                         "    const unsigned y = __shfl_xor_sync(0xffffffffu, A, o);",
+                         "    A = A > y ? A : y;", "}", "N = __any_sync(0xffffffffu, N);"]
+            else:               # (max and or: exact in any order)
+                body += ["for (int l = 1; l < 32; ++l) {", "    A[0] = A[0] > A[l] ? A[0] : A[l];",
+                         "    N[0] = N[0] || N[l];", "}"]
+            a0, n0 = ("A", "N") if warp else ("A[0]", "N[0]")
+            body += ["float pre, inv, sa; bool u;",
+                     f"hw_q_scale({a0}, {n0}, pre, inv, u, sa);"]
+            body += lanes(["for (int k = 0; k < 8; ++k) {",
+                           "    const long long i = base + lane + 32 * k;",
+                           f"    if (i < {size}) {o}[i] = hw_q_code(_T{j}[i], pre, inv, u);",
+                           "}"], warp)
+            body.append(lane0(f"{o}_absmax[q] = sa;", warp))
+            bodies.append(body)
+        kernels.append((f"quant{j}", "quant", j, *bodies, f"(({size}) + 255) >> 8"))
     return args, funcs, kernels
 
 
@@ -2622,12 +2756,13 @@ def cuda_staged_source(p: KernelPlan, dtype: str) -> CudaStaged:
     (float64: per row and column tile for a row sum, per row tile and column for a column
     sum, per tile for a whole-array sum), ``_B, _m, _n`` and the kernel scalars; launched
     in ``launches`` order, each over its work items (tiles, results or elements)."""
-    args, funcs, kernels = _staged_parts(p, dtype)
-    base = f"hw_{p.key}_{dtype}_staged"
+    fmt = Format.parse(dtype)
+    args, funcs, kernels = _staged_parts(p, fmt)
+    base = f"hw_{p.key}_{fmt.key}_staged"
     sig = ",\n    ".join(args)
     text, launches = [], []
     for name, kind, what, warp_body, _, _count in kernels:
-        per_warp = kind in ("sweep", "finish", "small")
+        per_warp = kind in ("sweep", "finish", "small", "quant")
         head = [f'extern "C" __global__ void {base}_{name}(\n    {sig})\n{{',
                 f"    const long long nbm = (_m + {_TILE - 1}) / {_TILE};",
                 f"    const long long nbn = (_n + {_TILE - 1}) / {_TILE};",
@@ -2645,11 +2780,18 @@ def cuda_staged_source(p: KernelPlan, dtype: str) -> CudaStaged:
         text.append("\n".join(head + [f"        {ln}" for ln in warp_body] + ["    }", "}", ""]))
         launches.append((f"{base}_{name}", kind, what))
     src = "\n".join([
-        f"// Generated by hwoptim from the {p.rule.name} spec ({_flag_text(p)}), {dtype}: "
+        f"// Generated by hwoptim from the {p.rule.name} spec ({_flag_text(p)}), {fmt.key}: "
         f"staged (sweeps, then stores).",
         "// Edit the spec in hwoptim/rules, not this file.",
-        _typedefs(dtypes_for(dtype))] + funcs + text)
+        _staged_typedefs(fmt)] + funcs + text)
     return CudaStaged(src, tuple(launches))
+
+
+def _staged_typedefs(fmt: Format) -> str:
+    """The buffer types (and, for a storage format, its conversions)."""
+    if fmt.plain:
+        return _typedefs(dtypes_for(fmt.compute))
+    return _c_format_typedefs(fmt) + _C_FORMAT_HELPERS
 
 
 def cpp_staged_test_source(p: KernelPlan, dtype: str) -> str:
@@ -2657,23 +2799,24 @@ def cpp_staged_test_source(p: KernelPlan, dtype: str) -> str:
     its launch order: the same device functions, and each kernel's statements with the
     warp's lanes in a loop and its shuffles as index arithmetic. ``run(arrays, _V..., _P...,
     _B, _m, _n, scalars, ftz)``, the arguments as the kernels'."""
-    args, funcs, kernels = _staged_parts(p, dtype)
+    fmt = Format.parse(dtype)
+    args, funcs, kernels = _staged_parts(p, fmt)
     body = ["const unsigned int csr = _mm_getcsr();",
             "if (ftz) _mm_setcsr(csr | 0x8040);  // flush-to-zero and denormals-are-zero",
             f"const long long nbm = (_m + {_TILE - 1}) / {_TILE};",
             f"const long long nbn = (_n + {_TILE - 1}) / {_TILE};", "(void)nbm; (void)nbn;"]
     for name, kind, what, _, loop_body, count in kernels:
-        v = {"sweep": "w", "finish": "q", "small": "q"}.get(kind, "i")
+        v = {"sweep": "w", "finish": "q", "small": "q", "quant": "q"}.get(kind, "i")
         count = "_B * nbm * nbn" if kind == "sweep" else count
         body += [f"for (long long {v} = 0; {v} < {count}; ++{v}) {{  // {name}"]
         body += [f"    {ln}" for ln in loop_body] + ["}"]
     body.append("_mm_setcsr(csr);")
     sig = ", ".join(a.replace("__restrict__ ", "") for a in args)
     return "\n".join([
-        "#include <cmath>", "#include <xmmintrin.h>",
+        "#include <cmath>", "#include <cstring>", "#include <xmmintrin.h>",
         "#define __device__", "#define __forceinline__ inline",
         "using std::sqrt; using std::fabs; using std::fmax; using std::fmin; using std::pow;",
-        _typedefs(dtypes_for(dtype))] + funcs + [
+        _staged_typedefs(fmt)] + funcs + [
         f'extern "C" void run({sig}, int ftz) {{'] + [f"    {ln}" for ln in body] + ["}"]) + "\n"
 
 
@@ -2689,6 +2832,13 @@ def staged_scratch(p: KernelPlan, B: int, m: int, n: int) -> tuple:
     vs = [size[st.cls(e)] for e in st.reductions]
     ps = [part[st.cls(e)] for e in st.reductions if st.cls(e.args[0]) == _FULL]
     return vs, ps
+
+
+def staged_quant_scratch(p: KernelPlan, fmt, B: int, m: int, n: int) -> list:
+    """The element counts of :func:`cuda_staged_source`'s float32 scratch arrays ``_T<j>``
+    in storage format ``fmt``: one per int8 state the step writes, its size."""
+    size = {_FULL: B * m * n, frozenset("br"): B * m, frozenset("bc"): B * n}
+    return [size[p.stages.shapes[o]] for o in _staged_quantized(p, Format.parse(fmt))]
 
 
 # ----------------------------------------------------------------------------- step guard, CUDA

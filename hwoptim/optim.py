@@ -471,7 +471,7 @@ class Optimizer:
 
     def _check_staged(self, arrays, where: str, first: int = 0):
         """Params a rule updates in stages (Adafactor's matrices: state of other shapes)
-        need a backend that runs them, and there no device scalars or storage formats yet."""
+        need a backend that runs them, and there no device scalars yet."""
         rule = self.rule
         if rule.shape_flags is None:
             return
@@ -488,10 +488,6 @@ class Optimizer:
         if self.capturable:
             raise ValueError(f"{what}: capturable=True has no kernels for that yet; use "
                              f"capturable=False, or flatten it into a vector")
-        if not self.format.plain:
-            raise ValueError(f"{what}; 16-bit params and state formats are not supported "
-                             f"there yet: keep those params float32 (a second optimizer), "
-                             f"or flatten them")
 
     def _set_format(self, arrays, storage):
         """The storage format (hwoptim.formats) from the params' dtype and the options
@@ -592,7 +588,7 @@ class Optimizer:
                     elif fp.quantized:           # codes, and a scale per block
                         st[s.name], st[f"{s.name}_absmax"] = (
                             self._on_device(a, p) for a in formats.quantize(
-                                np.full(p.size, init, np.float32)))
+                                np.full(s.shape_for(p.shape), init, np.float32)))
                     else:                        # (rounded into the state's storage)
                         st[s.name] = self._on_device(formats.round_nearest(
                             np.full(s.shape_for(p.shape), init, np.float32), fp.state), p)
@@ -618,14 +614,15 @@ class Optimizer:
             if g == gi:
                 st, p = self.state[i], self._params[i]
                 plan = _plan(self.rule, self.rule.array_flags(self._flags[gi], p.shape))
+                names = [n for n in self._format_of(p).arrays(plan.arrays)[2:]
+                         if n not in ("master", "_srkey")]
                 if plan.stages is not None:
-                    self._views[i] = [p] + [st[n] for n in plan.arrays[2:]]
+                    self._views[i] = [p] + [st[n] for n in names]
                 else:
-                    names = self._format_of(p).arrays(plan.arrays)[2:]
-                    self._views[i] = [p.reshape(-1)] + [
-                        st[n].reshape(-1) for n in names if n not in ("master", "_srkey")]
+                    self._views[i] = [p.reshape(-1)] + [st[n].reshape(-1) for n in names]
                 if self.format.master:
-                    self._views[i].append(st["master"].reshape(-1))
+                    self._views[i].append(st["master"] if plan.stages is not None
+                                          else st["master"].reshape(-1))
                 if self.format.sr:              # this param's key, written every step
                     self._views[i].append(self._key_view(i, p))
 

@@ -297,7 +297,8 @@ class Optimizer(_TorchOptimizer):
             if s.name not in state:
                 init = h[s.init] if isinstance(s.init, str) else s.init
                 if f.quantized:                  # codes, and a scale per 256 elements
-                    codes, absmax = formats.quantize(np.full(p.numel(), init, np.float32))
+                    codes, absmax = formats.quantize(
+                        np.full(s.shape_for(p.shape), init, np.float32))
                     state[s.name] = torch.from_numpy(codes).to(p.device)
                     state[f"{s.name}_absmax"] = torch.from_numpy(absmax).to(p.device)
                 elif not f.plain:
@@ -389,15 +390,6 @@ class Optimizer(_TorchOptimizer):
                                      f"(channels_last?); hwoptim's kernels update contiguous "
                                      f"memory: model.to(memory_format=torch.contiguous_format)")
                 items.append((p, g))
-            if self.rule.shape_flags is not None:   # staged params take no format yet:
-                flat = self.rule.shape_flags((1,))   # refused before anything changes
-                for p, _ in items:
-                    if self.rule.shape_flags(tuple(p.shape)) != flat and \
-                            not self._format_of(p).plain:
-                        raise ValueError(f"{where}a {p.dim()}-d {p.dtype} param: "
-                                         f"{type(self).__name__} updates such params in "
-                                         f"stages (factored state), which take float32 "
-                                         f"and float64 params and state only yet")
             work.append((group, hf, items))
         if skip:                              # found_inf: the whole step is skipped
             self.skipped_steps += 1
@@ -523,6 +515,10 @@ class Optimizer(_TorchOptimizer):
                                   [step_of(t) for p, g, t, st in work],
                                   [self._sr_index(p) for p, g, t, st in work])
         dtype = fmt.compute
+
+        if keys is not None and work[0][0].device.type == "cuda" and not hasattr(k, "many"):
+            # (staged kernels, one param at a time: the keys on the device, on torch's stream)
+            keys = _view(torch.from_numpy(keys.view(np.int32)).to(work[0][0].device))
 
         def buf(j, st, n):
             return keys[j:j + 1] if n == "_srkey" else st[n]

@@ -567,16 +567,21 @@ class _Shaped(_Array):
         self.shape = tuple(shape)
 
 
-@pytest.mark.parametrize("dtype", ["float32", "float64"])
+@pytest.mark.parametrize("dtype", ["float32", "float64", "float16_sint8_master",
+                                   "bfloat16_sbfloat16_sr"])
 @pytest.mark.parametrize("shape", [(3, 37, 45), (70, 1), (1, 1100)])
 def test_staged_launches_in_order(shape, dtype, fake_cupy):
     """A factored Adafactor param: the staged module's kernels, each once, in its launch
-    order, on the caller's stream; every kernel gets the same arguments (the arrays, the
-    sums' scratch arrays of the sizes ``codegen.staged_scratch`` gives, B, m, n as int64,
-    the scalars in the dtype); a warp per tile or result, a thread per stored element; an
-    empty matrix launches nothing."""
+    order, on the caller's stream; every kernel gets the same arguments (the arrays in the
+    format's order, the sums' scratch arrays of the sizes ``codegen.staged_scratch`` gives,
+    an int8 state's float32 scratch, B, m, n as int64, the scalars in the compute dtype); a
+    warp per tile, result or block of 256, a thread per stored element; an empty matrix
+    launches nothing."""
+    from hwoptim.formats import Format
     mod = _backend("cupy")
     rule = RULES["Adafactor"]
+    fmt = Format.parse(dtype)
+    cd = np.dtype(fmt.compute)
     h = {n: hy.default for n, hy in rule.hypers.items()}
     h["eps"] = (1e-7, 1e-3)
     flags = rule.array_flags(rule.static_flags(h, dict(rule.options)), shape)
@@ -586,9 +591,12 @@ def test_staged_launches_in_order(shape, dtype, fake_cupy):
     scalars = run.prepare(h, 4)
     B = int(np.prod(shape[:-2])) if len(shape) > 2 else 1
     m, n = shape[-2:]
-    arrays = [_Shaped(shape, 0x7F0000000000), _Shaped(shape, 0x7F0100000000),
-              _Shaped(shape[:-1] + (1,), 0x7F0200000000),
-              _Shaped(shape[:-2] + (1, n), 0x7F0300000000)]
+    shapes = {"param": shape, "grad": shape, "row_var": shape[:-1] + (1,),
+              "col_var": shape[:-2] + (1, n), "master": shape, "_srkey": (1,)}
+    shapes.update({f"{a}_absmax": (-(-int(np.prod(shapes[a])) // 256),)
+                   for a in ("row_var", "col_var")})
+    arrays = [_Shaped(shapes[a], 0x7F0000000000 + (j << 32))
+              for j, a in enumerate(fmt.arrays(plan.arrays))]
     side = fake_cupy.cuda.ExternalStream(0xABC0)
     with side:
         run(arrays, scalars)
@@ -596,26 +604,34 @@ def test_staged_launches_in_order(shape, dtype, fake_cupy):
     assert [x["kernel"] for x in L] == [name for name, _, _ in k.launches]
     assert all(x["stream"] is side for x in L) and all(x["block"] == (256,) for x in L)
     vs, ps = codegen.staged_scratch(plan, B, m, n)
-    na, nv = len(plan.arrays), len(vs)
+    ts = codegen.staged_quant_scratch(plan, fmt, B, m, n)
+    assert ts == ([B * m, B * n] if fmt.quantized else [])
+    na, nv = len(arrays), len(vs)
     args = L[0]["args"]
     assert all(x["args"] is args or x["args"] == args for x in L)
     assert list(args[:na]) == arrays
-    assert [(a.size, a.dtype) for a in args[na:na + nv]] == [(v, np.dtype(dtype)) for v in vs]
+    assert [(a.size, a.dtype) for a in args[na:na + nv]] == [(v, cd) for v in vs]
     assert [(a.size, a.dtype) for a in args[na + nv:na + nv + len(ps)]] == \
         [(q, np.dtype(np.float64)) for q in ps]
-    tail = args[na + nv + len(ps):]
+    at = na + nv + len(ps)
+    assert [(a.size, a.dtype) for a in args[at:at + len(ts)]] == \
+        [(t, np.dtype(np.float32)) for t in ts]
+    tail = args[at + len(ts):]
     assert [type(x) for x in tail[:3]] == [np.int64] * 3 and list(tail[:3]) == [B, m, n]
-    assert all(type(x) is np.dtype(dtype).type for x in tail[3:])
-    assert list(tail[3:]) == [np.dtype(dtype).type(x) for x in scalars]
+    assert all(type(x) is cd.type for x in tail[3:])
+    assert list(tail[3:]) == [cd.type(x) for x in scalars]
     tiles = B * -(-m // 32) * -(-n // 32)
     threads = {"bcr": B * m * n, "br": B * m, "bc": B * n}
+    kinds = [kind for _, kind, _ in k.launches]
+    assert kinds.count("quant") == len(ts) and kinds[-len(ts) - 3:][:3] == ["store"] * 3
     for x, (_, kind, what) in zip(L, k.launches):
         work = (32 * tiles if kind == "sweep" else threads[what] if kind == "store"
-                else 32 * vs[what])
+                else 32 * -(-ts[what] // 256) if kind == "quant" else 32 * vs[what])
         assert x["grid"] == (-(-work // 256),), (x["kernel"], x["grid"], work)
     L.clear()
-    run([_Shaped((0, 5), 0x10), _Shaped((0, 5), 0x20), _Shaped((0, 1), 0x30),
-         _Shaped((1, 5), 0x40)], scalars)
+    empty = {**shapes, "param": (0, 5), "grad": (0, 5)}
+    run([_Shaped(empty[a], 0x10 * (j + 1)) for j, a in enumerate(fmt.arrays(plan.arrays))],
+        scalars)
     assert L == []
 
 

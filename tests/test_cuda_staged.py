@@ -27,7 +27,7 @@ import numpy as np
 import pytest
 
 import hwoptim
-from hwoptim import codegen, testing
+from hwoptim import codegen, formats, testing
 
 import test_cuda_source as tcs
 from test_cuda_source import compiler, nvrtc     # noqa: F401  (fixtures)
@@ -203,3 +203,144 @@ def test_cpp_harness_leaves_the_floating_point_mode_as_it_was():
     _run(f, plan, "float32", bufs, (4, 4), prepare(h, 1), 1)
     tiny = np.array([1e-20], np.float32)
     assert (tiny * tiny)[0] > 0            # 1e-40: a float32 subnormal, unless flushed
+
+
+# ----------------------------------------------------------------------------- formats
+#
+# The staged kernels in storage formats (16-bit params and grads, bfloat16 or int8 state,
+# master weights, stochastic rounding): every kind of load and store, with int8 states
+# encoded by the quantize kernels. The chain: the float32 kernels are held to the float64
+# reference above; a format's step is the float32 step from the same (upcast) values, with
+# the same sums in the same order, each result rounded into its storage by
+# hwoptim.formats' NumPy conversions: bit for bit.
+
+FORMAT_KEYS = ("float16_sfloat32", "bfloat16_sbfloat16", "float16_sfloat32_master",
+               "bfloat16_sfloat32_sr", "float16_sint8_sr", "bfloat16_sint8_master")
+FORMAT_SHAPES = [(3, 37, 45), (70, 33), (1, 300), (300, 17)]   # (300: two int8 blocks)
+
+
+def _storage(fmt, name):
+    return np.uint8 if fmt.storage(name) == "uint8" else formats.np_dtype(fmt.storage(name))
+
+
+@pytest.mark.parametrize("arch", tcs.ARCHS)
+@pytest.mark.parametrize("key", FORMAT_KEYS)
+def test_staged_format_kernels_compile(compiler, key, arch):
+    """Each format's staged module compiles for sm_80 and sm_90 with exactly the kernels
+    the backend launches (int8 state: a quantize kernel per state, after the stores, its
+    block's absmax reduced by shuffles) and no atomics."""
+    kw, flags, plan = CASES[0].values
+    k = codegen.cuda_staged_source(plan, key)
+    res = compiler.result(k.source, (f"-arch=sm_{arch}",) + tcs.CUPY_OPTIONS)
+    assert res.ok, f"{key} sm_{arch}: NVRTC failed ({res.status}):\n{res.log}"
+    entries = tcs._entries(res.ptx)
+    names = [n for n, _, _ in k.launches]
+    assert sorted(entries) == sorted(names)
+    quant = [n for n, kind, _ in k.launches if kind == "quant"]
+    assert len(quant) == (2 if "int8" in key else 0)
+    for name in names:
+        assert not re.search(r"\b(atom|red)\.", entries[name][1]), name
+    assert all("shfl.sync.bfly" in entries[n][1] for n in quant)
+
+
+_FLIB = {}
+
+
+def _format_lib(plan, key):
+    why = tcs._cxx_unavailable()
+    if why:
+        pytest.skip(why)
+    if (plan.key, key) not in _FLIB:
+        fmt = formats.Format.parse(key)
+        tmp = tempfile.mkdtemp(prefix="hwoptim-cppstaged-")
+        src, so = os.path.join(tmp, "staged.cpp"), os.path.join(tmp, "staged.so")
+        with open(src, "w") as f:
+            f.write(codegen.cpp_staged_test_source(plan, key))
+        cmd = [os.environ.get("CXX", "g++"), "-O2", "-std=c++17", "-shared", "-fPIC",
+               "-ffp-contract=off", src, "-o", so]
+        p = subprocess.run(cmd, capture_output=True, text=True)
+        assert p.returncode == 0, f"{' '.join(cmd)} failed:\n{p.stdout}{p.stderr}"
+        f = ctypes.CDLL(so).run
+        shutil.rmtree(tmp, ignore_errors=True)
+
+        def ptr(dt):
+            return np.ctypeslib.ndpointer(dtype=dt, flags="C_CONTIGUOUS")
+        names = fmt.arrays(plan.arrays)
+        vs, ps = codegen.staged_scratch(plan, 1, 1, 1)
+        ts = codegen.staged_quant_scratch(plan, fmt, 1, 1, 1)
+        f.argtypes = ([ptr(np.uint16 if fmt.storage(a) in ("float16", "bfloat16")
+                           else _storage(fmt, a)) for a in names]
+                      + [ptr(np.float32)] * len(vs) + [ptr(np.float64)] * len(ps)
+                      + [ptr(np.float32)] * len(ts) + [ctypes.c_longlong] * 3
+                      + [ctypes.c_float] * len(plan.scalars) + [ctypes.c_int])
+        f.restype = None
+        _FLIB[(plan.key, key)] = f
+    return _FLIB[(plan.key, key)]
+
+
+@pytest.mark.parametrize("key", FORMAT_KEYS)
+def test_cpp_staged_format_step_is_the_float32_step_rounded(key):
+    """From random (warmed-up) buffers in format ``key``, the format kernels' step equals
+    the float32 kernels' step from the upcast values (a master copy: itself), each result
+    rounded into its storage by hwoptim.formats: params to nearest or stochastically with
+    the element's bits, the master copy the float32 result itself, bfloat16 factors to
+    nearest, int8 factors encoded as formats.quantize encodes them; flush-to-zero off and
+    on."""
+    fmt = formats.Format.parse(key)
+    kw, flags, plan = CASES[0].values
+    f32, ff = _lib(plan, "float32"), _format_lib(plan, key)
+    prepare = codegen.host_scalar_function(plan, "float32")
+    h = {**hwoptim.Adafactor([np.ones(2)], backend="numpy", **kw).param_groups[0]}
+    scalars = prepare(h, 3)
+    for shape in FORMAT_SHAPES:
+        rng = np.random.default_rng(zlib.crc32(repr((key, shape)).encode()))
+        B = int(np.prod(shape[:-2])) if len(shape) > 2 else 1
+        m, n = shape[-2:]
+        vals = {"param": rng.standard_normal(shape), "grad": rng.standard_normal(shape),
+                "row_var": rng.uniform(0.1, 3, shape[:-1] + (1,)),
+                "col_var": rng.uniform(0.1, 3, shape[:-2] + (1, n))}
+        bufs = {}                                  # the format's buffers (flat)
+        for a, v in vals.items():
+            if fmt.quantized and a not in ("param", "grad"):
+                bufs[a], bufs[f"{a}_absmax"] = formats.quantize(v.astype(np.float32))
+            else:
+                bufs[a] = formats.round_nearest(v.astype(np.float32).reshape(-1),
+                                                fmt.storage(a))
+        if fmt.master:
+            bufs["master"] = (bufs["param"].astype(np.float32)
+                              + np.float32(1e-3) * rng.standard_normal(bufs["param"].size)
+                              .astype(np.float32))
+        bufs["_srkey"] = rng.integers(0, 2**32, 1, dtype=np.uint64).astype(np.uint32)
+        up = {a: (bufs["master"] if a == "param" and fmt.master else
+                  formats.dequantize(bufs[a], bufs[f"{a}_absmax"]) if f"{a}_absmax" in bufs
+                  else bufs[a].astype(np.float32)) for a in plan.arrays}
+        for ftz in (0, 1):
+            vs, ps = codegen.staged_scratch(plan, B, m, n)
+            ts = codegen.staged_quant_scratch(plan, fmt, B, m, n)
+            want = {a: v.copy() for a, v in up.items()}
+            f32(*[want[a] for a in plan.arrays], *[np.full(v, np.nan, np.float32) for v in vs],
+                *[np.full(q, np.nan) for q in ps], B, m, n, *scalars, ftz)
+            got = {a: v.copy() for a, v in bufs.items()}
+            ff(*[got[a].view(np.uint16) if got[a].dtype.itemsize == 2 else got[a]
+                 for a in fmt.arrays(plan.arrays)],
+               *[np.full(v, np.nan, np.float32) for v in vs], *[np.full(q, np.nan) for q in ps],
+               *[np.full(t, np.nan, np.float32) for t in ts], B, m, n, *scalars, ftz)
+            where = f"{key} {shape} ftz={ftz}"
+            assert not np.array_equal(want["param"], up["param"]), where      # it moved
+            if fmt.sr:
+                bits = formats.element_bits(bufs["_srkey"][0], np.arange(want["param"].size))
+                p = formats.round_stochastic(want["param"], fmt.param, bits)
+            else:
+                p = formats.round_nearest(want["param"], fmt.param)
+            assert np.array_equal(got["param"].view(np.uint16), p.view(np.uint16)), where
+            if fmt.master:
+                assert np.array_equal(got["master"], want["param"]), where
+            assert np.array_equal(got["grad"], bufs["grad"]), where
+            for a in ("row_var", "col_var"):
+                if fmt.quantized:
+                    codes, absmax = formats.quantize(want[a])
+                    assert np.array_equal(got[a], codes), (where, a)
+                    assert np.array_equal(got[f"{a}_absmax"], absmax), (where, a)
+                else:
+                    r = formats.round_nearest(want[a], fmt.storage(a))
+                    assert np.array_equal(got[a].view(r.dtype), r), (where, a)

@@ -203,6 +203,96 @@ def test_a_step_is_the_float32_step_rounded_into_the_format(case, mode, backend,
             assert np.array_equal(opt.state[i]["master"], q, equal_nan=True)
 
 
+# Adafactor's factored matrices (staged kernels: sweeps, then stores) in every format, with
+# vectors beside them; (37, 45) and (70, 64) straddle min_8bit_size's 4096 elements
+FACTORED = [(37, 45), (3, 20, 33), (300,), (70, 64)]
+
+
+def _factored(rng, dtype):
+    params = [_values(rng, int(np.prod(s))).reshape(s).astype(dtype) for s in FACTORED]
+    grads = [[_values(rng, int(np.prod(s))).reshape(s).astype(dtype) for s in FACTORED]
+             for _ in range(3)]
+    return params, grads
+
+
+@pytest.mark.parametrize("backend", HOST)
+@pytest.mark.parametrize("mode", MODES, ids=MODE_IDS)
+def test_factored_step_is_the_float32_step_rounded_into_the_format(mode, backend, rng):
+    """Adafactor's factored matrices: from a warmed-up state, a step in a format is the
+    float32 optimizer's step from the same values (the same staged kernels, the same sums),
+    each result rounded into its storage, bit for bit: the row and column factors too
+    (int8: encoded by the reference quantizer)."""
+    dtype, fmt = mode
+    params, grads = _factored(rng, formats.np_dtype(dtype))
+    opt = hwoptim.Adafactor(params, backend=backend, lr=1e-2, **fmt)
+    for g in grads[:2]:
+        opt.step(g)
+    base = [(p.astype(np.float32) if not fmt.get("master_weights")
+             else opt.state[i]["master"].copy()) for i, p in enumerate(params)]
+    ref = hwoptim.Adafactor(base, backend=backend, lr=1e-2)
+    ref.load_state_dict(opt.state_dict())
+    opt.step(grads[2])
+    ref.step([g.astype(np.float32) for g in grads[2]])
+    f, moved = opt.format, 0
+    for i, (p, q) in enumerate(zip(params, base)):
+        if f.sr:
+            key = formats.sr_key(opt.seed, opt.step_count, [i])[0]
+            bits = formats.element_bits(key, np.arange(q.size)).reshape(q.shape)
+            want = formats.round_stochastic(q, dtype, bits)
+        else:
+            want = formats.round_nearest(q, dtype)
+        assert p.shape == q.shape and _same([p], [want]), (i, p.shape)
+        if f.master:                                     # the float32 result itself
+            assert np.array_equal(opt.state[i]["master"], q), i
+        for k, v in ref.state[i].items():
+            mine = opt.state[i][k]
+            if f"{k}_absmax" in opt.state[i]:            # int8: the float32 state, encoded
+                codes, absmax = formats.quantize(v)
+                assert np.array_equal(mine, codes), (i, k)
+                assert np.array_equal(opt.state[i][f"{k}_absmax"], absmax), (i, k)
+                moved += 1
+                continue
+            assert mine.shape == v.shape, (i, k)
+            assert _same([mine], [formats.round_nearest(v, formats.dtype_name(mine.dtype))]), \
+                (i, k)
+    assert moved == (0 if not f.quantized else
+                     2 * sum(len(s) > 1 and np.prod(s) >= opt.min_8bit_size for s in FACTORED)
+                     + sum(len(s) == 1 and s[0] >= opt.min_8bit_size for s in FACTORED))
+
+
+@pytest.mark.skipif("numba" not in HOST, reason="numba is not available")
+@pytest.mark.parametrize("mode", [m for m, mid in zip(MODES, MODE_IDS) if mid in (
+    "bfloat16-state_dtype=bfloat16", "bfloat16-stochastic_rounding=True,seed=11",
+    "float16-state_dtype=int8,master_weights=True,min_8bit_size=0")], ids=str)
+def test_factored_numba_is_the_numpy_reference(mode):
+    """Three steps of factored Adafactor in three formats (every kind of load and store;
+    the test above holds each format to its float32 step): Numba's staged kernels (serial,
+    parallel, many matrices in one call) against the NumPy reference. Their sums of the
+    row and column means run in another order: params and float states within one unit
+    of their storage, int8 states within one step of the map (2^-3 relative)."""
+    dtype, fmt = mode
+    out = {}
+    for backend in ("numpy", "numba"):
+        params, grads = _factored(np.random.default_rng(5), formats.np_dtype(dtype))
+        big = (1030, 1030)               # stepped alone, its element loops in parallel
+        params.append(_values(np.random.default_rng(6), 1030 * 1030).reshape(big)
+                      .astype(formats.np_dtype(dtype)))
+        opt = hwoptim.Adafactor(params, backend=backend, lr=1e-2, **fmt)
+        for g in grads:
+            opt.step(g + [np.cos(np.arange(1030 * 1030)).reshape(big).astype(g[0].dtype)])
+        out[backend] = (params, opt.state)
+    (pa, sa), (pb, sb) = out["numpy"], out["numba"]
+    assert _close(pa, pb)
+    for x, y in zip(sa, sb):
+        assert x.keys() == y.keys()
+        for k in x:
+            if f"{k}_absmax" in x:
+                u, v = (formats.dequantize(s[k], s[f"{k}_absmax"]) for s in (x, y))
+                assert np.allclose(u, v, rtol=2 ** -3, atol=0), k
+            elif not k.endswith("_absmax"):
+                assert _close([x[k]], [y[k]]), k
+
+
 # ----------------------------------------------------------------------------- conversions
 
 def _bits_of_every_float16():
@@ -604,13 +694,16 @@ TORCH_MODES = [("bfloat16", {}), ("bfloat16", {"state_dtype": "int8", "min_8bit_
 
 
 @pytest.mark.torch
+@pytest.mark.parametrize("name", ["Adam", "Adafactor"])
 @pytest.mark.parametrize("backend", HOST)
 @pytest.mark.parametrize("mode", TORCH_MODES, ids=[f"{d}-{o}" for d, o in TORCH_MODES])
-def test_torch_class_steps_16_bit_tensors_as_the_native_class(mode, backend, torch, rng):
-    """hwoptim.torch.Adam on CPU tensors of 16-bit dtypes, in each format, gives the native
-    class's bits on the same values (params numbered as the native class numbers them: the
-    same stochastic-rounding streams); its state_dict goes through torch.save/torch.load and
-    a new optimizer resumes bit-identically."""
+def test_torch_class_steps_16_bit_tensors_as_the_native_class(mode, backend, name, torch,
+                                                               rng):
+    """hwoptim.torch.Adam and .Adafactor (its (64, 80) matrix factored: the staged kernels)
+    on CPU tensors of 16-bit dtypes, in each format, give the native class's bits on the
+    same values (params numbered as the native class numbers them: the same
+    stochastic-rounding streams); the state_dict goes through torch.save/torch.load and a
+    new optimizer resumes bit-identically."""
     import io
     import hwoptim.torch as ht
     dtype, fmt = mode
@@ -619,10 +712,10 @@ def test_torch_class_steps_16_bit_tensors_as_the_native_class(mode, backend, tor
     init = [rng.standard_normal(s).astype(np.float32) for s in shapes]
     grads = [[rng.standard_normal(s).astype(np.float32) for s in shapes] for _ in range(4)]
     tp = [torch.nn.Parameter(torch.tensor(a).to(tdt)) for a in init]
-    opt = ht.Adam(tp, lr=1e-2, backend=backend, **fmt)
+    opt = getattr(ht, name)(tp, lr=1e-2, backend=backend, **fmt)
     mine = [torch.tensor(a).to(tdt).float().numpy().astype(formats.np_dtype(dtype))
             for a in init]
-    ref = hwoptim.Adam(mine, lr=1e-2, backend=backend, **fmt)
+    ref = getattr(hwoptim, name)(mine, lr=1e-2, backend=backend, **fmt)
     for g in grads[:2]:
         for t, a in zip(tp, g):
             t.grad = torch.tensor(a).to(tdt)
@@ -633,7 +726,7 @@ def test_torch_class_steps_16_bit_tensors_as_the_native_class(mode, backend, tor
     buf = io.BytesIO()
     torch.save(opt.state_dict(), buf)
     tp2 = [torch.nn.Parameter(t.detach().clone()) for t in tp]
-    opt2 = ht.Adam(tp2, lr=1e-2, backend=backend, **{**fmt, "seed": 1})
+    opt2 = getattr(ht, name)(tp2, lr=1e-2, backend=backend, **{**fmt, "seed": 1})
     opt2.load_state_dict(torch.load(io.BytesIO(buf.getvalue()), weights_only=False))
     for g in grads[2:]:
         for ps in (tp, tp2):
@@ -644,8 +737,9 @@ def test_torch_class_steps_16_bit_tensors_as_the_native_class(mode, backend, tor
     for a, b in zip(tp, tp2):
         assert torch.equal(a.detach().view(torch.int16 if tdt != torch.float32 else torch.int32),
                            b.detach().view(torch.int16 if tdt != torch.float32 else torch.int32))
-    for k, v in opt.state[tp[2]].items():
-        assert torch.equal(v, opt2.state[tp2[2]][k]), k
+    for i in (0, 2):
+        for k, v in opt.state[tp[i]].items():
+            assert torch.equal(v, opt2.state[tp2[i]][k]), k
 
 
 @pytest.mark.torch

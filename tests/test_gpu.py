@@ -1079,6 +1079,55 @@ def test_adafactor_matrices_on_the_gpu(dtype):
                 assert np.all(np.abs(v.get() - r) <= 32 * u * np.abs(r)), (t, i, k)
 
 
+@pytest.mark.parametrize("dtype, fopts", [
+    ("float16", {}), ("float16", {"master_weights": True}),
+    ("float16", {"stochastic_rounding": True, "seed": 5, "state_dtype": "bfloat16"}),
+    ("float16", {"state_dtype": "int8", "min_8bit_size": 0}),
+    ("float32", {"state_dtype": "int8", "min_8bit_size": 0})], ids=str)
+def test_adafactor_matrices_in_formats_on_the_gpu(dtype, fopts):
+    """Factored Adafactor in storage formats on CuPy arrays (the staged kernels' loads and
+    stores, int8 factors through the quantize kernels): from a warmed-up state, a step is
+    the float32 GPU step from the upcast values (the same kernels, the same sums), each
+    result rounded into its storage by hwoptim.formats, bit for bit."""
+    if fopts.get("state_dtype") == "bfloat16":
+        pytest.importorskip("ml_dtypes")
+    from hwoptim import formats
+    rng = np.random.default_rng(zlib.crc32(f"adafactor-gpu-{dtype}-{fopts}".encode()))
+    shapes = [(3, 37, 45), (300, 257), (40,)]
+    dev = [cupy.asarray(rng.standard_normal(s).astype(dtype)) for s in shapes]
+    opt = hwoptim.Adafactor(dev, lr=1e-2, **fopts)
+    for _ in range(2):
+        opt.step([cupy.asarray(rng.standard_normal(s).astype(dtype)) for s in shapes])
+    base = [opt.state[i]["master"].copy() if fopts.get("master_weights")
+            else p.astype(np.float32) for i, p in enumerate(dev)]
+    ref = hwoptim.Adafactor(base, lr=1e-2)
+    ref.load_state_dict(opt.state_dict())
+    gs = [rng.standard_normal(s).astype(dtype) for s in shapes]
+    opt.step([cupy.asarray(g) for g in gs])
+    ref.step([cupy.asarray(g.astype(np.float32)) for g in gs])
+    cupy.cuda.Device().synchronize()
+    for i, (p, q) in enumerate(zip(dev, base)):
+        q = q.get()
+        if opt.format.sr:
+            key = formats.sr_key(opt.seed, opt.step_count, [i])[0]
+            bits = formats.element_bits(key, np.arange(q.size)).reshape(q.shape)
+            want = formats.round_stochastic(q, dtype, bits)
+        else:
+            want = formats.round_nearest(q, dtype)
+        assert p.get().tobytes() == want.tobytes(), (i, shapes[i])
+        if opt.format.master:
+            assert opt.state[i]["master"].get().tobytes() == q.tobytes(), i
+        for k, v in ref.state[i].items():
+            v, mine = v.get(), opt.state[i][k]
+            if f"{k}_absmax" in opt.state[i]:
+                codes, absmax = formats.quantize(v)
+                assert mine.get().tobytes() == codes.tobytes(), (i, k)
+                assert opt.state[i][f"{k}_absmax"].get().tobytes() == absmax.tobytes()
+            else:
+                r = formats.round_nearest(v, formats.dtype_name(mine.dtype))
+                assert np.asarray(mine.get()).tobytes() == r.tobytes(), (i, k)
+
+
 def test_adafactor_dropin_on_cuda_equals_torch():
     """hwoptim.torch.Adafactor on CUDA tensors (an MLP: weights factored, biases not)
     against torch.optim.Adafactor on CUDA, float64: within 1e-10 after 50 steps."""
@@ -1103,18 +1152,16 @@ def test_adafactor_dropin_on_cuda_equals_torch():
 
 
 def test_adafactor_matrices_refused_where_the_gpu_has_no_kernel():
-    """capturable=True, a storage format and the ElementwiseKernel backend with a factored
-    param: refused at construction (or when the group is added), nothing changed."""
+    """capturable=True and the ElementwiseKernel backend with a factored param: refused at
+    construction (or when the group is added), nothing changed."""
     w = cupy.asarray(np.ones((8, 8), np.float32))
     with pytest.raises(ValueError, match="capturable=True has no kernels"):
         hwoptim.Adafactor(w, capturable=True)
     with pytest.raises(ValueError, match="cannot run that yet"):
         hwoptim.Adafactor(w, backend="cupy-elementwise")
-    with pytest.raises(ValueError, match="state formats are not supported there"):
-        hwoptim.Adafactor(cupy.asarray(np.ones((8, 8), np.float16)))
-    opt = hwoptim.Adafactor(cupy.asarray(np.ones(8, np.float16)))
+    opt = hwoptim.Adafactor(cupy.asarray(np.ones(8, np.float32)), capturable=True)
     with pytest.raises(ValueError, match="param_groups\\[1\\]: params\\[1\\]"):
-        opt.add_param_group({"params": [cupy.asarray(np.ones((8, 8), np.float16))]})
+        opt.add_param_group({"params": [w]})
     assert len(opt.param_groups) == 1 and len(opt.state) == 1
 
 

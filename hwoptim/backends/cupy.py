@@ -21,8 +21,9 @@ C++ in CI too (tests/test_cuda_formats.py).
 
 A staged rule (Adafactor's factored matrices) runs ``codegen.cuda_staged_source``'s kernels
 in order (sweeps a warp per 32x32 tile, sums finished a warp per result, then the stores),
-one param at a time on its shape (``_staged_kernel``); tests/test_cuda_staged.py runs them
-as C++.
+one param at a time on its shape (``_staged_kernel``), in any storage format (the same
+loads and stores; an int8 state's new values go through float32 scratch that a last kernel
+encodes a warp per block); tests/test_cuda_staged.py runs them as C++.
 """
 import numpy as np
 
@@ -86,10 +87,10 @@ def refuse_norms(plan, backend: str):
 
 def kernel(plan, dtype):
     fmt = Format.parse(dtype)
-    if not fmt.plain:
-        return _format_kernel(plan, fmt)
     if plan.stages is not None:
         return _staged_kernel(plan, dtype)
+    if not fmt.plain:
+        return _format_kernel(plan, fmt)
     import cupy
     k = codegen.cuda_source(plan, dtype)
     module = cupy.RawModule(code=k.source, options=NVRTC_OPTIONS)
@@ -472,15 +473,16 @@ def _format_kernel(plan, fmt: Format):
     return run
 
 
-def _staged_kernel(plan, dtype: str):
+def _staged_kernel(plan, key: str):
     """A staged rule's kernels (``codegen.cuda_staged_source``: Adafactor's factored
     matrices), for one param at a time on its shape: ``run(arrays, scalars)``, ``arrays`` in
     ``plan.arrays`` order (contiguous; the grad may be flat). Each call launches the
     module's kernels in order on the current stream, with scratch arrays for the sums
     (CuPy's memory pool); nothing waits on the host."""
     import cupy
-    k = codegen.cuda_staged_source(plan, dtype)
+    k = codegen.cuda_staged_source(plan, key)
     module, funcs = {}, {}
+    dtype = Format.parse(key).compute       # (a storage format's key: its math's dtype)
     typ = np.dtype(dtype).type
 
     def kernels():
@@ -496,15 +498,18 @@ def _staged_kernel(plan, dtype: str):
         if b * m * n == 0:
             return
         vs, ps = codegen.staged_scratch(plan, b, m, n)
+        ts = codegen.staged_quant_scratch(plan, key, b, m, n)
         V = [cupy.empty(v, dtype=dtype) for v in vs]
         P = [cupy.empty(q, dtype=np.float64) for q in ps]
-        args = (*arrays, *V, *P, np.int64(b), np.int64(m), np.int64(n),
+        T = [cupy.empty(t, dtype=np.float32) for t in ts]     # int8 states, before encoding
+        args = (*arrays, *V, *P, *T, np.int64(b), np.int64(m), np.int64(n),
                 *[typ(x) for x in scalars])
         tiles = b * -(-m // 32) * -(-n // 32)
         store = {"bcr": b * m * n, "br": b * m, "bc": b * n}
         for f, (_, kind, what) in zip(kernels(), k.launches):
-            # a warp per tile or per result; a thread per element, row or column
-            work = {"sweep": 32 * tiles, "store": store.get(what)}.get(kind)
+            # a warp per tile, result or block of 256; a thread per element, row or column
+            work = {"sweep": 32 * tiles, "store": store.get(what),
+                    "quant": 32 * -(-ts[what] // 256) if kind == "quant" else 0}.get(kind)
             f((_blocks(32 * vs[what] if work is None else work),), (THREADS,), args)
 
     def run_list(items, scalars):
@@ -515,7 +520,7 @@ def _staged_kernel(plan, dtype: str):
         raise ValueError(f"capturable=True: {plan.rule.name}'s factored (staged) params have "
                          f"no device-scalar kernels yet; use capturable=False")
 
-    run.prepare = codegen.host_scalar_function(plan, dtype)
+    run.prepare = codegen.host_scalar_function(plan, key)
     run.device, run.advance, run.source = no_device, no_device, k.source
     run.run_list = run_list
     return run

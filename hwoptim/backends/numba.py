@@ -408,7 +408,9 @@ class StagedKernel:
     many params in one call."""
 
     def __init__(self, plan, dtype: str):
-        self.plan, self.dtype = plan, dtype
+        self.plan, self.fmt = plan, Format.parse(dtype)
+        self.dtype = self.fmt.compute                 # the math's and the scalars' dtype
+        self.names = self.fmt.arrays(plan.arrays)     # the kernels' array arguments
         self.module = diskcache.load_module(
             lambda cache: codegen.numba_staged_source(plan, dtype, cache=cache),
             f"{plan.key}_{dtype}_staged")
@@ -425,12 +427,12 @@ class StagedKernel:
                 return
             typ = np.dtype(self.dtype).type
             if par == "many":
-                args = [np.zeros((0, len(self.plan.arrays)), np.int64),
+                args = [np.zeros((0, len(self.names)), np.int64),
                         np.zeros((0, 3), np.int64), np.zeros(len(self.plan.scalars), self.dtype)]
                 diskcache.first_call(self.module, self.module.run_many, args)
             else:
-                args = ([np.zeros(1, self.dtype) for _ in self.plan.arrays] + [1, 1, 1]
-                        + [typ(0)] * len(self.plan.scalars))
+                args = ([np.zeros(1, _numba_dtype(self.fmt.storage(a))) for a in self.names]
+                        + [1, 1, 1] + [typ(0)] * len(self.plan.scalars))
                 diskcache.first_call(self.module,
                                      self.module.run_p if par else self.module.run_s, args)
             self._built.add(par)
@@ -440,7 +442,7 @@ class StagedKernel:
         if b * m * n == 0:
             return
         typ = np.dtype(self.dtype).type
-        flat, scal = [a.reshape(-1) for a in arrays], [typ(x) for x in scalars]
+        flat, scal = [_bits16(a.reshape(-1)) for a in arrays], [typ(x) for x in scalars]
         if b * m * n >= STAGED_SERIAL_BELOW and threads.current_threads() > 1:
             lock = threads.parallel_guard()     # (workqueue: one parallel launch at a time)
             if lock is None or lock.acquire(blocking=False):
@@ -462,7 +464,7 @@ class StagedKernel:
         with others on the serial kernels)."""
         self._build(("many" if n < STAGED_ALONE else n >= STAGED_SERIAL_BELOW) if n else False)
         self._build(False)        # (what runs where parallel launches may not: one thread,
-        na = len(self.plan.arrays)      # a fork child of OpenMP, a busy workqueue)
+        na = len(self.names)            # a fork child of OpenMP, a busy workqueue)
         return lambda *a: self(a[:na], a[na:])
 
     def run_list(self, items, scalars):

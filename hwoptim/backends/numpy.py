@@ -34,23 +34,32 @@ def kernel(plan, dtype):
         each output rounded into its storage (hwoptim.formats' conversions)."""
         bufs = dict(zip(fmt.arrays(names), arrays))
         work = [bufs["master"] if (n == "param" and fmt.master) else
-                formats.dequantize(bufs[n], bufs[f"{n}_absmax"]) if (
-                    fmt.quantized and n not in ("param", "grad")) else
+                formats.dequantize(bufs[n], bufs[f"{n}_absmax"]).reshape(shape_of(n, bufs))
+                if (fmt.quantized and n not in ("param", "grad")) else
                 bufs[n].astype(fmt.compute) for n in names]
         new = {}
         run([*work], k, out=new)
         for name in outputs:
             v, dst = new[name], bufs[name]
             if name == "param" and fmt.master:
-                np.copyto(bufs["master"], v)
-                dst[...] = formats.round_nearest(v, fmt.param)
+                np.copyto(bufs["master"], v.reshape(bufs["master"].shape))
+                dst[...] = formats.round_nearest(v, fmt.param).reshape(dst.shape)
             elif name == "param" and fmt.sr:
                 bits = formats.element_bits(bufs["_srkey"][0], np.arange(v.size))
-                dst[...] = formats.round_stochastic(v, fmt.param, bits)
+                dst[...] = formats.round_stochastic(v, fmt.param,
+                                                    bits.reshape(v.shape)).reshape(dst.shape)
             elif fmt.quantized and name != "param":
                 dst[...], bufs[f"{name}_absmax"][...] = formats.quantize(v)
             else:
-                dst[...] = formats.round_nearest(v, fmt.storage(name))
+                dst[...] = formats.round_nearest(v, fmt.storage(name)).reshape(dst.shape)
+
+    def shape_of(name, bufs):
+        """State ``name``'s shape (int8 codes are kept flat; a staged rule's states have
+        shapes of their own: Adafactor's row and column factors)."""
+        if not staged:
+            return (-1,)
+        state = next(s for s in rule.states if s.name == name)
+        return state.shape_for(bufs["param"].shape)
 
     def run(arrays, k, out=None):
         if staged:                    # on the param's shape: the grad (given flat) too

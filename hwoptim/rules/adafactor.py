@@ -95,8 +95,7 @@ RULE = Rule(
     resolve=_resolve,
     torch="Adafactor",
     differs=("a param with no elements is left as it is (torch writes NaN into the column "
-             "factor of a (0, n) param); factored params: no capturable=True or storage formats "
-             "yet"),
+             "factor of a (0, n) param); factored params: no capturable=True yet"),
     # eps1 given: tests compare float32 kernels with a float64 reference, which would
     # resolve eps1=None to another epsilon (test_adafactor.py covers None)
     test_options=({"eps": (1e-7, 1e-3)},
