@@ -4,6 +4,7 @@ and against torch.optim.Adafactor (for-loop and foreach), on a 200-array model (
 and their bias vectors, ``hwoptim.bench.workload.model_shapes``) and on one matrix.
 
     python bench/adafactor.py [--rounds 15] [--sizes 1e7,5e7] [--dtype float32]
+    python bench/adafactor.py --formats [--sizes 1e7]      # one matrix in every format
 
 The floor streams the bytes the factored step must move, over one flat buffer as large as
 the params: the first sweep reads p and g (RMS(p), row and column means of g²), the second
@@ -73,14 +74,61 @@ def case(shapes, rounds, dtype, torch):
     return n, {k: statistics.median(v["samples"]) for k, v in times.items()}, state
 
 
+FORMATS = (("float32", {}), ("bfloat16", {}), ("bfloat16", {"stochastic_rounding": True}),
+           ("bfloat16", {"master_weights": True}), ("bfloat16", {"state_dtype": "bfloat16"}),
+           ("bfloat16", {"state_dtype": "int8"}))
+
+
+def formats_table(total, rounds, torch) -> None:
+    """One matrix of ``total`` elements stepped in each storage format (the staged kernels'
+    loads and stores), side by side in one run with the float32 step and torch's."""
+    from hwoptim import formats
+    side = int(round(np.sqrt(total / 1.5)))
+    shape = (side, int(1.5 * side))
+    rng = np.random.default_rng(0)
+    p0, g0 = rng.standard_normal(shape), rng.standard_normal(shape) * 1e-2
+    fns, opts = {}, {}
+    for dtype, fo in FORMATS:
+        dt = formats.np_dtype(dtype)
+        p, g = p0.astype(np.float32).astype(dt), g0.astype(np.float32).astype(dt)
+        opt = hwoptim.Adafactor([p], **fo)
+        key = f"{dtype} {','.join(f'{k}={v}' for k, v in fo.items()) or 'default'}"
+        fns[key], opts[key] = (lambda o=opt, g=g: o.step([g])), opt
+    if torch is not None:
+        tp = torch.from_numpy(p0.astype(np.float32))
+        tp.grad = torch.from_numpy(g0.astype(np.float32))
+        fns["torch float32 (for-loop)"] = torch.optim.Adafactor([tp], foreach=False).step
+    times = measure(fns, pairs=rounds, sample_s=0.02)
+    m = {k: statistics.median(v["samples"]) for k, v in times.items()}
+    n = side * int(1.5 * side)
+    base = m["float32 default"]
+    print(f"\none {shape[0]}x{shape[1]} matrix ({n:.3g} elements), Adafactor in storage formats")
+    print("| format | ms | ns/element | float32 hwoptim / this | torch fp32 / this | "
+          "state B/element |")
+    print("| --- | --- | --- | --- | --- | --- |")
+    for k, t in m.items():
+        st = (sum(v.nbytes for v in opts[k].state[0].values()) / n) if k in opts else None
+        tt = m.get("torch float32 (for-loop)")
+        print(f"| {k} | {t * 1e3:.2f} | {t / n * 1e9:.3f} | {base / t:.2f} | "
+              f"{'—' if tt is None else f'{tt / t:.2f}'} | "
+              f"{'—' if st is None else f'{st:.4f}'} |")
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--rounds", type=int, default=15)
     ap.add_argument("--sizes", default="1e7,5e7")
     ap.add_argument("--dtype", default="float32")
     ap.add_argument("--no-torch", action="store_true")
+    ap.add_argument("--formats", action="store_true",
+                    help="also one matrix in each storage format (16-bit params, bfloat16 "
+                         "and int8 factors, master weights, stochastic rounding)")
     args = ap.parse_args(argv)
     torch = None if args.no_torch else torch_on_our_threads()
+    if args.formats:
+        for total in (int(float(s)) for s in args.sizes.split(",")):
+            formats_table(total, args.rounds, torch)
+        return 0
     dtype = np.dtype(args.dtype)
     print(f"threads {hwoptim.get_num_threads()}, Adafactor {dtype}, medians of {args.rounds} "
           f"interleaved rounds")

@@ -2165,6 +2165,10 @@ def numba_staged_source(p: KernelPlan, dtype: str, cache: bool = True) -> str:
     names = fmt.arrays(p.arrays)
     qs = [o for o in p.outputs if fmt.quantized and o not in ("param", "grad")]
     st = p.stages
+    # int8 row and column states, decoded into float32 arrays before the sweeps (an
+    # element loop would decode a column factor's element once per row: 4x slower); the
+    # stores write int8 states only at the end, so the decoded values stay current
+    dq = [a for a in p.arrays[2:] if fmt.quantized and st.shapes[a] != _FULL]
     consts, nm = _numba_namer()
     red_ids = {id(e): j for j, e in enumerate(st.reductions)}
     for j, e in enumerate(st.reductions):
@@ -2206,6 +2210,8 @@ def numba_staged_source(p: KernelPlan, dtype: str, cache: bool = True) -> str:
             return [], []
         blk = [f"{a}_bc = {a}[_b * _n:_b * _n + _n]" for a in p.arrays
                if st.shapes[a] == frozenset("bc")]
+        blk += [f"_D{j}_bc = _D{j}[_b * _n:_b * _n + _n]" for j, a in enumerate(dq)
+                if st.shapes[a] == frozenset("bc")]
         blk += [f"_V{j}_bc = _V{j}[_b * _n:_b * _n + _n]" for j, e in enumerate(st.reductions)
                 if st.cls(e) == frozenset("bc")]
         row = [f"{a}_r = {a}[_row * _n:_row * _n + _n]" for a in p.arrays
@@ -2222,6 +2228,8 @@ def numba_staged_source(p: KernelPlan, dtype: str, cache: bool = True) -> str:
         k = st.shapes[a]
         if a == "param" and fmt.master:
             return _at("master", k, elem)
+        if a in dq:                             # (decoded once, before the sweeps)
+            return _at(f"_D{dq.index(a)}", k, elem)
         if fmt.quantized and a not in ("param", "grad"):
             return f"_q_load({_at(a, k, elem)}, {a}_absmax[({flat(k, elem)}) >> 8])"
         return _nb_load(fmt, a, _at(a, k, elem))
@@ -2256,7 +2264,8 @@ def numba_staged_source(p: KernelPlan, dtype: str, cache: bool = True) -> str:
     n_red = len(st.reductions)
     args = ", ".join(list(names) + ["_B", "_m", "_n"] + [f"k_{s}" for s in p.scalars]
                      + [f"_V{j}" for j in range(n_red)] + [f"_S{j}" for j in range(n_red)]
-                     + [f"_P{j}" for j in range(n_red)] + [f"_T{j}" for j in range(len(qs))])
+                     + [f"_P{j}" for j in range(n_red)] + [f"_T{j}" for j in range(len(qs))]
+                     + [f"_D{j}" for j in range(len(dq))])
     funcs, calls = [], []
 
     def value(j):
@@ -2354,6 +2363,9 @@ def numba_staged_source(p: KernelPlan, dtype: str, cache: bool = True) -> str:
                   "        for i in range(_lo, _hi):",
                   "            codes[i] = _q_code(_T[i], _pre, _inv, _u)",
                   "        absmax[_k] = _a", ""] if qs else []
+        funcs += [_njit_line(par, cache), "def dequant_%s(codes, absmax, _D):" % "sp"[par],
+                  f"    for i in {'prange' if par else 'range'}(_D.shape[0]):",
+                  "        _D[i] = _q_load(codes[i], absmax[i >> 8])", ""] if dq else []
     # the drivers (one per variant, compiled): sums, sweeps, each reduction finished from
     # its block partials in block order, then the stores; one call per param
     arrays = ", ".join(names)
@@ -2365,6 +2377,9 @@ def numba_staged_source(p: KernelPlan, dtype: str, cache: bool = True) -> str:
                 "    _nblk = _B * _nbm"]
         drv += [f"    _T{j} = np.empty({_stage_size(st.shapes[o])}, np.float32)"
                 for j, o in enumerate(qs)]
+        for j, a in enumerate(dq):
+            drv += [f"    _D{j} = np.empty({_stage_size(st.shapes[a])}, np.float32)",
+                    f"    dequant_{sfx}({a}, {a}_absmax, _D{j})"]
         for j, e in enumerate(st.reductions):
             k, dom = st.cls(e), st.cls(e.args[0])
             width = "_n" if (dom == _FULL and k == frozenset("bc")) else "1"
@@ -2375,7 +2390,8 @@ def numba_staged_source(p: KernelPlan, dtype: str, cache: bool = True) -> str:
         rest = (f"{arrays}, _B, _m, _n{scal}, "
                 + ", ".join([f"_V{j}" for j in range(n_red)] + [f"_S{j}" for j in range(n_red)]
                             + [f"_P{j}" for j in range(n_red)]
-                            + [f"_T{j}" for j in range(len(qs))]))
+                            + [f"_T{j}" for j in range(len(qs))]
+                            + [f"_D{j}" for j in range(len(dq))]))
         for s_, dom, js in calls:
             drv.append(f"    sweep{s_}_{sfx}({rest})")
             for j in js:
