@@ -293,15 +293,24 @@ def test_factored_16_bit_params_in_a_group_added_later(backend):
     assert np.array_equal(st["col_var"], given.state[2]["col_var"])
 
 
+@pytest.mark.parametrize("fmt", [{}, {"dtype": "bfloat16", "master_weights": True},
+                                 {"dtype": "bfloat16", "state_dtype": "int8",
+                                  "min_8bit_size": 0}], ids=str)
 @pytest.mark.parametrize("backend", HOST)
-def test_empty_matrices_change_nothing(backend):
+def test_empty_matrices_change_nothing(backend, fmt):
     """A matrix with no elements: nothing to update, nothing written (torch fills the
-    column factor of a (0, n) param with NaN, from a mean over no rows)."""
-    ps = [np.zeros((0, 5)), np.zeros((3, 0)), np.ones((2, 2))]
-    opt = hwoptim.Adafactor(ps, backend=backend)
-    opt.step([np.zeros((0, 5)), np.zeros((3, 0)), np.full((2, 2), 0.5)])
-    assert np.all(opt.state[0]["col_var"] == 0) and np.all(opt.state[1]["row_var"] == 0)
-    assert np.all(ps[2] < 1)
+    column factor of a (0, n) param with NaN, from a mean over no rows); in a storage
+    format too, beside a matrix that steps."""
+    fmt = dict(fmt)
+    dt = np.float64
+    if fmt.pop("dtype", None):
+        dt = pytest.importorskip("ml_dtypes").bfloat16
+    ps = [np.zeros((0, 5), dt), np.zeros((3, 0), dt), np.ones((2, 2), dt)]
+    opt = hwoptim.Adafactor(ps, backend=backend, **fmt)
+    opt.step([np.zeros((0, 5), dt), np.zeros((3, 0), dt), np.full((2, 2), 0.5, dt)])
+    if "state_dtype" not in fmt:
+        assert np.all(opt.state[0]["col_var"] == 0) and np.all(opt.state[1]["row_var"] == 0)
+    assert np.all(ps[2].astype(np.float64) < 1) and opt.step_count == 1
 
 
 def test_the_staged_plan_of_a_matrix():

@@ -33,6 +33,8 @@ def kernel(plan, dtype):
         """A storage format: every buffer loaded into the compute dtype, the rule's math,
         each output rounded into its storage (hwoptim.formats' conversions)."""
         bufs = dict(zip(fmt.arrays(names), arrays))
+        if staged and bufs["param"].size == 0:      # (as run: nothing to update)
+            return
         work = [bufs["master"] if (n == "param" and fmt.master) else
                 formats.dequantize(bufs[n], bufs[f"{n}_absmax"]).reshape(shape_of(n, bufs))
                 if (fmt.quantized and n not in ("param", "grad")) else
