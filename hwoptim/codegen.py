@@ -1304,6 +1304,8 @@ class CudaMulti:
     vec: int           # elements per 16-byte vector
     reduce: str = ""   # rules taking norms: the reduction kernel, launched first
     device: str = ""   # storage formats: the capturable variant (scalars, keys on the device)
+    reduce_dev: str = ""          # its norms: each warp's partial sums of squares,
+    reduce_dev_finish: str = ""   # then added in order by one warp
 
 
 def c_reduce_function(p: KernelPlan) -> str:
@@ -1835,11 +1837,14 @@ def cuda_format_source(p: KernelPlan, fmt) -> CudaMulti:
         _c_format_typedefs(fmt), _C_FORMAT_HELPERS, c_format_element_function(p, fmt),
         _format_multi_kernel(p, fmt, name, "warp")]
     if k:
-        parts += [c_format_reduce_function(p, fmt), _cuda_format_reduce_kernel(p, fmt, base)]
-    else:                    # capturable steps: scalars and keys from the device
-        parts.append(_format_multi_kernel(p, fmt, name + "_dev", "warp", device=True))
+        parts += [c_format_reduce_function(p, fmt), _cuda_format_reduce_kernel(p, fmt, base),
+                  _format_reduce_dev_kernel(p, fmt, base + "_reduce_dev", True),
+                  _format_reduce_finish_kernel(p, base + "_reduce_dev_finish", True)]
+    # capturable steps: scalars and keys from the device (norms: reduced there first)
+    parts.append(_format_multi_kernel(p, fmt, name + "_dev", "warp", device=True))
     return CudaMulti("\n".join(parts), name, 0, base + "_reduce" if k else "",
-                     "" if k else name + "_dev")
+                     name + "_dev", base + "_reduce_dev" if k else "",
+                     base + "_reduce_dev_finish" if k else "")
 
 
 _FORMAT_DEV_ARGS = ("const TC* __restrict__ k_dev,\n    const double* __restrict__ step_dev,\n"
@@ -1857,18 +1862,17 @@ def _format_multi_kernel(p: KernelPlan, fmt: Format, name: str, lanes: str,
     step's verdict ``guard`` (may be null) skips it."""
     used = fmt.arrays(p.arrays)
     k = len(p.norms)
-    if device and k:
-        raise ValueError(f"{p.rule.name}: no device-scalar format kernel for rules taking "
-                         f"norms yet")
-    if device:
-        text = _chunk_loop_head(p, name, _FORMAT_DEV_ARGS,
+    sums = "const double* __restrict__ sums" if k else ""
+    if device:              # (norms: of the table's one tensor, finished and scaled)
+        text = _chunk_loop_head(p, name, _FORMAT_DEV_ARGS + (f",\n    {sums}" if k else ""),
                                 "    if (guard != nullptr && guard[0] != 0.0) return;\n",
                                 columns=len(used), device_scalars=True)
+        text += [f"        const TC k_{s} = (TC)sqrt(sums[{j}]);\n"
+                 for j, s in enumerate(p.norm_names)]
     else:
-        text = _chunk_loop_head(p, name, "const double* __restrict__ sums" if k else "",
-                                columns=len(used))
-    text += [f"        const TC k_{s} = (TC)sqrt(sums[t * {k} + {j}]);\n"
-             for j, s in enumerate(p.norm_names)]
+        text = _chunk_loop_head(p, name, sums, columns=len(used))
+        text += [f"        const TC k_{s} = (TC)sqrt(sums[t * {k} + {j}]);\n"
+                 for j, s in enumerate(p.norm_names)]
     text += [f"        {ln}\n" for ln in _c_chunk_pointers(p, fmt, used, device)]
     text += [f"        __builtin_assume(__isGlobal({a}));\n" for a in used if a != "_srkey"]
     text.append("        const int lane = threadIdx.x & 31;\n"
@@ -1880,32 +1884,55 @@ def _format_multi_kernel(p: KernelPlan, fmt: Format, name: str, lanes: str,
 
 
 def cpp_format_launch_test_source(p: KernelPlan, fmt) -> str:
-    """A C++ translation unit running :func:`cuda_format_source`'s multi-tensor kernel as
-    the GPU would be launched with it, on the CPU: the same kernel text (its tiles with the
-    warp's lanes in a loop), entered once per warp of every block (256 threads, one block
-    per chunk), reading the same packed table (``pack_table``) and chunk table
-    (``chunk_table``). ``launch(table, chunks, n_tensors, n_chunks, ftz)``; rules taking
-    norms are not covered (their reduction kernel cooperates across a block)."""
+    """A C++ translation unit running :func:`cuda_format_source`'s multi-tensor kernels as
+    the GPU would be launched with them, on the CPU: the same kernel text (its tiles with
+    the warp's lanes in a loop), entered once per warp of every block (256 threads, one
+    block per chunk), reading the same packed table (``pack_table``) and chunk table
+    (``chunk_table``). ``launch(table, chunks, n_tensors, n_chunks, ftz)`` and the capturable
+    ``launch_dev(..., k_dev, step_dev, guard, seed_lo, seed_hi, ftz)``. For rules taking
+    norms only the capturable launch (its reduction is warp by warp; the other's cooperates
+    across a block): ``launch_dev(..., sums, n_blocks, n_elements, ftz)`` runs the
+    reduction over ``n_blocks`` blocks, the finishing warp, then the update."""
     fmt = Format.parse(fmt)
-    if p.norms:
-        raise ValueError("the launch harness runs kernels without a reduction pass")
     name = f"hw_{p.key}_{fmt.key}_multi"
+    base = f"hw_{p.key}_{fmt.key}"
 
-    def launch(fn, call, extra=""):
-        return [f'extern "C" void {fn}(const long long* table, const long long* chunks, '
-                f"long long n_tensors, long long n_chunks{extra}, int ftz) {{",
-                "    const unsigned int csr = _mm_getcsr();",
-                "    if (ftz) _mm_setcsr(csr | 0x8040);",
-                "    gridDim.x = n_chunks; blockDim.x = 256;",
-                "    for (long long b = 0; b < n_chunks; ++b) {",
-                "        blockIdx.x = b;",
-                "        for (long long w = 0; w < 8; ++w) {",
-                "            threadIdx.x = 32 * w;",
-                f"            {call};",
-                "        }", "    }",
-                "    _mm_setcsr(csr);", "}"]
+    def launch(fn, calls, extra=""):
+        out = [f'extern "C" void {fn}(const long long* table, const long long* chunks, '
+               f"long long n_tensors, long long n_chunks{extra}, int ftz) {{",
+               "    const unsigned int csr = _mm_getcsr();",
+               "    if (ftz) _mm_setcsr(csr | 0x8040);",
+               "    blockDim.x = 256;"]
+        for grid, call in calls:
+            out += [f"    gridDim.x = {grid};",
+                    f"    for (long long b = 0; b < {grid}; ++b) {{",
+                    "        blockIdx.x = b;",
+                    "        for (long long w = 0; w < 8; ++w) {",
+                    "            threadIdx.x = 32 * w;",
+                    f"            {call};",
+                    "        }", "    }"]
+        return out + ["    _mm_setcsr(csr);", "}"]
     dev_args = (", const TC* k_dev, const double* step_dev, const double* guard, "
                 "unsigned seed_lo, unsigned seed_hi")
+    dev_call = (f"{name}_dev(table, chunks, n_tensors, n_chunks, k_dev, step_dev, guard, "
+                f"seed_lo, seed_hi{', sums' if p.norms else ''})")
+    if p.norms:
+        kernels = [c_format_reduce_function(p, fmt),
+                   _format_reduce_dev_kernel(p, fmt, base + "_reduce_dev", False),
+                   _format_reduce_finish_kernel(p, base + "_reduce_dev_finish", False)]
+        launches = launch(
+            "launch_dev",
+            [("n_blocks", f"{base}_reduce_dev(table, chunks, n_tensors, n_chunks, k_dev, "
+                          f"guard, sums)"),
+             ("1", f"if (w == 0) {base}_reduce_dev_finish(sums, n_blocks * "
+                   f"{FORMAT_REDUCE_WARPS}, n_elements, guard)"),
+             ("n_chunks", dev_call)],
+            dev_args + ", double* sums, long long n_blocks, long long n_elements")
+    else:
+        kernels = [_format_multi_kernel(p, fmt, name, "loop")]
+        launches = (launch("launch", [("n_chunks", f"{name}(table, chunks, n_tensors, "
+                                                   f"n_chunks)")])
+                    + launch("launch_dev", [("n_chunks", dev_call)], dev_args))
     return "\n".join([
         "#include <cmath>", "#include <cstring>", "#include <xmmintrin.h>",
         "#define __device__", "#define __forceinline__ inline", "#define __global__",
@@ -1914,24 +1941,93 @@ def cpp_format_launch_test_source(p: KernelPlan, fmt) -> str:
         "static hw_dim3 blockIdx, threadIdx, blockDim, gridDim;",
         "using std::sqrt; using std::fabs; using std::fmax; using std::fmin; using std::pow;",
         "using std::rintf;",
-        _c_format_typedefs(fmt), _C_FORMAT_HELPERS, c_format_element_function(p, fmt),
-        _format_multi_kernel(p, fmt, name, "loop"),
-        _format_multi_kernel(p, fmt, name + "_dev", "loop", device=True)]
-        + launch("launch", f"{name}(table, chunks, n_tensors, n_chunks)")
-        + launch("launch_dev", f"{name}_dev(table, chunks, n_tensors, n_chunks, k_dev, "
-                 f"step_dev, guard, seed_lo, seed_hi)", dev_args)) + "\n"
+        _c_format_typedefs(fmt), _C_FORMAT_HELPERS, c_format_element_function(p, fmt)]
+        + kernels + [_format_multi_kernel(p, fmt, name + "_dev", "loop", device=True)]
+        + launches) + "\n"
 
 
-def _cuda_format_reduce_kernel(p: KernelPlan, fmt: Format, base: str) -> str:
-    """:func:`_cuda_reduce_kernel` over the format's buffers."""
+def _format_reduce_used(p: KernelPlan, fmt: Format) -> list:
+    """The buffers (``fmt.arrays`` names) a format's reduction pass reads."""
     reads = []
     for a in p.reduce_reads:
         reads.append("master" if (a == "param" and fmt.master) else a)
         if fmt.quantized and a not in ("param", "grad"):
             reads.append(f"{a}_absmax")
-    used = [a for a in fmt.arrays(p.arrays) if a in reads]
+    return [a for a in fmt.arrays(p.arrays) if a in reads]
+
+
+def _cuda_format_reduce_kernel(p: KernelPlan, fmt: Format, base: str) -> str:
+    """:func:`_cuda_reduce_kernel` over the format's buffers."""
+    used = _format_reduce_used(p, fmt)
     return _cuda_reduce_kernel(p, base + "_reduce", _c_chunk_pointers(p, fmt, used),
                                _c_format_reduce_call(p, fmt), len(fmt.arrays(p.arrays)))
+
+
+# Capturable steps of rules taking norms in a format: the table's one tensor's sums of
+# squares, each warp's into its own partial (no shared memory, no atomics: a warp's work is
+# what the C++ harness runs with its lanes in a loop), then one warp adds the partials in a
+# fixed order and stores each total (an RMS's times 1/size): the same bits every run.
+FORMAT_REDUCE_WARPS = 8      # warps per block of the reduction (256 threads)
+
+
+def _format_reduce_dev_kernel(p: KernelPlan, fmt: Format, name: str, warp: bool) -> str:
+    """``<base>_reduce_dev(table, chunks, n_tensors, n_chunks, k_dev, guard, sums)``: the
+    partials ``sums[K + (block * 8 + warp) * K + j]``; ``warp``: the GPU's text, else the
+    C++ harness's (entered once per warp, its lanes in a loop)."""
+    k = len(p.norms)
+    r = "" if warp else "[lane]"
+    used = _format_reduce_used(p, fmt)
+    head = _chunk_loop_head(
+        p, name, "const TC* __restrict__ k_dev,\n    const double* __restrict__ guard,\n"
+                 "    double* __restrict__ sums",
+        "    if (guard != nullptr && guard[0] != 0.0) return;\n"
+        "    const long long w = threadIdx.x >> 5;\n"
+        + ("    const int lane = threadIdx.x & 31;\n" if warp else "")
+        + f"    double acc{'' if warp else '[32]'}[{k}];\n"
+        + "".join(f"    {ln}\n" for ln in _warp_lanes(
+            [f"for (int j = 0; j < {k}; ++j) acc{r}[j] = 0.0;"], warp)),
+        columns=len(fmt.arrays(p.arrays)), device_scalars=True)
+    call = _c_format_reduce_call(p, fmt)
+    call = call[:-len("acc")] + f"acc{r}"         # (its last argument)
+    body = [f"{ln}" for ln in _c_chunk_pointers(p, fmt, used)]
+    body += _warp_lanes([f"for (long long i = (w << 5) + lane; i < n; i += blockDim.x) "
+                         f"{p.key}_reduce({call});"], warp)
+    if warp:
+        tail = [f"double v{j} = acc[{j}];" for j in range(k)]
+    else:
+        tail = [f"double v{j}[32];" for j in range(k)] + _warp_lanes(
+            [f"v{j}[lane] = acc[lane][{j}];" for j in range(k)], False)
+    for j in range(k):
+        tail += _warp_butterfly(f"v{j}", warp)
+        tail.append(_warp_lane0(
+            f"sums[{k} + (blockIdx.x * {FORMAT_REDUCE_WARPS} + w) * {k} + {j}] = "
+            f"v{j}{'' if warp else '[0]'};", warp))
+    return "".join(head + [f"        {ln}\n" for ln in body] + ["    }\n"]
+                   + [f"    {ln}\n" for ln in tail] + ["}\n"])
+
+
+def _format_reduce_finish_kernel(p: KernelPlan, name: str, warp: bool) -> str:
+    """``<base>_reduce_dev_finish(sums, n_parts, n_elements, guard)``: one warp adds each
+    norm's ``n_parts`` partials in order into ``sums[j]`` (an RMS's times 1/n_elements, as
+    the plain kernels scale it)."""
+    k = len(p.norms)
+    r = "" if warp else "[lane]"
+    lines = ["if (guard != nullptr && guard[0] != 0.0) return;"]
+    lines += ["const int lane = threadIdx.x & 31;"] if warp else []
+    for j, kind in enumerate(p.norm_kinds):
+        lines.append(f"double s{j}{'' if warp else '[32]'};")
+        lines += _warp_lanes([f"s{j}{r} = 0.0;",
+                              f"for (long long b = lane; b < n_parts; b += 32) "
+                              f"s{j}{r} += sums[{k} + b * {k} + {j}];"], warp)
+        lines += _warp_butterfly(f"s{j}", warp)
+        v = f"s{j}{'' if warp else '[0]'}"
+        lines.append(_warp_lane0(
+            f"sums[{j}] = {v}{' * (1.0 / (double)n_elements)' if kind == 'rms' else ''};",
+            warp))
+    return (f'extern "C" __global__ void {name}(\n    double* __restrict__ sums, '
+            f"const long long n_parts, const long long n_elements,\n"
+            f"    const double* __restrict__ guard)\n{{\n"
+            + "".join(f"    {ln}\n" for ln in lines) + "}\n")
 
 
 def cpp_format_test_source(p: KernelPlan, fmt) -> str:
@@ -2506,9 +2602,34 @@ def _c_staged_store(p: KernelPlan, fmt: Format, o: str, v: str) -> list:
         return [f"master[{idx}] = {v};", f"param[{idx}] = {_c_round(fmt, 'param', v)};"]
     if o == "param" and fmt.sr:      # element i's bits: (i mod 2^32) ^ key ^ mix32(i >> 32)
         f = "hw_bf_sr" if fmt.param == "bfloat16" else "hw_h_sr"
-        return [f"param[{idx}] = {f}({v}, hw_mix32((unsigned){idx} ^ _srkey[0] ^ "
+        return [f"param[{idx}] = {f}({v}, hw_mix32((unsigned)({idx}) ^ _srkey[0] ^ "
                 f"hw_mix32((unsigned)(({idx}) >> 32))));"]
     return [f"{o}[{idx}] = {_c_round(fmt, o, v)};"]
+
+
+def _warp_lanes(lines, warp: bool) -> list:
+    """A warp's statements: as they are on the GPU (``warp``), or for the C++ harness with
+    the 32 lanes in a loop (each lane's values then arrays indexed by ``lane``)."""
+    if warp:
+        return lines
+    return (["for (int lane = 0; lane < 32; ++lane) {"] + [f"    {ln}" for ln in lines]
+            + ["}"])
+
+
+def _warp_butterfly(x: str, warp: bool) -> list:
+    """Every lane's ``x`` summed across the warp (``__shfl_xor_sync``; in the C++ harness
+    lane l adds lane l ^ o's value to its own, as the shuffle does)."""
+    if warp:
+        return [f"for (int o = 16; o > 0; o >>= 1) {x} += __shfl_xor_sync(0xffffffffu, "
+                f"{x}, o);"]
+    return ["for (int o = 16; o > 0; o >>= 1) {",
+            "    double y[32];",
+            f"    for (int l = 0; l < 32; ++l) y[l] = {x}[l] + {x}[l ^ o];",
+            f"    for (int l = 0; l < 32; ++l) {x}[l] = y[l];", "}"]
+
+
+def _warp_lane0(line: str, warp: bool) -> str:
+    return f"if (lane == 0) {line}" if warp else line
 
 
 def _staged_quantized(p: KernelPlan, fmt: Format) -> list:
@@ -2586,24 +2707,7 @@ def _staged_parts(p: KernelPlan, fmt: Format) -> tuple:
                      + "\n".join(f"    {ln}" for ln in lines) + "\n}\n")
         stores.append((dom, tag))
     call = ", ".join(names)
-
-    def lanes(lines, warp):
-        if warp:
-            return lines
-        return (["for (int lane = 0; lane < 32; ++lane) {"] + [f"    {ln}" for ln in lines]
-                + ["}"])
-
-    def butterfly(x, warp):
-        if warp:
-            return [f"for (int o = 16; o > 0; o >>= 1) {x} += __shfl_xor_sync(0xffffffffu, "
-                    f"{x}, o);"]
-        return ["for (int o = 16; o > 0; o >>= 1) {",
-                "    double y[32];",
-                f"    for (int l = 0; l < 32; ++l) y[l] = {x}[l] + {x}[l ^ o];",
-                f"    for (int l = 0; l < 32; ++l) {x}[l] = y[l];", "}"]
-
-    def lane0(line, warp):
-        return f"if (lane == 0) {line}" if warp else line
+    lanes, butterfly, lane0 = _warp_lanes, _warp_butterfly, _warp_lane0
 
     def fin(j, total):
         e, dom = st.reductions[j], st.cls(st.reductions[j].args[0])

@@ -537,8 +537,9 @@ class Optimizer:
         return a.dtype
 
     def _format_of(self, p) -> formats.Format:
-        """Param ``p``'s storage format: the optimizer's, but float32 state for int8 state
-        arrays under ``min_8bit_size`` elements."""
+        """Param ``p``'s storage format: the optimizer's, but float32 state where int8
+        state is asked for and the param has fewer than ``min_8bit_size`` elements (the
+        param's count, as bitsandbytes: Adafactor's factors follow their matrix)."""
         f = self.format
         if f.quantized and p.size < self.min_8bit_size:
             return formats.Format(f.param, f.compute, f.master, f.sr)
@@ -708,11 +709,6 @@ class Optimizer:
         flags = rule.static_flags(h, opt)
         if self.max_grad_norm is not None or getattr(self, "_grad_factor", False):
             flags._clip = True
-        if self.capturable and not self.format.plain and _plan(rule, flags).norms:
-            raise ValueError(f"{where}{rule.name} takes per-array norms, which have no "
-                             f"capturable kernel in a storage format yet (format "
-                             f"{self.format.key}); use capturable=False, or float32 params "
-                             f"and state")
         return flags
 
     def _buffers(self, flags) -> list:

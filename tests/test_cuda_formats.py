@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import ctypes
 import os
+import re
 import shutil
 import subprocess
 import tempfile
@@ -77,15 +78,23 @@ def test_format_kernels_compile(compiler, rule_case, mode, arch):   # noqa: F811
     assert res.ok, (f"{what}: NVRTC failed ({res.status}); expected the source to compile. "
                     f"Log:\n{res.log}")
     entries = tcs._entries(res.ptx)
-    want = {k.name, k.reduce} if plan.norms else {k.name, k.device}
+    want = {k.name, k.device} | ({k.reduce, k.reduce_dev, k.reduce_dev_finish}
+                                 if plan.norms else set())
     assert set(entries) == want, f"{what}: PTX kernels are {sorted(entries)}; expected {want}"
     n_args = 5 if plan.norms else 4          # table, chunks, n_tensors, n_chunks (, sums)
-    for name in want - {k.device}:
+    for name in {k.name, k.reduce} - {""}:
         assert entries[name][0] == ["u64"] * n_args, (
             f"{what}: {name} takes PTX parameters {entries[name][0]}; expected "
             f"{n_args} x u64 (what backends/cupy.py passes)")
-    if k.device:             # capturable: then k_dev, step_dev, guard, the seed's two words
-        assert entries[k.device][0] == ["u64"] * 7 + ["u32"] * 2, entries[k.device][0]
+    # capturable: then k_dev, step_dev, guard, the seed's two words (, the finished sums)
+    assert entries[k.device][0] == ["u64"] * 7 + ["u32"] * 2 + ["u64"] * bool(plan.norms), \
+        entries[k.device][0]
+    if plan.norms:           # the device reduction: table..., k_dev, guard, sums; the finish:
+        assert entries[k.reduce_dev][0] == ["u64"] * 7         # sums, parts, n, guard
+        assert entries[k.reduce_dev_finish][0] == ["u64"] * 4
+        for name in (k.reduce_dev, k.reduce_dev_finish):     # the same sums in any run
+            assert "shfl.sync.bfly" in entries[name][1], (what, name)
+            assert not re.search(r"\b(atom|red)\.", entries[name][1]), (what, name)
     body = entries[k.name][1]
     if fmt.quantized and any(a in plan.outputs for a in plan.arrays[2:]):
         assert "shfl.sync.bfly" in body and "vote.sync.any" in body, (
@@ -421,19 +430,20 @@ LAUNCH_CASES = [pytest.param(next(c for c in RULE_CASES if c[0].startswith(name 
 LAUNCH_SIZES = [4396, 300, 9000]
 
 
-def _launch_case(rule_case, mode, salt):
+def _launch_case(rule_case, mode, salt, sizes=LAUNCH_SIZES):
     """A launch test's case: the harness library, the reference kernel and scalar function,
-    and per tensor (``LAUNCH_SIZES``) its buffers and the reference's copies of them."""
+    and per tensor (``sizes``) its buffers and the reference's copies of them."""
     rule, h, flags, plan, fmt, seed = _case(rule_case, mode)
     lib = _build(f"launch_{_sym(plan, fmt)}", codegen.cpp_format_launch_test_source(plan, fmt))
     rng = np.random.default_rng(zlib.crc32(f"{salt} {rule_case[0]} {fmt.key}".encode()))
     got = []
-    for n in LAUNCH_SIZES:
+    for n in sizes:
         b = _buffers(rule, h, flags, plan, fmt, rng, n)
         b["grad"] = np.zeros(n, formats.np_dtype(fmt.param))     # (an address of its own)
         got.append(b)
     want = [{k: v.copy() for k, v in b.items()} for b in got]
     return SimpleNamespace(rule=rule, h=h, plan=plan, fmt=fmt, seed=seed, lib=lib, rng=rng,
+                           sizes=sizes,
                            names=fmt.arrays(plan.arrays), got=got, want=want,
                            ref=backends.load("numpy").kernel(plan, fmt.key),
                            scal=codegen.host_scalar_function(plan, fmt.compute))
@@ -442,7 +452,7 @@ def _launch_case(rule_case, mode, salt):
 def _new_grads(c, t, steps):
     """Step ``t``'s grads into every tensor, and the reference's step of each (tensor j at
     step ``steps[j]``, its key from the seed)."""
-    for j, n in enumerate(LAUNCH_SIZES):
+    for j, n in enumerate(c.sizes):
         g32 = (c.rng.standard_normal(n) * 10.0 ** c.rng.uniform(-2, 1, n)).astype(np.float32)
         c.got[j]["grad"][...] = formats.round_nearest(g32, c.fmt.param)
         c.want[j]["grad"] = c.got[j]["grad"].copy()
@@ -526,3 +536,74 @@ def test_capturable_format_launch_on_the_cpu_is_the_reference(rule_case, mode):
         f(table, chunks, len(LAUNCH_SIZES), chunks.shape[0], k_dev, step_dev, None, *seed,
           t % 2)
         _assert_reference(c, t, "the capturable launch")
+
+
+_NORM_LAUNCH = [pytest.param(next(c for c in RULE_CASES if c[0].startswith(name + "[")), m,
+                             id=f"{name}-{MODE_IDS[MODES.index(m)]}")
+                for name in ("LAMB", "LARS", "Adafactor")
+                for m in (MODES[7], MODES[6], MODES[4])]     # int8; float16 SR; master+bf16
+
+
+@pytest.mark.parametrize("rule_case, mode", _NORM_LAUNCH)
+def test_capturable_format_launch_with_norms_on_the_cpu(rule_case, mode):
+    """Rules taking norms (LAMB, LARS, Adafactor's vectors), capturable in a storage
+    format, run whole on the CPU as the backend launches them per param (a table of one
+    tensor): the reduction over ``_norm_blocks(n)`` blocks, each warp's partial into the
+    scratch (NaN beforehand: every partial is written), one warp adding them in order
+    (an RMS times 1/n), then the update reading them: three tensors after 3 steps are the
+    NumPy reference's values to rounding (the sums run in another order), a step whose
+    verdict says skip changes no byte, and a repeat gives the same bits."""
+    from hwoptim.backends.cupy import FORMAT_CHUNK, NORM_BLOCKS, norm_scratch
+    sizes = [4396, 300, 70_000]                 # (18 chunks: more partials than a warp)
+    c = _launch_case(rule_case, mode, "launch-norms", sizes)
+    assert c.plan.norms
+    f = c.lib.launch_dev
+    i64 = np.ctypeslib.ndpointer(dtype=np.int64, flags="C_CONTIGUOUS")
+    tc = np.ctypeslib.ndpointer(dtype=c.fmt.compute, flags="C_CONTIGUOUS")
+    f64 = np.ctypeslib.ndpointer(dtype=np.float64, flags="C_CONTIGUOUS")
+    f.argtypes = [i64, i64, ctypes.c_longlong, ctypes.c_longlong, tc, f64, ctypes.c_void_p,
+                  ctypes.c_uint, ctypes.c_uint, f64, ctypes.c_longlong, ctypes.c_longlong,
+                  ctypes.c_int]
+    f.restype = None
+    k = len(c.plan.norms)
+    seed = (c.seed & 0xFFFFFFFF, c.seed >> 32)
+    skip = np.array([1.0, 1.0, np.nan, 0.0])
+
+    def launch(j, t, guard, ftz):
+        n = sizes[j]
+        chunks = codegen.chunk_table([n], FORMAT_CHUNK)
+        table = codegen.pack_table(
+            np.array([[j if a == "_srkey" else c.got[j][a].ctypes.data for a in c.names]],
+                     np.int64), np.zeros(1, np.int64),
+            np.zeros((1, len(c.plan.scalars)), c.fmt.compute))
+        k_dev = np.ascontiguousarray(c.scal(c.h, t), dtype=c.fmt.compute)
+        sums = np.full(norm_scratch(k, n), np.nan)
+        f(table, chunks, 1, chunks.shape[0], k_dev, np.array([float(t)]), guard, *seed,
+          sums, min(chunks.shape[0], NORM_BLOCKS), n, ftz)
+        return sums
+
+    for t in range(1, 4):
+        _new_grads(c, t, [t] * len(sizes))
+        for j in range(len(sizes)):
+            before = {a: v.copy() for a, v in c.got[j].items()}
+            launch(j, t, skip.ctypes.data, 0)
+            assert all(_same_bits(c.got[j][a], before[a]) for a in before), \
+                "a skipped step changed bytes"
+            sums = launch(j, t, None, t % 2)
+            used = k * (1 + 8 * min(-(-sizes[j] // FORMAT_CHUNK), NORM_BLOCKS))
+            assert np.isfinite(sums[:used]).all()       # every partial written
+            if t == 3:                              # the same inputs: the same bits
+                again = {a: v.copy() for a, v in c.got[j].items()}
+                for a in before:
+                    c.got[j][a][...] = before[a]
+                launch(j, t, None, t % 2)
+                assert all(_same_bits(c.got[j][a], again[a]) for a in again)
+        for j in range(len(sizes)):
+            for a in c.names:
+                if a != "_srkey":
+                    x, y = c.got[j][a], c.want[j][a]
+                    assert x.dtype == y.dtype and _close([x], [y]), (
+                        f"{c.rule.name} {c.fmt.key} step {t} tensor {j} {a}: the capturable "
+                        f"launch differs from the NumPy reference beyond rounding")
+    assert not _same_bits(c.got[0]["param"], _launch_case(rule_case, mode, "launch-norms",
+                                                          sizes).got[0]["param"])

@@ -365,8 +365,8 @@ def test_norms_capturable_kernels_and_no_elementwise_kernel(fake_cupy):
     src = codegen.cuda_source(plan, "float32")
     arrays, k_dev = _arrays(plan, 100_000), _Array(len(plan.scalars), 0x10)
     mod = _backend("cupy")
-    need = mod.norm_scratch(len(plan.norms), 100_000)
-    assert need == len(plan.norms) * (1 + 391)
+    need = mod.norm_scratch(len(plan.norms), 100_000)      # (room for a format's warps)
+    assert need == len(plan.norms) * (1 + codegen.FORMAT_REDUCE_WARPS * 391)
     for small in (None, _Array(need - 1, 0x20)):
         with pytest.raises(ValueError, match="float64 device array"):
             run.device(arrays, k_dev, sums=small)
@@ -384,7 +384,7 @@ def test_norms_capturable_kernels_and_no_elementwise_kernel(fake_cupy):
     assert red2["args"][-1] is guard and red["grid"] == (391,)
     assert fin["kernel"] == src.reduce_dev_finish and fin["grid"] == (1,) == (fin["block"][0] // 32,)
     assert list(fin["args"]) == [sums, 391, 0] and fin2["args"][-1] is guard
-    assert mod.norm_scratch(1, 10**9) == 1 + mod.NORM_BLOCKS
+    assert mod.norm_scratch(1, 10**9) == 1 + codegen.FORMAT_REDUCE_WARPS * mod.NORM_BLOCKS
     assert upd["kernel"] == src.device and upd["args"][-3:] == (k_dev, 100_000, sums)
     assert upd2["kernel"] == src.device_guard and upd2["args"][-4:] == (k_dev, 100_000, sums,
                                                                         guard)
@@ -490,7 +490,8 @@ def test_storage_formats_launch_the_format_module(rule_name, key, fake_cupy, rng
     256-thread block per chunk of 4096 elements (whole int8 blocks, never across 2**32), the
     packed table holding each tensor's addresses in ``Format.arrays`` order (absmax, master
     copy, stochastic-rounding key included), its row and the float32 scalars; capturable
-    steps launch its device-scalar kernel over a table uploaded once (refused for LAMB)."""
+    steps launch its device-scalar kernel over a table uploaded once (LAMB: after the
+    device reduction and its finishing warp)."""
     from hwoptim.formats import Format
     mod = _backend("cupy")
     plan, h = _plan(rule_name, **({"momentum": 0.9} if rule_name == "SGD" else {}))
@@ -533,23 +534,39 @@ def test_storage_formats_launch_the_format_module(rule_name, key, fake_cupy, rng
         run.many(ptrs[:, :-1], np.asarray(sizes, np.int64), rows, scalars)
     assert _FakeCupy.launches == []
     # capturable: the device-scalar kernel over a table made once per param (the key column
-    # holds the param's number), or refused for rules taking norms
+    # holds the param's number); for rules taking norms, first the device reduction (a
+    # block per chunk, each warp's partial into the sums after the K totals) and the warp
+    # adding the partials, then the update reading the sums
     k_dev, step_dev = _Array(len(plan.scalars), 0x10), _Array(1, 0x18)
     guard = _Array(4, 0x20)
     sr = (2**40 + 3, step_dev, 5) if fmt.sr else None
+    sums = None
     if plan.norms:
-        with pytest.raises(ValueError, match="takes per-array norms"):
-            run.device(one, k_dev, sr=sr)
+        need = mod.norm_scratch(len(plan.norms), 10_000)
+        for small in (None, _Array(need - 1, 0x40)):
+            with pytest.raises(ValueError, match="float64 device array"):
+                run.device(one, k_dev, sums=small, sr=sr)
         assert _FakeCupy.launches == []
-        return
+        sums = _Array(need, 0x40)
     uploads = len(_FakeCupy.uploads)
     with stream:
-        run.device(one, k_dev, sr=sr)
-        run.device_guard(one, k_dev, guard, sr=sr)
+        run.device(one, k_dev, sums=sums, sr=sr)
+        run.device_guard(one, k_dev, guard, sums=sums, sr=sr)
     assert len(_FakeCupy.uploads) == uploads + 2          # its table and chunks, once
-    a, b = _FakeCupy.launches
+    if plan.norms:
+        red, fin, a, red2, fin2, b = _FakeCupy.launches
+        assert red["kernel"] == red2["kernel"] == src.reduce_dev and red["grid"] == (3,)
+        assert red["block"] == (mod.THREADS,) and red["stream"] is stream
+        assert list(red["args"][4:]) == [k_dev, 0, sums] and red2["args"][5] is guard
+        assert red["args"][:4] == a["args"][:4]
+        assert fin["kernel"] == src.reduce_dev_finish and fin["grid"] == (1,)
+        assert fin["block"] == (32,) and list(fin["args"]) == [sums, 24, 10_000, 0]
+        assert fin2["args"][3] is guard
+        assert a["args"][-1] is sums and b["args"][-1] is sums
+    else:
+        a, b = _FakeCupy.launches
     assert a["kernel"] == b["kernel"] == src.device and a["stream"] is stream
-    table, chunk_dev, n, n_chunks, kd, sd, g, lo, hi = a["args"]
+    table, chunk_dev, n, n_chunks, kd, sd, g, lo, hi = a["args"][:9]
     assert (n, n_chunks, kd) == (1, 3, k_dev) and g == 0 and b["args"][6] is guard
     row = table.host[:len(names)]
     assert list(row) == [5 if x == "_srkey" else one[j].data.ptr for j, x in enumerate(names)]
@@ -660,7 +677,8 @@ def test_kernels_read_the_table_as_the_backend_packs_it(plan, fmt):
     src = (codegen.cuda_multi_source(plan, "float32") if fmt is None
            else codegen.cuda_format_source(plan, fmt)).source
     cols = len(plan.arrays if fmt is None else fmt.arrays(plan.arrays))
-    kernels = src.split('extern "C" __global__')[1:]
+    kernels = [k for k in src.split('extern "C" __global__')[1:]
+               if "const long long* __restrict__ table" in k]     # (not the norms' finish)
     assert kernels
     for k in kernels:
         assert re.findall(r"table \+ t \* (\d+)", k) == [str(cols)], k[:200]

@@ -984,13 +984,54 @@ def test_formats_on_the_gpu_are_the_cpu_bits(case, mode):
 
 
 def test_formats_refused_where_the_gpu_has_no_kernel():
-    """The ElementwiseKernel backend with a storage format, and capturable=True for a rule
-    taking norms in one: refused at construction, naming the option."""
+    """The ElementwiseKernel backend with a storage format: refused at construction,
+    naming the option."""
     w = cupy.asarray(np.ones(64, np.float16))
     with pytest.raises(ValueError, match="use backend='cupy'"):
         hwoptim.Adam(w, backend="cupy-elementwise")
-    with pytest.raises(ValueError, match="no capturable kernel in a storage format"):
-        hwoptim.LAMB(w, capturable=True)
+
+
+@pytest.mark.parametrize("name", ["LAMB", "Adafactor"])
+@pytest.mark.parametrize("mode", GPU_FORMATS, ids=_FORMAT_IDS)
+def test_capturable_formats_with_norms(mode, name):
+    """Rules taking norms (LAMB's trust ratio, Adafactor's RMS over vectors), capturable in
+    a storage format (the device reduction, each warp's partial added in order by one
+    warp): five eager steps are the NumPy reference's values to rounding; a step captured
+    in a CUDA graph and replayed equals eager steps byte for byte."""
+    dtype, fopts = mode
+    rng = np.random.default_rng(_seed("capturable-norms", name, dtype, repr(fopts)))
+    rule, cls = hwoptim.RULES[name], getattr(hwoptim, name)
+    sizes = [5000, 3, 300_000]
+    host = [_format_values(rng, n, dtype) for n in sizes]
+    dev = [cupy.asarray(h) for h in host]
+    kw = dict(lr=1e-3, **fopts)
+    a, b = cls(dev, capturable=True, **kw), cls(host, backend="numpy", **kw)
+    for _ in range(5):
+        gs = [_format_values(rng, n, dtype) for n in sizes]
+        a.step([cupy.asarray(g) for g in gs])
+        b.step(gs)
+    for i, (d, h) in enumerate(zip(dev, host)):
+        assert _equal_bits(rule, b, d.get(), h), f"{name} {mode} params[{i}]"
+    g_static = [cupy.asarray(_format_values(rng, n, dtype)) for n in sizes]
+    s = cupy.cuda.Stream(non_blocking=True)
+    with s:
+        c_p, e_p = [d.copy() for d in dev], [d.copy() for d in dev]
+        c, e = cls(c_p, capturable=True, **kw), cls(e_p, capturable=True, **kw)
+        c.load_state_dict(a.state_dict())
+        e.load_state_dict(a.state_dict())
+        c.step(g_static)
+        e.step(g_static)
+        s.synchronize()
+        s.begin_capture()
+        try:
+            c.step(g_static)
+        finally:
+            graph = s.end_capture()
+        for _ in range(3):
+            graph.launch(s)
+            e.step(g_static)
+        s.synchronize()
+    assert all(x.get().tobytes() == y.get().tobytes() for x, y in zip(c_p, e_p))
 
 
 @pytest.mark.parametrize("mode", GPU_FORMATS, ids=_FORMAT_IDS)

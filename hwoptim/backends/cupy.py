@@ -203,8 +203,9 @@ def _norm_blocks(n: int) -> int:
 
 def norm_scratch(k: int, n: int) -> int:
     """float64 elements a capturable step of a rule taking ``k`` norms needs per array of
-    ``n`` elements: the totals, then each block's partials."""
-    return k * (1 + _norm_blocks(n))
+    ``n`` elements: the totals, then the partials (each block's; in a storage format, each
+    warp's: ``codegen.FORMAT_REDUCE_WARPS`` a block)."""
+    return k * (1 + codegen.FORMAT_REDUCE_WARPS * _norm_blocks(n))
 
 
 # The step guard (codegen.cuda_guard_source): statistics over chunks of this many elements
@@ -415,14 +416,15 @@ def _format_kernel(plan, fmt: Format):
         ``guard`` (the step's verdict) skips the step. The param's address table is
         uploaded once (the graph a capture records reads it at every replay) and kept in
         ``tables`` (the optimizer's: a graph it captured never outlives it)."""
-        if plan.norms:
-            raise ValueError(f"capturable=True with storage format {fmt.key}: "
-                             f"{plan.rule.name} takes per-array norms, which have no "
-                             f"device-scalar format kernel yet; use capturable=False")
+        n = arrays[0].size
+        need = norm_scratch(len(plan.norms), n)
+        if plan.norms and (sums is None or sums.size < need):
+            raise ValueError(f"{plan.rule.name}: capturable steps of a rule taking norms need "
+                             f"a float64 device array of {need} elements per array "
+                             f"(norm_scratch); got {None if sums is None else sums.size}")
         if fmt.sr and sr is None:
             raise ValueError("a capturable step with stochastic rounding needs sr=(seed, "
                              "step_dev, param number)")
-        n = arrays[0].size
         if n == 0:
             return
         cache = static if tables is None else tables
@@ -440,17 +442,25 @@ def _format_kernel(plan, fmt: Format):
         table, chunks, n_chunks = ent
         seed = int(sr[0]) if sr is not None else 0
         step_dev = sr[1] if sr is not None else k_dev          # (unread without SR)
-        device_fn()((min(n_chunks, 2**31 - 1),), (THREADS,),
-                    (table, chunks, np.int64(1), np.int64(n_chunks), k_dev, step_dev,
-                     np.uint64(0) if guard is None else guard,
-                     np.uint32(seed & 0xFFFFFFFF), np.uint32(seed >> 32)))
+        g = np.uint64(0) if guard is None else guard
+        args = (table, chunks, np.int64(1), np.int64(n_chunks))
+        extra = ()
+        if plan.norms:       # the sums of squares: each warp's partial, added in order
+            blocks = min(n_chunks, NORM_BLOCKS)    # (each a chunk or more)
+            device_fn(k.reduce_dev)((blocks,), (THREADS,), args + (k_dev, g, sums))
+            device_fn(k.reduce_dev_finish)((1,), (32,), (
+                sums, np.int64(blocks * codegen.FORMAT_REDUCE_WARPS), np.int64(n), g))
+            extra = (sums,)
+        device_fn(k.device)((min(n_chunks, 2**31 - 1),), (THREADS,),
+                            args + (k_dev, step_dev, g, np.uint32(seed & 0xFFFFFFFF),
+                                    np.uint32(seed >> 32)) + extra)
 
-    def device_fn():
+    def device_fn(name):
         kernels()
         dev = cupy.cuda.runtime.getDevice()
-        if (dev, "dev") not in funcs:
-            funcs[(dev, "dev")] = module["m"].get_function(k.device)
-        return funcs[(dev, "dev")]
+        if (dev, name) not in funcs:
+            funcs[(dev, name)] = module["m"].get_function(name)
+        return funcs[(dev, name)]
 
     plain = {}
 
