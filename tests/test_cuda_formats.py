@@ -548,12 +548,13 @@ _NORM_LAUNCH = [pytest.param(next(c for c in RULE_CASES if c[0].startswith(name 
 def test_capturable_format_launch_with_norms_on_the_cpu(rule_case, mode):
     """Rules taking norms (LAMB, LARS, Adafactor's vectors), capturable in a storage
     format, run whole on the CPU as the backend launches them per param (a table of one
-    tensor): the reduction over ``_norm_blocks(n)`` blocks, each warp's partial into the
-    scratch (NaN beforehand: every partial is written), one warp adding them in order
-    (an RMS times 1/n), then the update reading them: three tensors after 3 steps are the
-    NumPy reference's values to rounding (the sums run in another order), a step whose
+    tensor): the reduction over ``format_norm_blocks(n)`` blocks (step 2: at most 5, step 3:
+    one, so a block takes many chunks), each warp's partial into the scratch (NaN
+    beforehand: every partial read is written, none past them), one warp adding them in
+    order (an RMS times 1/n), then the update reading them: three tensors after 3 steps are
+    the NumPy reference's values to rounding (the sums run in another order), a step whose
     verdict says skip changes no byte, and a repeat gives the same bits."""
-    from hwoptim.backends.cupy import FORMAT_CHUNK, NORM_BLOCKS, norm_scratch
+    from hwoptim.backends.cupy import FORMAT_CHUNK, format_norm_blocks, norm_scratch
     sizes = [4396, 300, 70_000]                 # (18 chunks: more partials than a warp)
     c = _launch_case(rule_case, mode, "launch-norms", sizes)
     assert c.plan.norms
@@ -578,9 +579,10 @@ def test_capturable_format_launch_with_norms_on_the_cpu(rule_case, mode):
             np.zeros((1, len(c.plan.scalars)), c.fmt.compute))
         k_dev = np.ascontiguousarray(c.scal(c.h, t), dtype=c.fmt.compute)
         sums = np.full(norm_scratch(k, n), np.nan)
+        blocks = min(format_norm_blocks(n), {1: n, 2: 5, 3: 1}[t])
         f(table, chunks, 1, chunks.shape[0], k_dev, np.array([float(t)]), guard, *seed,
-          sums, min(chunks.shape[0], NORM_BLOCKS), n, ftz)
-        return sums
+          sums, blocks, n, ftz)
+        return sums, k * (1 + 8 * blocks)
 
     for t in range(1, 4):
         _new_grads(c, t, [t] * len(sizes))
@@ -589,9 +591,8 @@ def test_capturable_format_launch_with_norms_on_the_cpu(rule_case, mode):
             launch(j, t, skip.ctypes.data, 0)
             assert all(_same_bits(c.got[j][a], before[a]) for a in before), \
                 "a skipped step changed bytes"
-            sums = launch(j, t, None, t % 2)
-            used = k * (1 + 8 * min(-(-sizes[j] // FORMAT_CHUNK), NORM_BLOCKS))
-            assert np.isfinite(sums[:used]).all()       # every partial written
+            sums, used = launch(j, t, None, t % 2)
+            assert np.isfinite(sums[:used]).all() and np.isnan(sums[used:]).all()
             if t == 3:                              # the same inputs: the same bits
                 again = {a: v.copy() for a, v in c.got[j].items()}
                 for a in before:

@@ -201,11 +201,18 @@ def _norm_blocks(n: int) -> int:
     return max(1, min(-(-n // THREADS), NORM_BLOCKS))
 
 
+def format_norm_blocks(n: int) -> int:
+    """Blocks of a storage format's capturable reduction over ``n`` elements: a chunk each
+    or more, their warps' partials at most NORM_BLOCKS."""
+    return min(-(-n // FORMAT_CHUNK), NORM_BLOCKS // codegen.FORMAT_REDUCE_WARPS)
+
+
 def norm_scratch(k: int, n: int) -> int:
     """float64 elements a capturable step of a rule taking ``k`` norms needs per array of
     ``n`` elements: the totals, then the partials (each block's; in a storage format, each
-    warp's: ``codegen.FORMAT_REDUCE_WARPS`` a block)."""
-    return k * (1 + codegen.FORMAT_REDUCE_WARPS * _norm_blocks(n))
+    warp's)."""
+    return k * (1 + max(_norm_blocks(n),
+                        codegen.FORMAT_REDUCE_WARPS * format_norm_blocks(n)))
 
 
 # The step guard (codegen.cuda_guard_source): statistics over chunks of this many elements
@@ -446,7 +453,7 @@ def _format_kernel(plan, fmt: Format):
         args = (table, chunks, np.int64(1), np.int64(n_chunks))
         extra = ()
         if plan.norms:       # the sums of squares: each warp's partial, added in order
-            blocks = min(n_chunks, NORM_BLOCKS)    # (each a chunk or more)
+            blocks = format_norm_blocks(n)
             device_fn(k.reduce_dev)((blocks,), (THREADS,), args + (k_dev, g, sums))
             device_fn(k.reduce_dev_finish)((1,), (32,), (
                 sums, np.int64(blocks * codegen.FORMAT_REDUCE_WARPS), np.int64(n), g))
