@@ -94,33 +94,37 @@ def test_staged_kernels_compile(compiler, kw, flags, plan, dtype, arch):
 _LIB = {}
 
 
-def _lib(plan, dtype):
+def _compiled_run(plan, key):
+    """``run`` of the C++ harness of ``plan``'s staged kernels in ``key`` (a dtype or a
+    storage format's key), compiled once per process, without its argument types."""
     why = tcs._cxx_unavailable()
     if why:
         pytest.skip(why)
-    key = (plan.key, dtype)
-    if key not in _LIB:
+    if (plan.key, key) not in _LIB:
         tmp = tempfile.mkdtemp(prefix="hwoptim-cppstaged-")
         src, so = os.path.join(tmp, "staged.cpp"), os.path.join(tmp, "staged.so")
         with open(src, "w") as f:
-            f.write(codegen.cpp_staged_test_source(plan, dtype))
+            f.write(codegen.cpp_staged_test_source(plan, key))
         cmd = [os.environ.get("CXX", "g++"), "-O2", "-std=c++17", "-shared", "-fPIC",
                "-ffp-contract=off", src, "-o", so]
         p = subprocess.run(cmd, capture_output=True, text=True)
         assert p.returncode == 0, (f"{' '.join(cmd)} failed; expected the generated C++ to "
                                    f"compile:\n{p.stdout}{p.stderr}")
-        lib = ctypes.CDLL(so)
+        _LIB[(plan.key, key)] = ctypes.CDLL(so).run
         shutil.rmtree(tmp, ignore_errors=True)          # (the loaded library stays)
-        f = lib.run
-        c = ctypes.c_float if dtype == "float32" else ctypes.c_double
-        _, ps = codegen.staged_scratch(plan, 1, 1, 1)
-        arr = np.ctypeslib.ndpointer(dtype=dtype, flags="C_CONTIGUOUS")
-        dbl = np.ctypeslib.ndpointer(dtype=np.float64, flags="C_CONTIGUOUS")
-        f.argtypes = ([arr] * (len(plan.arrays) + len(plan.stages.reductions)) + [dbl] * len(ps)
-                      + [ctypes.c_longlong] * 3 + [c] * len(plan.scalars) + [ctypes.c_int])
-        f.restype = None
-        _LIB[key] = f
-    return _LIB[key]
+    return _LIB[(plan.key, key)]
+
+
+def _lib(plan, dtype):
+    f = _compiled_run(plan, dtype)
+    c = ctypes.c_float if dtype == "float32" else ctypes.c_double
+    _, ps = codegen.staged_scratch(plan, 1, 1, 1)
+    arr = np.ctypeslib.ndpointer(dtype=dtype, flags="C_CONTIGUOUS")
+    dbl = np.ctypeslib.ndpointer(dtype=np.float64, flags="C_CONTIGUOUS")
+    f.argtypes = ([arr] * (len(plan.arrays) + len(plan.stages.reductions)) + [dbl] * len(ps)
+                  + [ctypes.c_longlong] * 3 + [c] * len(plan.scalars) + [ctypes.c_int])
+    f.restype = None
+    return f
 
 
 def _run(f, plan, dtype, bufs, shape, scalars, ftz):
@@ -243,39 +247,21 @@ def test_staged_format_kernels_compile(compiler, key, arch):
     assert all("shfl.sync.bfly" in entries[n][1] for n in quant)
 
 
-_FLIB = {}
-
-
 def _format_lib(plan, key):
-    why = tcs._cxx_unavailable()
-    if why:
-        pytest.skip(why)
-    if (plan.key, key) not in _FLIB:
-        fmt = formats.Format.parse(key)
-        tmp = tempfile.mkdtemp(prefix="hwoptim-cppstaged-")
-        src, so = os.path.join(tmp, "staged.cpp"), os.path.join(tmp, "staged.so")
-        with open(src, "w") as f:
-            f.write(codegen.cpp_staged_test_source(plan, key))
-        cmd = [os.environ.get("CXX", "g++"), "-O2", "-std=c++17", "-shared", "-fPIC",
-               "-ffp-contract=off", src, "-o", so]
-        p = subprocess.run(cmd, capture_output=True, text=True)
-        assert p.returncode == 0, f"{' '.join(cmd)} failed:\n{p.stdout}{p.stderr}"
-        f = ctypes.CDLL(so).run
-        shutil.rmtree(tmp, ignore_errors=True)
+    f = _compiled_run(plan, key)
+    fmt = formats.Format.parse(key)
 
-        def ptr(dt):
-            return np.ctypeslib.ndpointer(dtype=dt, flags="C_CONTIGUOUS")
-        names = fmt.arrays(plan.arrays)
-        vs, ps = codegen.staged_scratch(plan, 1, 1, 1)
-        ts = codegen.staged_quant_scratch(plan, fmt, 1, 1, 1)
-        f.argtypes = ([ptr(np.uint16 if fmt.storage(a) in ("float16", "bfloat16")
-                           else _storage(fmt, a)) for a in names]
-                      + [ptr(np.float32)] * len(vs) + [ptr(np.float64)] * len(ps)
-                      + [ptr(np.float32)] * len(ts) + [ctypes.c_longlong] * 3
-                      + [ctypes.c_float] * len(plan.scalars) + [ctypes.c_int])
-        f.restype = None
-        _FLIB[(plan.key, key)] = f
-    return _FLIB[(plan.key, key)]
+    def ptr(dt):
+        return np.ctypeslib.ndpointer(dtype=dt, flags="C_CONTIGUOUS")
+    vs, ps = codegen.staged_scratch(plan, 1, 1, 1)
+    ts = codegen.staged_quant_scratch(plan, fmt, 1, 1, 1)
+    f.argtypes = ([ptr(np.uint16 if fmt.storage(a) in ("float16", "bfloat16")
+                       else _storage(fmt, a)) for a in fmt.arrays(plan.arrays)]
+                  + [ptr(np.float32)] * len(vs) + [ptr(np.float64)] * len(ps)
+                  + [ptr(np.float32)] * len(ts) + [ctypes.c_longlong] * 3
+                  + [ctypes.c_float] * len(plan.scalars) + [ctypes.c_int])
+    f.restype = None
+    return f
 
 
 @pytest.mark.parametrize("key", FORMAT_KEYS)
