@@ -1013,25 +1013,9 @@ def test_capturable_formats_with_norms(mode, name):
     for i, (d, h) in enumerate(zip(dev, host)):
         assert _equal_bits(rule, b, d.get(), h), f"{name} {mode} params[{i}]"
     g_static = [cupy.asarray(_format_values(rng, n, dtype)) for n in sizes]
-    s = cupy.cuda.Stream(non_blocking=True)
-    with s:
-        c_p, e_p = [d.copy() for d in dev], [d.copy() for d in dev]
-        c, e = cls(c_p, capturable=True, **kw), cls(e_p, capturable=True, **kw)
-        c.load_state_dict(a.state_dict())
-        e.load_state_dict(a.state_dict())
-        c.step(g_static)
-        e.step(g_static)
-        s.synchronize()
-        s.begin_capture()
-        try:
-            c.step(g_static)
-        finally:
-            graph = s.end_capture()
-        for _ in range(3):
-            graph.launch(s)
-            e.step(g_static)
-        s.synchronize()
-    assert all(x.get().tobytes() == y.get().tobytes() for x, y in zip(c_p, e_p))
+    c, e = _replayed_and_eager(cls, dev, kw, a.state_dict(), g_static)
+    pairs = zip(c.param_groups[0]["params"], e.param_groups[0]["params"])
+    assert all(x.get().tobytes() == y.get().tobytes() for x, y in pairs)
 
 
 @pytest.mark.parametrize("mode", GPU_FORMATS, ids=_FORMAT_IDS)
@@ -1056,27 +1040,36 @@ def test_capturable_formats_are_the_cpu_bits(mode):
     for x, y in zip(a.state_dict()["state"], b.state_dict()["state"]):
         assert all(np.asarray(x[k]).tobytes() == np.asarray(y[k]).tobytes() for k in x)
     g_static = [cupy.asarray(_format_values(rng, n, dtype)) for n in sizes]
+    c, e = _replayed_and_eager(hwoptim.Adam, dev, kw, a.state_dict(), g_static)
+    assert c.step_count == e.step_count == 9
+    pairs = zip(c.param_groups[0]["params"], e.param_groups[0]["params"])
+    assert all(x.get().tobytes() == y.get().tobytes() for x, y in pairs)
+
+
+def _replayed_and_eager(cls, dev, kw, sd, grads):
+    """Two capturable ``cls`` optimizers over copies of ``dev``, from checkpoint ``sd``,
+    on a side stream: each takes an eager step (its device tables made before the
+    capture), then one's next step is captured in a CUDA graph and replayed three times
+    while the other takes three eager steps. Returns (replayed, eager)."""
     s = cupy.cuda.Stream(non_blocking=True)
     with s:
-        c_p, e_p = [d.copy() for d in dev], [d.copy() for d in dev]
-        c = hwoptim.Adam(c_p, capturable=True, **kw)
-        e = hwoptim.Adam(e_p, capturable=True, **kw)
-        c.load_state_dict(a.state_dict())
-        e.load_state_dict(a.state_dict())
-        c.step(g_static)                   # eager: the tables made before the capture
-        e.step(g_static)
+        c = cls([d.copy() for d in dev], capturable=True, **kw)
+        e = cls([d.copy() for d in dev], capturable=True, **kw)
+        c.load_state_dict(sd)
+        e.load_state_dict(sd)
+        c.step(grads)
+        e.step(grads)
         s.synchronize()
         s.begin_capture()
         try:
-            c.step(g_static)
+            c.step(grads)
         finally:
             graph = s.end_capture()
         for _ in range(3):
             graph.launch(s)
-            e.step(g_static)
+            e.step(grads)
         s.synchronize()
-    assert c.step_count == e.step_count == 9
-    assert all(x.get().tobytes() == y.get().tobytes() for x, y in zip(c_p, e_p))
+    return c, e
 
 
 # ----------------------------------------------------------------------------- Adafactor
